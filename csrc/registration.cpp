@@ -1,0 +1,57 @@
+// Every schema of the resflow_cuda ops, defined once (TORCH_LIBRARY). Backends register their
+// kernels in csrc/cpu/*_cpu.cpp and csrc/cuda/*_cuda.cu; fake kernels and autograd are
+// registered in resflow_cuda/ops.py.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "version.h"
+
+namespace resflow_cuda {
+namespace {
+
+// Kernels with a CPU and a CUDA implementation.
+constexpr const char* kKernelSchemas[] = {
+    // LipSwish y = x·σ(softplus(beta)·x)/1.1 (csrc/include/resflow/lipswish_math.h).
+    "lipswish(Tensor x, Tensor beta) -> Tensor",
+    "lipswish_with_derivative(Tensor x, Tensor beta) -> (Tensor, Tensor)",
+    "lipswish_backward(Tensor grad, Tensor x, Tensor beta) -> (Tensor, Tensor)",
+    "lipswish_double_backward(Tensor grad, Tensor gg_x, Tensor gg_beta, Tensor x, Tensor beta) "
+    "-> (Tensor, Tensor, Tensor)",
+};
+
+}  // namespace
+
+TORCH_LIBRARY(resflow_cuda, m) {
+  for (const char* schema : kKernelSchemas) {
+    m.def(schema);
+  }
+  m.def("cuda_version() -> int", &cuda_version);
+}
+
+#if !defined(RESFLOW_WITH_CUDA)
+namespace {
+std::string op_name(const char* schema) {
+  const std::string s(schema);
+  return s.substr(0, s.find('('));
+}
+
+// A CPU-only build still takes CUDA tensors, to say how to get the kernels instead of the
+// dispatcher's generic "could not run ... with arguments from the 'CUDA' backend".
+void cuda_kernel_missing(const c10::OperatorHandle& op, torch::jit::Stack*) {
+  TORCH_CHECK(false, op.schema().name(), " got a CUDA tensor, but this build of resflow_cuda has no CUDA kernels (",
+              no_cuda_reason(), "). Rebuild it with a CUDA build of torch and the CUDA toolkit (nvcc) present: "
+              "RESFLOW_CUDA=1 pip install --no-build-isolation -e .  (setting CUDA_HOME if nvcc is not on PATH; "
+              "see README, 'Building with CUDA').");
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resflow_cuda, CUDA, m) {
+  for (const char* schema : kKernelSchemas) {
+    m.impl(op_name(schema).c_str(), torch::CppFunction::makeFromBoxedFunction<&cuda_kernel_missing>());
+  }
+}
+#endif
+
+}  // namespace resflow_cuda

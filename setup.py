@@ -1,0 +1,228 @@
+"""Build of resflow_cuda: one extension, ``resflow_cuda._C``, with torch.utils.cpp_extension + ninja.
+
+Install with ``pip install --no-build-isolation -e .`` (torch must already be installed: the
+extension is built against the torch you run).
+
+Environment:
+  RESFLOW_CUDA=auto|1|0   auto (default): build the CUDA kernels when torch is a CUDA build and a
+                          CUDA toolkit (nvcc) is found, with or without a visible GPU; 1: the same
+                          but fail if either is missing; 0: CPU only.
+  CUDA_HOME / CUDA_PATH   the toolkit; otherwise the one behind the nvcc on PATH, then /usr/local/cuda.
+  TORCH_CUDA_ARCH_LIST    GPU architectures, e.g. "8.0;9.0". Unset: the visible GPUs' archs, or with
+                          no GPU visible DEFAULT_ARCH_LIST below (torch's own fallback is every arch
+                          it knows, which is slow to compile).
+  DEBUG=1                 -O0 -g host code and -G device code.
+  MAX_JOBS                parallel compile jobs (ninja); defaults to the CPU count.
+"""
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+VERSION = "0.1.0"
+# Ampere and Hopper SASS plus PTX for newer GPUs to JIT: two arches keep a 2-core build near a minute.
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+
+# Per-capability CPU kernel builds (csrc/cpu/vec/*.cpp), mirroring ATen's DEFAULT/AVX2/AVX512 sets.
+X86_CAPABILITY_FLAGS = {
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+}
+
+
+def log(msg):
+    print(f"[resflow_cuda setup] {msg}", flush=True)
+
+
+def nvcc_top(nvcc):
+    """The toolkit root nvcc itself uses; sees through wrapper scripts on PATH."""
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60).stderr
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"^#\$ TOP=(.+)$", out, re.M)
+    return str(Path(m.group(1).strip()).resolve()) if m else None
+
+
+def find_cuda_home():
+    """CUDA_HOME, CUDA_PATH, the toolkit behind `nvcc` on PATH, /usr/local/cuda: the first that has
+    both bin/nvcc and include/cuda_runtime.h (a wrapper script's prefix has no headers)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(nvcc_top(nvcc))
+    candidates.append("/usr/local/cuda")
+    for cand in candidates:
+        if cand and (Path(cand) / "bin" / "nvcc").is_file() and (Path(cand) / "include" / "cuda_runtime.h").is_file():
+            return str(Path(cand).resolve())
+    return None
+
+
+def nvcc_version(cuda_home):
+    try:
+        out = subprocess.run([str(Path(cuda_home) / "bin" / "nvcc"), "--version"], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def decide_cuda():
+    """Returns (build_cuda, cuda_home, reason). Must run before torch.utils.cpp_extension is
+    imported, because that module reads CUDA_HOME at import time."""
+    import torch
+
+    mode = os.environ.get("RESFLOW_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "1", "0"):
+        sys.exit(f"RESFLOW_CUDA must be auto, 1 or 0, got {mode!r}")
+    if mode == "0":
+        return False, None, "built with RESFLOW_CUDA=0"
+    problem = None
+    cuda_home = None
+    if torch.version.cuda is None:
+        problem = f"torch {torch.__version__} is a CPU build (torch.version.cuda is None)"
+    else:
+        cuda_home = find_cuda_home()
+        if cuda_home is None:
+            problem = "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
+        else:
+            version = nvcc_version(cuda_home)
+            torch_major = int(torch.version.cuda.split(".")[0])
+            if version is None:
+                problem = f"{cuda_home}/bin/nvcc --version failed"
+            elif version[0] != torch_major:
+                problem = (f"nvcc {version[0]}.{version[1]} in {cuda_home} vs torch's CUDA {torch.version.cuda}: "
+                           "major versions differ")
+    if problem is None:
+        return True, cuda_home, ""
+    if mode == "1":
+        sys.exit(f"RESFLOW_CUDA=1 but the CUDA kernels cannot be built: {problem}")
+    return False, None, problem
+
+
+BUILD_CUDA, CUDA_HOME, NO_CUDA_REASON = decide_cuda()
+if BUILD_CUDA:
+    os.environ["CUDA_HOME"] = CUDA_HOME
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            archs = sorted({"{}.{}".format(*torch.cuda.get_device_capability(i))
+                            for i in range(torch.cuda.device_count())})
+            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+DEBUG = os.environ.get("DEBUG", "0") == "1"
+IS_X86 = platform.machine().lower() in ("x86_64", "amd64")
+ARCH_LIST = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if BUILD_CUDA else ""
+
+
+def cxx_flags():
+    flags = ["-O0", "-g"] if DEBUG else ["-O3", "-g0"]
+    # at::parallel_for only runs in parallel when the including TU is compiled with OpenMP.
+    flags += ["-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
+    flags += [f'-DRESFLOW_BUILD_TORCH_VERSION="{torch.__version__}"',
+              f'-DRESFLOW_BUILD_CUDA_ARCH_LIST="{ARCH_LIST}"',
+              f'-DRESFLOW_BUILD_NO_CUDA_REASON="{NO_CUDA_REASON}"']
+    if IS_X86:
+        flags.append("-DRESFLOW_CPU_X86_CAPABILITIES")
+    if BUILD_CUDA:
+        flags.append("-DRESFLOW_WITH_CUDA")
+    return flags
+
+
+def nvcc_flags():
+    flags = ["-O0", "-G"] if DEBUG else ["-O3"]
+    # -lineinfo maps profiler output to source lines; --threads compiles the arches in parallel.
+    flags += ["-lineinfo", "--threads=2", "-DRESFLOW_WITH_CUDA"]
+    return flags
+
+
+def cpu_capabilities():
+    return ["DEFAULT"] + (list(X86_CAPABILITY_FLAGS) if IS_X86 else [])
+
+
+class BuildWithCpuCapabilities(BuildExtension):
+    """BuildExtension that also compiles csrc/cpu/vec/*.cpp once per CPU capability, each with its
+    own -m flags and CPU_CAPABILITY namespace (as ATen does), and links them into the extension.
+    The objects come after the extension's own in the link, so wherever an inline function from a
+    shared header was emitted in several TUs, the linker keeps the baseline (non-AVX) copy."""
+
+    def build_extension(self, ext):
+        vec_sources = sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cpu" / "vec").glob("*.cpp"))
+        objects = []
+        for cap in cpu_capabilities():
+            cap_flags = X86_CAPABILITY_FLAGS.get(cap, []) + [f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]
+            objects += self.compiler.compile(
+                vec_sources,
+                output_dir=os.path.join(self.build_temp, f"cpu_{cap.lower()}"),
+                macros=ext.define_macros,
+                include_dirs=ext.include_dirs,
+                debug=self.debug,
+                extra_postargs={"cxx": ext.extra_compile_args["cxx"] + cap_flags, "nvcc": []},
+                depends=ext.depends,
+            )
+        ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extension(ext)
+
+
+def extension():
+    sources = sorted(str(p.relative_to(ROOT)) for p in list(CSRC.glob("*.cpp")) + list((CSRC / "cpu").glob("*.cpp")))
+    # setuptools rebuilds only when a source or a `depends` entry is newer than the extension, so
+    # list every header and the per-capability sources; ninja then rebuilds what changed.
+    depends = sorted(str(p.relative_to(ROOT)) for pattern in ("**/*.h", "**/*.cuh", "cpu/vec/*.cpp")
+                     for p in CSRC.glob(pattern))
+    kwargs = dict(
+        name="resflow_cuda._C",
+        sources=sources,
+        depends=depends,
+        include_dirs=[str(CSRC / "include")],
+        extra_compile_args={"cxx": cxx_flags()},
+        extra_link_args=["-fopenmp"],
+    )
+    if BUILD_CUDA:
+        kwargs["sources"] += sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cuda").glob("*.cu"))
+        kwargs["extra_compile_args"]["nvcc"] = nvcc_flags()
+        return CUDAExtension(**kwargs)
+    return CppExtension(**kwargs)
+
+
+def print_config():
+    log("build configuration")
+    for key, value in [
+        ("torch", f"{torch.__version__} (CUDA {torch.version.cuda})"),
+        ("RESFLOW_CUDA", os.environ.get("RESFLOW_CUDA", "auto")),
+        ("CUDA kernels", "yes" if BUILD_CUDA else f"no: {NO_CUDA_REASON}"),
+        ("CUDA_HOME", CUDA_HOME or "-"),
+        ("TORCH_CUDA_ARCH_LIST", ARCH_LIST or "-"),
+        ("CPU capabilities", ", ".join(cpu_capabilities())),
+        ("DEBUG", DEBUG),
+        ("MAX_JOBS", os.environ.get("MAX_JOBS", f"(default: {os.cpu_count()})")),
+    ]:
+        log(f"  {key:<22} {value}")
+
+
+print_config()
+
+setup(
+    name="resflow_cuda",
+    version=VERSION,
+    packages=find_packages(include=["resflow_cuda", "resflow_cuda.*"]) + ["resflow_cuda.benchmarks"],
+    package_dir={"resflow_cuda.benchmarks": "benchmarks"},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildWithCpuCapabilities.with_options(use_ninja=True)},
+)
