@@ -1,0 +1,22 @@
+"""resflow_cuda: fused C++/CUDA kernels and drop-in layers for Residual Flows.
+
+``import resflow_cuda`` loads the compiled extension, which registers the ops under
+``torch.ops.resflow_cuda``; ``resflow_cuda.ops`` adds their fake kernels and autograd.
+"""
+
+import torch  # noqa: F401  (loads libtorch and, in CUDA builds, the CUDA runtime before _C)
+
+from ._build import __version__, build_info, has_cuda_kernels
+from . import ops, reference, functional, nn
+from .functional import lipswish
+
+__all__ = [
+    "__version__",
+    "build_info",
+    "has_cuda_kernels",
+    "functional",
+    "lipswish",
+    "nn",
+    "ops",
+    "reference",
+]
