@@ -1,0 +1,130 @@
+"""resflow-bench: the one benchmark runner.
+
+For every case, configuration and provider: check the provider's outputs against the eager
+reference (a provider that disagrees is reported as failing and not timed), time it with
+torch.utils.benchmark, and put it beside the eager and torch.compile times and the memory floor
+(the bytes the configuration must move at the bandwidth of a clone measured in the same run).
+Writes results.json (with environment metadata) and results.md (rendered from the JSON only)
+into --out, and prints the Markdown.
+
+    resflow-bench --quick            # seconds to a minute: the CI smoke run
+    resflow-bench                    # the full suite
+    python -m benchmarks.run --cases lipswish --out my-results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from . import report
+from .cases import CASES, COMPILE, EAGER, RESFLOW
+from .timing import environment, first_call_seconds, measure, steady_state_allocator
+
+
+def _max_abs_err(outputs, expected) -> float:
+    return max(float((a.double() - b.double()).abs().max()) if a.numel() else 0.0 for a, b in zip(outputs, expected))
+
+
+def _check(outputs, expected, tol) -> str | None:
+    for i, (a, b) in enumerate(zip(outputs, expected)):
+        try:
+            torch.testing.assert_close(a, b, **tol)
+        except AssertionError as exc:
+            return f"output {i} differs from eager: {str(exc).splitlines()[0]}"
+    return None
+
+
+def run_case(case, device: str, quick: bool, min_run_time: float, log) -> list[dict]:
+    rows = []
+    for config in case.configs(quick):
+        inputs = case.make_inputs(config, device)
+        providers = case.providers()
+        expected = case.runner(providers[EAGER], inputs, config)()
+        floor_fn, floor_bytes = case.floor_runner(inputs)
+        floor = measure(floor_fn, min_run_time)
+        bandwidth = floor_bytes / floor.median_s
+        bytes_moved = case.bytes_moved(config)
+        floor_s = bytes_moved / bandwidth
+        base = {"case": case.name, "config": config.as_dict(), "label": config.label, "bytes_moved": bytes_moved}
+        rows.append({**base, "provider": "memory floor (clone)", "status": "ok", "median_us": floor_s * 1e6,
+                     "iqr_us": floor.iqr_s * bytes_moved / floor_bytes * 1e6, "runs": floor.runs,
+                     "gbps": bandwidth / 1e9, "vs_floor": 1.0})
+        for name, fn in providers.items():
+            row = {**base, "provider": name}
+            try:
+                step = case.runner(fn, inputs, config)
+                if name == COMPILE:
+                    row["compile_s"] = first_call_seconds(step)
+                outputs = step()
+            except Exception as exc:  # a provider that cannot run is N/A, not a crash
+                rows.append({**row, "status": "n/a", "error": f"{type(exc).__name__}: {exc}"[:300]})
+                log(f"  {case.name} {config.label} {config.mode} {name}: N/A ({type(exc).__name__})")
+                continue
+            row["max_abs_err"] = _max_abs_err(outputs, expected)
+            problem = _check(outputs, expected, case.tolerance(config))
+            if problem:
+                rows.append({**row, "status": "failed", "error": problem})
+                log(f"  {case.name} {config.label} {config.mode} {name}: FAILED the correctness gate")
+                continue
+            t = measure(step, min_run_time)
+            rows.append({**row, "status": "ok", "median_us": t.median_s * 1e6, "iqr_us": t.iqr_s * 1e6,
+                         "runs": t.runs, "gbps": bytes_moved / t.median_s / 1e9, "vs_floor": t.median_s / floor_s})
+            log(f"  {case.name} {config.label} {config.mode} {name}: {t.median_s * 1e6:.1f} µs")
+        _add_ratios(rows, base)
+    return rows
+
+
+def _add_ratios(rows: list[dict], base: dict) -> None:
+    mine = [r for r in rows if r["config"] == base["config"] and r["case"] == base["case"]]
+    times = {r["provider"]: r.get("median_us") for r in mine if r["status"] == "ok"}
+    for r in mine:
+        if r["status"] != "ok" or r["provider"].startswith("memory floor"):
+            continue
+        for key, ref in (("speedup_vs_eager", EAGER), ("speedup_vs_compile", COMPILE)):
+            if times.get(ref):
+                r[key] = times[ref] / r["median_us"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="resflow-bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small configurations and short timing (CI)")
+    parser.add_argument("--out", default="bench-results", help="output directory (default: ./bench-results)")
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES), help="cases to run")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--min-run-time", type=float, default=None,
+                        help="seconds of timing per measurement (default 0.2 quick, 1.0 full)")
+    args = parser.parse_args(argv)
+    min_run_time = args.min_run_time or (0.2 if args.quick else 1.0)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    allocator = steady_state_allocator()
+    data = {"meta": environment(args.device, allocator), "quick": args.quick, "min_run_time_s": min_run_time,
+            "cases": {name: CASES[name].title for name in args.cases}, "results": [], "targets": []}
+    for name in args.cases:
+        case = CASES[name]
+        log(f"[resflow-bench] {name} on {args.device} ({torch.get_num_threads()} threads)")
+        rows = run_case(case, args.device, args.quick, min_run_time, log)
+        data["results"] += rows
+        data["targets"] += [dict(case=name, **vars(t)) for t in case.targets(rows, args.quick)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(data, indent=1))
+    markdown = report.render(data)
+    (out / "results.md").write_text(markdown)
+    print(markdown)
+    log(f"[resflow-bench] wrote {out / 'results.json'} and {out / 'results.md'}")
+    broken = [r for r in data["results"] if r["provider"] == RESFLOW and r["status"] != "ok"]
+    for r in broken:
+        log(f"[resflow-bench] resflow_cuda {r['case']} {r['label']} {r['config']['mode']}: {r['status']}: {r.get('error')}")
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
