@@ -1,0 +1,183 @@
+// resflow_emulated: the CUDA kernels of csrc/cuda run on CPU tensors under the CPU emulation of
+// the CUDA execution model (resflow/emulation/emulator.h), through the same tensor bindings,
+// launch plans and launchers as the CUDA ops; only the Backend differs (no device guard or stream,
+// and the SM count is an argument, so tests choose the grid). Also the probe kernels that test
+// the emulator itself. Test infrastructure: built by tests/emulation.py, never by setup.py.
+#include <cxxabi.h>
+#include <dlfcn.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "cuda/lipswish_binding.h"
+#include "probe_kernels.cuh"
+
+namespace {
+
+namespace cu = resflow_cuda::cuda;
+
+struct EmulatedBackend {
+  int sms;
+  struct NoGuard {};
+  NoGuard guard(const at::Tensor&) const { return {}; }
+  cudaStream_t stream() const { return nullptr; }
+  int sm_count(const at::Tensor&) const { return sms; }
+  void check_launch() const {}
+};
+
+EmulatedBackend backend(int64_t sm_count) {
+  TORCH_CHECK(sm_count > 0, "resflow_emulated: expected sm_count > 0, but got ", sm_count);
+  return EmulatedBackend{static_cast<int>(sm_count)};
+}
+
+at::Tensor lipswish(const at::Tensor& x, const at::Tensor& beta, int64_t sms) {
+  return std::get<0>(cu::lipswish_forward_on(backend(sms), "resflow_emulated.lipswish", x, beta, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> lipswish_with_derivative(const at::Tensor& x, const at::Tensor& beta, int64_t sms) {
+  return cu::lipswish_forward_on(backend(sms), "resflow_emulated.lipswish_with_derivative", x, beta, true);
+}
+
+std::tuple<at::Tensor, at::Tensor> lipswish_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                     const at::Tensor& beta, int64_t sms) {
+  return cu::lipswish_backward_on(backend(sms), grad, x, beta);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lipswish_double_backward(const at::Tensor& grad, const at::Tensor& gg_x,
+                                                                        const at::Tensor& gg_beta, const at::Tensor& x,
+                                                                        const at::Tensor& beta, int64_t sms) {
+  return cu::lipswish_double_backward_on(backend(sms), grad, gg_x, gg_beta, x, beta);
+}
+
+// The elementwise launch plan for n elements of `element_size` bytes: [vec, blocks, threads].
+std::vector<int64_t> elementwise_plan(int64_t n, int64_t sms, bool aligned, int64_t element_size) {
+  cu::ElementwisePlan plan{};
+  switch (element_size) {
+    case 2: plan = cu::plan_elementwise<uint16_t>(n, static_cast<int>(sms), aligned); break;
+    case 4: plan = cu::plan_elementwise<float>(n, static_cast<int>(sms), aligned); break;
+    case 8: plan = cu::plan_elementwise<double>(n, static_cast<int>(sms), aligned); break;
+    default: TORCH_CHECK(false, "resflow_emulated.elementwise_plan: element_size must be 2, 4 or 8");
+  }
+  return {plan.vec, plan.blocks, plan.threads};
+}
+
+// Names (without namespace or template arguments) of every kernel launched in this process.
+std::vector<std::string> launched_kernels() {
+  std::vector<std::string> names;
+  for (const void* kernel : resflow_emu::launched_kernels()) {
+    Dl_info info;
+    if (dladdr(kernel, &info) == 0 || info.dli_sname == nullptr) {
+      names.emplace_back("<unknown>");
+      continue;
+    }
+    int status = 0;
+    char* demangled = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
+    std::string name = status == 0 ? demangled : info.dli_sname;
+    std::free(demangled);
+    // "void ns::name<args>(params)" -> "name"
+    const size_t open = name.find_first_of("<(");
+    name = name.substr(0, open);
+    const size_t colon = name.rfind("::");
+    const size_t space = name.rfind(' ');
+    const size_t start = colon != std::string::npos ? colon + 2 : (space != std::string::npos ? space + 1 : 0);
+    names.push_back(name.substr(start));
+  }
+  return names;
+}
+
+// Probe kernels: `which` names one; threads and blocks set the launch.
+at::Tensor probe(const std::string& which, int64_t blocks, int64_t threads, int64_t width) {
+  namespace p = resflow_emu_probe;
+  if (which == "intrinsics") {
+    at::Tensor out = at::empty({threads * 10}, at::TensorOptions().dtype(at::kInt));
+    const auto kernel = &p::intrinsics_kernel;
+    RESFLOW_LAUNCH(kernel, blocks, threads, 0, nullptr)(out.mutable_data_ptr<int>(), static_cast<int>(width));
+    return out;
+  }
+  if (which == "atomics") {
+    // ints[0..6], then the float and the double sums, all as float64.
+    at::Tensor ints = at::zeros({7}, at::TensorOptions().dtype(at::kInt));
+    at::Tensor floats = at::zeros({1}, at::TensorOptions().dtype(at::kFloat));
+    at::Tensor doubles = at::zeros({1}, at::TensorOptions().dtype(at::kDouble));
+    const auto kernel = &p::atomics_kernel;
+    RESFLOW_LAUNCH(kernel, blocks, threads, 0, nullptr)(ints.mutable_data_ptr<int>(), floats.mutable_data_ptr<float>(),
+                                                         doubles.mutable_data_ptr<double>());
+    return at::cat({ints.to(at::kDouble), floats.to(at::kDouble), doubles});
+  }
+  at::Tensor out = at::zeros({blocks * threads}, at::TensorOptions().dtype(at::kInt));
+  int* o = out.mutable_data_ptr<int>();
+  if (which == "dynamic_shared") {
+    const auto kernel = &p::dynamic_shared_kernel;
+    RESFLOW_LAUNCH(kernel, blocks, threads, threads * sizeof(float), nullptr)(o);
+  } else if (which == "divergent_barrier") {
+    const auto kernel = &p::divergent_barrier_kernel;
+    RESFLOW_LAUNCH(kernel, blocks, threads, 0, nullptr)(o);
+  } else if (which == "warp_facing_barrier") {
+    const auto kernel = &p::warp_facing_barrier_kernel;
+    RESFLOW_LAUNCH(kernel, blocks, threads, 0, nullptr)(o);
+  } else if (which == "absent_lane") {
+    const auto kernel = &p::absent_lane_kernel;
+    RESFLOW_LAUNCH(kernel, blocks, threads, 0, nullptr)(o);
+  } else if (which == "exited_lane") {
+    const auto kernel = &p::exited_lane_kernel;
+    RESFLOW_LAUNCH(kernel, blocks, threads, 0, nullptr)(o);
+  } else {
+    TORCH_CHECK(false, "resflow_emulated.probe: unknown probe '", which, "'");
+  }
+  return out;
+}
+
+// The planted-race kernel (with_barrier=false) and its correct twin, on 128-element blocks.
+at::Tensor shared_reverse(const at::Tensor& x, bool with_barrier) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() % 128 == 0,
+              "resflow_emulated.shared_reverse: expected a contiguous float32 tensor of 128·k elements");
+  at::Tensor y = at::empty_like(x);
+  const int blocks = static_cast<int>(x.numel() / 128);
+  if (with_barrier) {
+    const auto kernel = &resflow_emu_probe::shared_reverse_kernel<true>;
+    RESFLOW_LAUNCH(kernel, blocks, 128, 0, nullptr)(x.const_data_ptr<float>(), y.mutable_data_ptr<float>());
+  } else {
+    const auto kernel = &resflow_emu_probe::shared_reverse_kernel<false>;
+    RESFLOW_LAUNCH(kernel, blocks, 128, 0, nullptr)(x.const_data_ptr<float>(), y.mutable_data_ptr<float>());
+  }
+  return y;
+}
+
+// The sanitizer this extension was compiled with ("thread", "address" or "").
+std::string sanitizer() {
+#if defined(RESFLOW_EMU_TSAN)
+  return "thread";
+#elif defined(RESFLOW_EMU_ASAN)
+  return "address";
+#else
+  return "";
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(resflow_emulated, m) {
+  m.def("lipswish(Tensor x, Tensor beta, int sm_count) -> Tensor");
+  m.def("lipswish_with_derivative(Tensor x, Tensor beta, int sm_count) -> (Tensor, Tensor)");
+  m.def("lipswish_backward(Tensor grad, Tensor x, Tensor beta, int sm_count) -> (Tensor, Tensor)");
+  m.def("lipswish_double_backward(Tensor grad, Tensor gg_x, Tensor gg_beta, Tensor x, Tensor beta, int sm_count) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("elementwise_plan(int n, int sm_count, bool aligned, int element_size) -> int[]", &elementwise_plan);
+  m.def("launched_kernels() -> str[]", &launched_kernels);
+  m.def("probe(str which, int blocks, int threads, int width) -> Tensor", &probe);
+  m.def("shared_reverse(Tensor x, bool with_barrier) -> Tensor");
+  m.def("sanitizer() -> str", &sanitizer);
+}
+
+TORCH_LIBRARY_IMPL(resflow_emulated, CPU, m) {
+  m.impl("lipswish", &lipswish);
+  m.impl("lipswish_with_derivative", &lipswish_with_derivative);
+  m.impl("lipswish_backward", &lipswish_backward);
+  m.impl("lipswish_double_backward", &lipswish_double_backward);
+  m.impl("shared_reverse", &shared_reverse);
+}

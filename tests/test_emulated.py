@@ -1,0 +1,284 @@
+"""Every CUDA kernel of csrc/cuda, executed on the CPU under the emulation of the CUDA execution
+model, against the CPU ops; and the emulator's own semantics and error reports.
+
+The emulated ops go through the same tensor bindings, launch plans and launchers as the CUDA ops
+(csrc/cuda/*_binding.h, *.cuh); only the SM count is chosen by the test, to shape the grid.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import resflow_cuda
+from resflow_cuda import ops as cpu_ops
+
+import emulation
+from conftest import TOLERANCES
+
+pytestmark = pytest.mark.emulated
+
+THREADS = 256  # kElementwiseThreads
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return emulation.ops()
+
+
+def _plan(emu, x, sms, aligned=True):
+    return dict(zip(("vec", "blocks", "threads"), emu.elementwise_plan(x.numel(), sms, aligned, x.element_size())))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configurations: each covers one situation of the grid-stride pack loop
+# ----------------------------------------------------------------------------------------------
+
+# (name, number of elements, SM count, storage offset): with 4 blocks per SM and 256 threads.
+CONFIGS = [
+    ("partial-warp", 7, 4, 0),                 # one block, most threads idle, a partial last warp of data
+    ("partial-last-block", 3 * 256 * 4 + 37, 8, 0),  # several blocks, the last one partly used
+    ("grid-stride-tail", 9 * 1024 * 4 + 5, 1, 0),    # 4 blocks loop over many packs, ragged tail
+    ("several-blocks", 20_011, 132, 0),         # many blocks, one pass
+    ("misaligned", 4099, 2, 1),                 # storage offset 1: 16-byte packs impossible, VEC = 1
+    ("empty", 0, 2, 0),                         # nothing to do; grad_beta must still be 0
+]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+_SHORT = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def _inputs(n, offset, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    base = (3 * torch.randn(n + offset, generator=g, dtype=torch.float64)).to(dtype)
+    return base[offset:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=[_SHORT[d] for d in DTYPES])
+@pytest.mark.parametrize("name,n,sms,offset", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_lipswish_kernels_match_the_cpu_op(emu, name, n, sms, offset, dtype):
+    x = _inputs(n, offset, dtype, 1)
+    grad, gg_x = _inputs(n, offset, dtype, 2), _inputs(n, offset, dtype, 3)
+    beta = torch.tensor([0.3], dtype=dtype)
+    gg_beta = torch.tensor([-0.6], dtype=dtype)
+
+    plan = _plan(emu, x, sms, aligned=x.data_ptr() % 16 == 0)
+    packs = -(-n // plan["vec"])
+    assert plan["threads"] == THREADS
+    if name == "misaligned":
+        assert plan["vec"] == 1
+    else:
+        assert plan["vec"] == 16 // x.element_size()
+    if name == "grid-stride-tail":
+        assert packs > plan["blocks"] * THREADS, "the configuration must make threads loop"
+    if name in ("partial-last-block", "several-blocks"):
+        assert plan["blocks"] > 1 and packs <= plan["blocks"] * THREADS and packs % THREADS != 0
+
+    tol = TOLERANCES[dtype]
+    assert_close(emu.lipswish(x, beta, sms), cpu_ops.lipswish(x, beta), **tol)
+    for a, b in zip(emu.lipswish_with_derivative(x, beta, sms), cpu_ops.lipswish_with_derivative(x, beta)):
+        assert_close(a, b, **tol)
+    gx, gb = emu.lipswish_backward(grad, x, beta, sms)
+    ex, eb = cpu_ops.lipswish_backward(grad, x, beta)
+    assert_close(gx, ex, **tol)
+    # grad_beta: block sums vs chunk sums add in different orders.
+    scale = float(grad.double().abs().sum() * x.double().abs().max() ** 2) if n else 0.0
+    assert_close(gb, eb, rtol=tol["rtol"], atol=tol["atol"] + tol["rtol"] * scale)
+    got = emu.lipswish_double_backward(grad, gg_x, gg_beta, x, beta, sms)
+    expected = cpu_ops.lipswish_double_backward(grad, gg_x, gg_beta, x, beta)
+    assert_close(got[0], expected[0], **tol)
+    assert_close(got[1], expected[1], **tol)
+    assert_close(got[2], expected[2], rtol=tol["rtol"], atol=tol["atol"] + 4 * tol["rtol"] * scale)
+    if n == 0:
+        assert gb.item() == 0 and got[2].item() == 0
+
+
+def test_lipswish_layouts_follow_the_cpu_op(emu):
+    x = torch.randn(2, 6, 5, 3).contiguous(memory_format=torch.channels_last)
+    beta = torch.tensor([0.5])
+    y = emu.lipswish(x, beta, 2)
+    assert y.stride() == cpu_ops.lipswish(x, beta).stride() == x.stride()
+    xt = torch.randn(33, 17).t()
+    assert_close(emu.lipswish(xt, beta, 2), cpu_ops.lipswish(xt, beta))
+
+
+def test_lipswish_emulated_refuses_what_the_op_refuses(emu):
+    with pytest.raises(RuntimeError, match=r"expected beta to have shape \[1\]"):
+        emu.lipswish(torch.randn(3), torch.zeros(2), 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry: every kernel in csrc/cuda runs in this suite
+# ----------------------------------------------------------------------------------------------
+
+
+def _run_lipswish_forward(emu):
+    x = torch.randn(100)
+    emu.lipswish(x, torch.tensor([0.5]), 2)
+    emu.lipswish_with_derivative(x, torch.tensor([0.5]), 2)
+
+
+def _run_lipswish_backward(emu):
+    x = torch.randn(100)
+    emu.lipswish_backward(torch.randn(100), x, torch.tensor([0.5]), 2)
+
+
+def _run_lipswish_double_backward(emu):
+    x = torch.randn(100)
+    emu.lipswish_double_backward(torch.randn(100), torch.randn(100), torch.tensor([1.0]), x, torch.tensor([0.5]), 2)
+
+
+# Kernel name -> a small launch of it; test_lipswish_kernels_match_the_cpu_op checks the values.
+REGISTRY = {
+    "lipswish_forward_kernel": _run_lipswish_forward,
+    "lipswish_backward_kernel": _run_lipswish_backward,
+    "lipswish_double_backward_kernel": _run_lipswish_double_backward,
+    "finish_sum_kernel": _run_lipswish_backward,
+}
+
+
+def test_every_cuda_kernel_is_in_the_emulated_registry():
+    in_sources = emulation.source_kernels()
+    assert in_sources, "no __global__ functions found in csrc/cuda"
+    missing = in_sources - set(REGISTRY)
+    assert not missing, f"CUDA kernels without an emulated test (add them to REGISTRY): {sorted(missing)}"
+    stale = set(REGISTRY) - in_sources
+    assert not stale, f"REGISTRY names kernels that are not in csrc/cuda: {sorted(stale)}"
+
+
+@pytest.mark.parametrize("kernel", sorted(REGISTRY))
+def test_registered_kernel_runs_under_the_emulator(emu, kernel):
+    REGISTRY[kernel](emu)
+    assert kernel in emu.launched_kernels()
+
+
+# ----------------------------------------------------------------------------------------------
+# The emulator itself: intrinsic semantics and the errors it must report
+# ----------------------------------------------------------------------------------------------
+
+
+def _expected_intrinsics(threads: int, width: int) -> torch.Tensor:
+    out = torch.empty(threads, 10, dtype=torch.int32)
+    odd = sum(t % 2 for t in range(threads))
+    for t in range(threads):
+        lane = t % 32
+        group, in_group = lane // width, lane % width
+        src_xor = lane ^ 5
+        ballot = sum(1 << i for i in range(32) if i % 3 == 0)
+        out[t] = torch.tensor([
+            (group * width + 3 % width) * 10,
+            lane - 2 if in_group >= 2 else lane,
+            lane + 3 if in_group + 3 < width else lane,
+            lane if src_xor // width > group else src_xor,
+            ballot - (1 << 32) if ballot >= 1 << 31 else ballot,
+            1,
+            0,
+            odd,
+            1 + 2,
+            sum(range(16)) if lane < 16 else sum(range(16, 32)),
+        ])
+    return out
+
+
+@pytest.mark.parametrize("width", [32, 16, 8, 4])
+def test_warp_and_block_intrinsics(emu, width):
+    got = emu.probe("intrinsics", 2, 96, width).view(96, 10)
+    assert torch.equal(got, _expected_intrinsics(96, width))
+
+
+def test_atomics(emu):
+    blocks, threads = 3, 70
+    n = blocks * threads
+    got = emu.probe("atomics", blocks, threads, 32)
+    expected = torch.tensor([n, n - 1, -(n - 1), -2 * n, (1 << 31) - 1, 7, 3 * n, 0.5 * n, 0.25 * n],
+                            dtype=torch.float64)
+    assert torch.equal(got, expected)
+
+
+def test_dynamic_shared_memory_is_poisoned_per_block_and_shared(emu):
+    got = emu.probe("dynamic_shared", 3, 96, 32)
+    assert torch.equal(got, torch.full_like(got, 3))
+
+
+@pytest.mark.parametrize("probe,threads,pattern", [
+    ("divergent_barrier", 64,
+     r"divergent barrier.*\n  threads 0-39: wait at __syncthreads probe_kernels.cuh:\d+\n"
+     r"  threads 40-63: wait at __syncthreads probe_kernels.cuh:\d+"),
+    ("warp_facing_barrier", 64,
+     r"a warp collective faces __syncthreads.*\n"
+     r"  threads 0-15: wait at __shfl_down_sync \(mask 0xffffffff\) probe_kernels.cuh:\d+\n"
+     r"  threads 16-63: wait at __syncthreads probe_kernels.cuh:\d+"),
+    ("absent_lane", 40, r"__shfl_down_sync at probe_kernels.cuh:\d+: mask 0xffffffff names lane 8 of warp 1, "
+                        r"which does not exist \(the block has 40 threads\)"),
+    ("exited_lane", 64, r"mask 0xffffffff names lane 0 \(thread 0\), which has exited"),
+])
+def test_synchronisation_errors_are_reported_not_hung(emu, probe, threads, pattern):
+    with pytest.raises(RuntimeError, match=pattern) as info:
+        emu.probe(probe, 2, threads, 32)
+    assert "in block (0,0,0) of the launch at emulated_ops.cpp:" in str(info.value)
+    # The emulator is usable again after an error.
+    _run_lipswish_forward(emu)
+
+
+def test_extension_is_built_with_the_requested_sanitizer(emu):
+    assert emu.sanitizer() == emulation.sanitizer()
+
+
+def test_every_kernel_header_is_compiled_by_nvcc():
+    # The emulated suite runs the .cuh files that the CUDA build compiles: each must be reached
+    # from a .cu file through #include.
+    cuda_dir = emulation.CSRC / "cuda"
+    reached, frontier = set(), [p.name for p in cuda_dir.glob("*.cu")]
+    while frontier:
+        name = frontier.pop()
+        if name in reached or not (cuda_dir / name).exists():
+            continue
+        reached.add(name)
+        frontier += re.findall(r'#include "(?:\.\./cuda/)?([\w.]+)"', (cuda_dir / name).read_text())
+    headers = {p.name for p in cuda_dir.glob("*.cuh")}
+    assert headers and headers <= reached, f"kernel headers no .cu includes: {sorted(headers - reached)}"
+
+
+def test_invalid_launch_configuration_is_reported(emu):
+    with pytest.raises(RuntimeError, match=r"invalid launch configuration .* block \(1025,1,1\)"):
+        emu.probe("intrinsics", 1, 1025, 32)
+
+
+def test_planted_race_gives_wrong_values_under_the_emulator(emu):
+    x = torch.arange(256, dtype=torch.float32)
+    expected = x.view(2, 128).flip(1).reshape(-1)
+    assert torch.equal(emu.shared_reverse(x, True), expected)
+    assert not torch.equal(emu.shared_reverse(x, False), expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# ThreadSanitizer catches the planted missing __syncthreads (and nothing in the correct twin)
+# ----------------------------------------------------------------------------------------------
+
+
+def _compile_planted_race(tmp_path: Path, flags: list[str]) -> Path:
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    exe = tmp_path / "planted_race"
+    subprocess.run([cxx, "-std=c++17", "-O1", "-g", *flags, "-Wno-unknown-pragmas", "-Wno-unused-function",
+                    f"-I{emulation.CSRC / 'include'}", f"-I{emulation.EMULATED}",
+                    str(emulation.EMULATED / "planted_race_main.cpp"), "-o", str(exe)], check=True)
+    return exe
+
+
+def test_thread_sanitizer_reports_the_planted_race(tmp_path):
+    exe = _compile_planted_race(tmp_path, ["-fsanitize=thread"])
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env["TSAN_OPTIONS"] = "halt_on_error=0 exitcode=66"
+    race = subprocess.run([str(exe), "race"], capture_output=True, text=True, env=env)
+    assert race.returncode == 66, race.stdout + race.stderr
+    assert "WARNING: ThreadSanitizer: data race" in race.stderr
+    assert "shared_reverse_kernel<false>" in race.stderr and "probe_kernels.cuh" in race.stderr
+    fixed = subprocess.run([str(exe), "fixed"], capture_output=True, text=True, env=env)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert "ThreadSanitizer" not in fixed.stderr
