@@ -39,9 +39,9 @@ static __global__ void atomics_kernel(int* ints, float* floats, double* doubles)
   atomicSub(&ints[3], 2);
   atomicOr(&ints[4], 1 << (t % 31));
   atomicExch(&ints[5], 7);
-  int old = ints[6];
+  int old = atomicAdd(&ints[6], 0);  // an atomic read: a plain one races with the CAS of other threads
   int assumed;
-  do {  // the classic compare-and-swap loop
+  do {  // the compare-and-swap loop
     assumed = old;
     old = atomicCAS(&ints[6], assumed, assumed + 3);
   } while (old != assumed);

@@ -284,8 +284,6 @@ class Scheduler {
       throw;
     }
     finish_all();
-    // The block's threads happen-before the host code after it (and later blocks).
-    tsan_acquire(&exit_token_);
   }
 
   // Called from a fiber: record what it waits for and switch to the scheduler.
@@ -377,12 +375,21 @@ class Scheduler {
   void finish_all() {
 #if defined(RESFLOW_EMU_TSAN)
     for (Fiber& f : fibers_) {
-      if (f.tsan_fiber != nullptr) {
-        __tsan_destroy_fiber(f.tsan_fiber);
-        f.tsan_fiber = nullptr;
+      if (f.tsan_fiber == nullptr) {
+        continue;
       }
+      if (f.state != State::Exited) {
+        // A fiber abandoned by an error never released the exit token: two synchronising
+        // switches (no code runs in between) order its accesses before the host's next ones.
+        __tsan_switch_to_fiber(f.tsan_fiber, 0);
+        __tsan_switch_to_fiber(main_tsan_fiber_, 0);
+      }
+      __tsan_destroy_fiber(f.tsan_fiber);
+      f.tsan_fiber = nullptr;
     }
 #endif
+    // The block's threads happen-before the host code after it (and later blocks).
+    tsan_acquire(&exit_token_);
   }
 
   void resume(Fiber& f) {
@@ -915,13 +922,20 @@ inline unsigned __activemask() {
 #undef RESFLOW_EMU_AT
 
 // ---------------------------------------------------------------------------------------------
-// Atomics. Fibers switch only at barriers and collectives, so a plain read-modify-write is atomic.
+// Atomics (relaxed, on any arithmetic type).
 // ---------------------------------------------------------------------------------------------
 namespace resflow_emu::detail {
+// A relaxed atomic read-modify-write (as CUDA's atomics are): only one fiber runs at a time, so the
+// compare-and-swap succeeds at once; the __atomic builtins make ThreadSanitizer see an atomic
+// access instead of a race between threads updating the same address.
 template <class T, class F>
 T read_modify_write(T* address, const F& update) {
-  const T old = *address;
-  *address = update(old);
+  T old;
+  __atomic_load(address, &old, __ATOMIC_RELAXED);
+  T desired = update(old);
+  while (!__atomic_compare_exchange(address, &old, &desired, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    desired = update(old);
+  }
   return old;
 }
 }  // namespace resflow_emu::detail
