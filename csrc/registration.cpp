@@ -19,6 +19,14 @@ constexpr const char* kKernelSchemas[] = {
     "lipswish_backward(Tensor grad, Tensor x, Tensor beta) -> (Tensor, Tensor)",
     "lipswish_double_backward(Tensor grad, Tensor gg_x, Tensor gg_beta, Tensor x, Tensor beta) "
     "-> (Tensor, Tensor, Tensor)",
+    // Power iteration for spectral / induced p->q norms (csrc/power_iteration_aten.h): returns
+    // (u, v, sigma, iterations); a dense weight (out, in) or batch (B, out, in), or the convolution
+    // operator of a (O, C, kh, kw) weight on a 1 x C x H x W input.
+    "power_iteration(Tensor weight, Tensor u, Tensor v, int max_iterations, float? atol, float? rtol, "
+    "float domain, float codomain, bool u_first) -> (Tensor, Tensor, Tensor, Tensor)",
+    "conv_power_iteration(Tensor weight, Tensor u, Tensor v, int[2] input_size, int[2] stride, int[2] padding, "
+    "int max_iterations, float? atol, float? rtol, float domain, float codomain, bool u_first) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
 };
 
 }  // namespace

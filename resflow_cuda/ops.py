@@ -181,3 +181,72 @@ torch.library.register_autograd("resflow_cuda::lipswish_double_backward", _lipsw
 def cuda_version() -> int:
     """CUDART_VERSION the CUDA kernels were compiled with (e.g. 13000), or -1 in a CPU-only build."""
     return _OPS.cuda_version.default()
+
+
+# ---------------------------------------------------------------------------------------------
+# Power iteration for spectral / induced p->q operator norms (csrc/power_iteration_aten.h)
+# ---------------------------------------------------------------------------------------------
+
+
+def power_iteration(weight: Tensor, u: Tensor, v: Tensor, max_iterations: int, atol: float | None = None,
+                    rtol: float | None = None, domain: float = 2.0, codomain: float = 2.0,
+                    u_first: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Power iteration for the induced ``domain -> codomain`` norm of a dense weight.
+
+    Each step is ``u <- normalize_u(W v, codomain)``, ``v <- normalize_v(W^T u, domain)`` (or v first
+    with ``u_first=False``, the SpectralNorm* order), for ``max_iterations`` steps, stopping early
+    when ``atol`` and ``rtol`` are given and the reference's test passes.
+
+    Shapes: weight (out, in) or (B, out, in); u (out,) / (B, out); v (in,) / (B, in); one float dtype
+    (half types compute in float32). Returns (u, v, sigma = u^T W v, iterations), sigma and
+    iterations of shape () or (B,). Not differentiable (the layers take gradients through sigma).
+    """
+    return _OPS.power_iteration.default(weight, u, v, max_iterations, atol, rtol, float(domain), float(codomain),
+                                        u_first)
+
+
+def conv_power_iteration(weight: Tensor, u: Tensor, v: Tensor, input_size, stride, padding, max_iterations: int,
+                         atol: float | None = None, rtol: float | None = None, domain: float = 2.0,
+                         codomain: float = 2.0, u_first: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Power iteration for the convolution operator ``x -> conv2d(x, weight, stride, padding)`` on a
+    ``1 x C x H x W`` input (``input_size = (H, W)``); u and v are flattened output and input.
+    Otherwise as :func:`power_iteration`."""
+    return _OPS.conv_power_iteration.default(weight, u, v, list(input_size), list(stride), list(padding),
+                                             max_iterations, atol, rtol, float(domain), float(codomain), u_first)
+
+
+def _power_iteration_outputs(weight, u, v):
+    batch = weight.shape[:-2]
+    compute = torch.promote_types(weight.dtype, torch.float32)
+    return (torch.empty_like(u, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+            weight.new_empty(batch, dtype=compute), weight.new_empty(batch, dtype=torch.long))
+
+
+@torch.library.register_fake("resflow_cuda::power_iteration")
+def _power_iteration_fake(weight, u, v, max_iterations, atol, rtol, domain, codomain, u_first):
+    torch._check(weight.dim() in (2, 3), lambda: f"resflow_cuda.power_iteration: expected weight of shape "
+                 f"(out, in) or (batch, out, in), but got shape {list(weight.shape)}")
+    return _power_iteration_outputs(weight, u, v)
+
+
+@torch.library.register_fake("resflow_cuda::conv_power_iteration")
+def _conv_power_iteration_fake(weight, u, v, input_size, stride, padding, max_iterations, atol, rtol, domain,
+                               codomain, u_first):
+    torch._check(weight.dim() == 4, lambda: "resflow_cuda.conv_power_iteration: expected weight of shape "
+                 f"(out_channels, in_channels, kh, kw), but got shape {list(weight.shape)}")
+    return _power_iteration_outputs(weight[0, 0], u, v)
+
+
+def _not_differentiable(name):
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"resflow_cuda.{name} is not differentiable: the Lipschitz layers take the gradient through "
+            "sigma = u^T W v computed from the returned u and v"
+        )
+
+    return backward
+
+
+torch.library.register_autograd("resflow_cuda::power_iteration", _not_differentiable("power_iteration"))
+torch.library.register_autograd("resflow_cuda::conv_power_iteration", _not_differentiable("conv_power_iteration"))

@@ -114,6 +114,80 @@ def test_lipswish_emulated_refuses_what_the_op_refuses(emu):
 
 
 # ----------------------------------------------------------------------------------------------
+# Power iteration: the single-launch dense kernel, its ATen fallback, and the convolution loop
+# ----------------------------------------------------------------------------------------------
+
+INF = float("inf")
+PI_SHAPES = [(1, 1), (7, 33), (300, 5), (6, 300)]  # partial warps, rows > warps, columns > threads
+PI_NORMS = [(2, 2), (1, 2), (2, INF), (3, 1.5), (2, 1)]
+
+
+def _pi_start(shape, p, q, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g, dtype=torch.float64)
+    u = resflow_cuda.reference.normalize_u(torch.randn(shape[-2], generator=g, dtype=torch.float64), q)
+    v = resflow_cuda.reference.normalize_v(torch.randn(shape[-1], generator=g, dtype=torch.float64), p)
+    return w.to(dtype), u.to(dtype), v.to(dtype)
+
+
+def _assert_power_iteration_close(got, expected, dtype):
+    tol = dict(TOLERANCES[dtype])
+    tol["atol"] = max(tol["atol"], 10 * tol["rtol"])  # components near 0 of unit vectors
+    for a, b in zip(got[:3], expected[:3]):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert_close(a, b, **tol)
+    assert torch.equal(got[3], expected[3])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=[_SHORT[d] for d in DTYPES])
+@pytest.mark.parametrize("p,q", PI_NORMS, ids=[f"{p}->{q}" for p, q in PI_NORMS])
+@pytest.mark.parametrize("shape", PI_SHAPES, ids=["x".join(map(str, s)) for s in PI_SHAPES])
+def test_power_iteration_kernel_matches_the_cpu_op(emu, shape, p, q, dtype):
+    w, u, v = _pi_start(shape, p, q, dtype)
+    for u_first, (atol, rtol) in [(True, (None, None)), (False, (1e-3, 1e-3))]:
+        expected = cpu_ops.power_iteration(w, u, v, 25, atol, rtol, p, q, u_first)
+        got = emu.power_iteration(w, u, v, 25, atol, rtol, p, q, u_first, 48 * 1024)
+        _assert_power_iteration_close(got, expected, dtype)
+
+
+def test_power_iteration_kernel_runs_a_batch_with_independent_stopping(emu):
+    w, u, v = _pi_start((5, 40, 24), 2, 2, torch.float32, seed=1)
+    w[2] *= 0.0
+    u, v = u.expand(5, 40).contiguous(), v.expand(5, 24).contiguous()
+    got = emu.power_iteration(w, u, v, 200, 1e-4, 1e-4, 2.0, 2.0, True, 48 * 1024)
+    expected = cpu_ops.power_iteration(w, u, v, 200, 1e-4, 1e-4)
+    _assert_power_iteration_close(got, expected, torch.float32)
+    assert len(set(got[3].tolist())) > 1
+
+
+def test_power_iteration_without_room_in_shared_memory_takes_the_aten_loop(emu):
+    # 0 bytes of shared memory: the device-flag ATen loop, whose results equal the CPU op exactly.
+    w, u, v = _pi_start((33, 17), 3, 1.5, torch.float32, seed=2)
+    got = emu.power_iteration(w, u, v, 40, 1e-3, 1e-3, 3.0, 1.5, True, 0)
+    expected = cpu_ops.power_iteration(w, u, v, 40, 1e-3, 1e-3, 3.0, 1.5, True)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    # More iterations than the device check interval, converging between two checks.
+    got = emu.power_iteration(w, u, v, 100, 1e-6, 1e-6, 2.0, 2.0, True, 0)
+    expected = cpu_ops.power_iteration(w, u, v, 100, 1e-6, 1e-6)
+    assert 16 < int(expected[3]) < 100 and int(expected[3]) % 16 != 0
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+def test_conv_power_iteration_device_loop_matches_the_cpu_op(emu):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 3, 3, 3, generator=g)
+    u = resflow_cuda.reference.normalize_u(torch.randn(6 * 8 * 7, generator=g), 2)
+    v = resflow_cuda.reference.normalize_v(torch.randn(3 * 8 * 7, generator=g), 2)
+    for tol in [(None, None), (1e-4, 1e-4)]:
+        got = emu.conv_power_iteration(w, u, v, [8, 7], [1, 1], [1, 1], 70, *tol, 2.0, 2.0, True)
+        expected = cpu_ops.conv_power_iteration(w, u, v, (8, 7), (1, 1), (1, 1), 70, *tol)
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
 # Registry: every kernel in csrc/cuda runs in this suite
 # ----------------------------------------------------------------------------------------------
 
@@ -134,8 +208,14 @@ def _run_lipswish_double_backward(emu):
     emu.lipswish_double_backward(torch.randn(100), torch.randn(100), torch.tensor([1.0]), x, torch.tensor([0.5]), 2)
 
 
-# Kernel name -> a small launch of it; test_lipswish_kernels_match_the_cpu_op checks the values.
+def _run_power_iteration(emu):
+    w, u, v = _pi_start((8, 5), 2, 2, torch.float32)
+    emu.power_iteration(w, u, v, 3, None, None, 2.0, 2.0, True, 48 * 1024)
+
+
+# Kernel name -> a small launch of it; the tests above check the values.
 REGISTRY = {
+    "power_iteration_kernel": _run_power_iteration,
     "lipswish_forward_kernel": _run_lipswish_forward,
     "lipswish_backward_kernel": _run_lipswish_backward,
     "lipswish_double_backward_kernel": _run_lipswish_double_backward,

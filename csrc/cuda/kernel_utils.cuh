@@ -4,6 +4,7 @@
 // the .cu bindings and the emulated test extension both call the same plan and launch code.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "resflow/cuda_compat.h"
@@ -16,6 +17,8 @@ constexpr int kElementwiseThreads = 256;
 constexpr int kElementwiseBlocksPerSm = 4;
 // Largest vector access, in bytes (LDG.E.128 / STG.E.128).
 constexpr int kMaxAccessBytes = 16;
+// Dynamic shared memory a block may use without opting in, on every supported GPU.
+constexpr size_t kDefaultMaxSharedBytes = 48 * 1024;
 
 // VEC consecutive elements, aligned so that a whole pack is one vector load or store.
 template <typename T, int VEC>
@@ -61,28 +64,60 @@ __device__ __forceinline__ void for_each_pack(int64_t n, const F& f) {
   }
 }
 
-// Sum of v over a block of exactly BLOCK threads (a multiple of 32); the result is valid in
-// thread 0. Every thread of the block must call it (it contains __syncthreads).
-template <typename T, int BLOCK>
-__device__ __forceinline__ T block_sum(T v) {
+struct SumOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return a + b;
+  }
+};
+
+// max that propagates NaN (as torch.max does).
+struct MaxOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return a != a ? a : (b != b ? b : (a < b ? b : a));
+  }
+};
+
+// Reduces v over a warp with op; the result is valid in lane 0. All 32 lanes must call it.
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_reduce(T v, Op op) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v = op(v, __shfl_down_sync(0xffffffffu, v, offset));
+  }
+  return v;
+}
+
+// Reduces v over a block of exactly BLOCK threads (a multiple of 32) and returns the result to
+// every thread. Every thread of the block must call it (it contains __syncthreads); calls may
+// follow each other directly.
+template <typename T, int BLOCK, typename Op>
+__device__ __forceinline__ T block_all_reduce(T v, Op op, T identity) {
   static_assert(BLOCK % kWarpSize == 0 && BLOCK <= kWarpSize * kWarpSize, "BLOCK must be 32..1024, a multiple of 32");
-  __shared__ T warp_sums[BLOCK / kWarpSize];
+  __shared__ T warp_values[BLOCK / kWarpSize];
+  __shared__ T result;
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    v += __shfl_down_sync(0xffffffffu, v, offset);
-  }
+  v = warp_reduce(v, op);
   if (lane == 0) {
-    warp_sums[warp] = v;
+    warp_values[warp] = v;
   }
   __syncthreads();
   if (warp == 0) {
-    v = lane < BLOCK / kWarpSize ? warp_sums[lane] : T(0);
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-      v += __shfl_down_sync(0xffffffffu, v, offset);
+    v = warp_reduce(lane < BLOCK / kWarpSize ? warp_values[lane] : identity, op);
+    if (lane == 0) {
+      result = v;
     }
   }
-  return v;
+  __syncthreads();
+  const T out = result;
+  __syncthreads();  // the next call may overwrite warp_values and result
+  return out;
+}
+
+template <typename T, int BLOCK>
+__device__ __forceinline__ T block_sum(T v) {
+  return block_all_reduce<T, BLOCK>(v, SumOp{}, T(0));
 }
 
 // Second pass of a grid-wide sum: one block adds the per-block partial sums in a fixed order and

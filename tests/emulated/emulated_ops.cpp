@@ -15,24 +15,51 @@
 #include <vector>
 
 #include "cuda/lipswish_binding.h"
+#include "cuda/power_iteration_binding.h"
 #include "probe_kernels.cuh"
 
 namespace {
 
 namespace cu = resflow_cuda::cuda;
 
+// The GPU the tests pretend to have: its SM count and per-block shared memory shape the launches.
 struct EmulatedBackend {
   int sms;
+  size_t shared_bytes = cu::kDefaultMaxSharedBytes;
   struct NoGuard {};
   NoGuard guard(const at::Tensor&) const { return {}; }
   cudaStream_t stream() const { return nullptr; }
   int sm_count(const at::Tensor&) const { return sms; }
+  size_t max_shared_bytes() const { return shared_bytes; }
   void check_launch() const {}
 };
 
 EmulatedBackend backend(int64_t sm_count) {
   TORCH_CHECK(sm_count > 0, "resflow_emulated: expected sm_count > 0, but got ", sm_count);
   return EmulatedBackend{static_cast<int>(sm_count)};
+}
+
+EmulatedBackend shared_backend(int64_t max_shared_bytes) {
+  TORCH_CHECK(max_shared_bytes >= 0, "resflow_emulated: expected max_shared_bytes >= 0, but got ", max_shared_bytes);
+  return EmulatedBackend{1, static_cast<size_t>(max_shared_bytes)};
+}
+
+// max_shared_bytes below what a matrix needs sends it down the ATen path with the device flag.
+resflow_cuda::PowerIterationResult power_iteration(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
+                                         int64_t max_iterations, c10::optional<double> atol,
+                                         c10::optional<double> rtol, double domain, double codomain, bool u_first,
+                                         int64_t max_shared_bytes) {
+  return cu::power_iteration_on(shared_backend(max_shared_bytes), weight, u, v, max_iterations, atol, rtol, domain,
+                                codomain, u_first);
+}
+
+resflow_cuda::PowerIterationResult conv_power_iteration(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
+                                              at::IntArrayRef input_size, at::IntArrayRef stride,
+                                              at::IntArrayRef padding, int64_t max_iterations,
+                                              c10::optional<double> atol, c10::optional<double> rtol, double domain,
+                                              double codomain, bool u_first) {
+  return cu::conv_power_iteration_on(backend(1), weight, u, v, input_size, stride, padding, max_iterations, atol,
+                                     rtol, domain, codomain, u_first);
 }
 
 at::Tensor lipswish(const at::Tensor& x, const at::Tensor& beta, int64_t sms) {
@@ -172,6 +199,11 @@ TORCH_LIBRARY(resflow_emulated, m) {
   m.def("probe(str which, int blocks, int threads, int width) -> Tensor", &probe);
   m.def("shared_reverse(Tensor x, bool with_barrier) -> Tensor");
   m.def("sanitizer() -> str", &sanitizer);
+  m.def("power_iteration(Tensor weight, Tensor u, Tensor v, int max_iterations, float? atol, float? rtol, "
+        "float domain, float codomain, bool u_first, int max_shared_bytes) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("conv_power_iteration(Tensor weight, Tensor u, Tensor v, int[2] input_size, int[2] stride, int[2] padding, "
+        "int max_iterations, float? atol, float? rtol, float domain, float codomain, bool u_first) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(resflow_emulated, CPU, m) {
@@ -180,4 +212,6 @@ TORCH_LIBRARY_IMPL(resflow_emulated, CPU, m) {
   m.impl("lipswish_backward", &lipswish_backward);
   m.impl("lipswish_double_backward", &lipswish_double_backward);
   m.impl("shared_reverse", &shared_reverse);
+  m.impl("power_iteration", &power_iteration);
+  m.impl("conv_power_iteration", &conv_power_iteration);
 }

@@ -1,0 +1,79 @@
+// The tensor side of the power-iteration CUDA ops, written once for the CUDA backend
+// (power_iteration_cuda.cu) and the emulated test backend (tests/emulated); see
+// lipswish_binding.h for the Backend contract, plus max_shared_bytes().
+//  - dense: the single-launch kernel of power_iteration_kernels.cuh when u, v and the raw product
+//    fit in shared memory, else the ATen loop with a device-side convergence flag;
+//  - convolution: the ATen loop (conv2d / conv_transpose2d and the dual maps) with the
+//    device-side convergence flag: no host synchronisation per iteration.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+
+#include <tuple>
+
+#include "../power_iteration_common.h"
+#include "power_iteration_kernels.cuh"
+
+namespace resflow_cuda::cuda {
+
+template <class Backend>
+PowerIterationResult power_iteration_on(const Backend& backend, const at::Tensor& weight_in, const at::Tensor& u_in,
+                                        const at::Tensor& v_in, int64_t max_iterations, c10::optional<double> atol,
+                                        c10::optional<double> rtol, double domain, double codomain, bool u_first) {
+  constexpr const char* op = "resflow_cuda.power_iteration";
+  check_dense_power_iteration(op, weight_in, u_in, v_in);
+  const auto opt = power_iteration_options(op, max_iterations, atol, rtol, domain, codomain, u_first);
+  const auto guard = backend.guard(weight_in);
+  const bool batched = weight_in.dim() == 3;
+  const at::Tensor weight = batched ? weight_in.contiguous() : weight_in.unsqueeze(0).contiguous();
+  const at::Tensor u = batched ? u_in.contiguous() : u_in.unsqueeze(0).contiguous();
+  const at::Tensor v = batched ? v_in.contiguous() : v_in.unsqueeze(0).contiguous();
+  const int64_t count = weight.size(0), m = weight.size(1), n = weight.size(2);
+  PowerIterationResult result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "power_iteration_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto plan = plan_power_iteration<acc_t>(count, m, n, backend.max_shared_bytes());
+    if (!plan.fits || m == 0 || n == 0) {
+      result = power_iteration_in_compute_type(weight_in, u_in, v_in, [&](const at::Tensor& w, const at::Tensor& u0,
+                                                                          const at::Tensor& v0) {
+        return dense_power_iteration_aten(w, u0, v0, opt, ConvergenceCheck::DeviceFlag);
+      });
+      return;
+    }
+    at::Tensor u_out = at::empty_like(u);
+    at::Tensor v_out = at::empty_like(v);
+    at::Tensor sigma = at::empty({count}, weight.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    at::Tensor iterations = at::empty({count}, weight.options().dtype(at::kLong));
+    PowerIterationArgs<acc_t> args{static_cast<int>(m), static_cast<int>(n), static_cast<int>(max_iterations),
+                                   opt.tolerance(), static_cast<acc_t>(opt.atol.value_or(0)),
+                                   static_cast<acc_t>(opt.rtol.value_or(0)), math::codomain_dual_map<acc_t>(codomain),
+                                   math::domain_dual_map<acc_t>(domain), u_first};
+    launch_power_iteration<scalar_t, acc_t>(plan, weight.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
+                                            v.const_data_ptr<scalar_t>(), u_out.mutable_data_ptr<scalar_t>(),
+                                            v_out.mutable_data_ptr<scalar_t>(), sigma.mutable_data_ptr<acc_t>(),
+                                            iterations.mutable_data_ptr<int64_t>(), args, backend.stream());
+    backend.check_launch();
+    result = batched ? PowerIterationResult{u_out, v_out, sigma, iterations}
+                     : PowerIterationResult{u_out[0], v_out[0], sigma[0], iterations[0]};
+  });
+  return result;
+}
+
+template <class Backend>
+PowerIterationResult conv_power_iteration_on(const Backend& backend, const at::Tensor& weight, const at::Tensor& u,
+                                             const at::Tensor& v, at::IntArrayRef input_size, at::IntArrayRef stride,
+                                             at::IntArrayRef padding, int64_t max_iterations,
+                                             c10::optional<double> atol, c10::optional<double> rtol, double domain,
+                                             double codomain, bool u_first) {
+  constexpr const char* op = "resflow_cuda.conv_power_iteration";
+  const ConvGeometry g = check_conv_power_iteration(op, weight, u, v, input_size, stride, padding);
+  const auto opt = power_iteration_options(op, max_iterations, atol, rtol, domain, codomain, u_first);
+  const auto guard = backend.guard(weight);
+  return power_iteration_in_compute_type(weight, u, v, [&](const at::Tensor& w, const at::Tensor& u0,
+                                                           const at::Tensor& v0) {
+    return run_power_iteration(conv_operator(w, g), u0, v0, opt, ConvergenceCheck::DeviceFlag);
+  });
+}
+
+}  // namespace resflow_cuda::cuda

@@ -1,0 +1,265 @@
+// Power iteration for spectral and induced p->q norms of dense matrices, CUDA: the whole loop in
+// one launch, one block per matrix of a batch. u, v and the raw matrix-vector product live in
+// dynamic shared memory (compute type); W is read from global memory twice per iteration with
+// coalesced loads (a warp per row for W v, a thread per column for W^T u). The dual maps
+// (resflow/power_iteration_math.h) and the reference's stopping test run in the block, so the
+// host never synchronises inside the loop. Matrices too large for shared memory use the ATen
+// loop instead (power_iteration_binding.h). Torch-free and emulatable.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernel_utils.cuh"
+#include "resflow/power_iteration_math.h"
+
+namespace resflow_cuda::cuda {
+
+constexpr int kPowerIterationThreads = 256;
+
+template <typename acc_t>
+struct ArgMax {
+  acc_t value;
+  int index;
+};
+
+// First index of the largest |x| over the block (NaN counts as largest, as in torch.argmax).
+template <typename acc_t, int BLOCK>
+__device__ __forceinline__ int block_argmax_abs(const acc_t* x, int len) {
+  __shared__ acc_t warp_values[BLOCK / kWarpSize];
+  __shared__ int warp_indices[BLOCK / kWarpSize];
+  __shared__ int result;
+  const auto better = [](acc_t a, int ia, acc_t b, int ib) {
+    if (ib < 0) return false;
+    if (ia < 0) return true;
+    const bool a_nan = a != a, b_nan = b != b;
+    if (a_nan != b_nan) return b_nan;
+    if (!a_nan && a != b) return b > a;
+    return ib < ia;
+  };
+  acc_t best = acc_t(0);
+  int best_index = -1;
+  for (int k = threadIdx.x; k < len; k += BLOCK) {
+    const acc_t a = math::abs_(x[k]);
+    if (better(best, best_index, a, k)) {
+      best = a;
+      best_index = k;
+    }
+  }
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const acc_t other = __shfl_down_sync(0xffffffffu, best, offset);
+    const int other_index = __shfl_down_sync(0xffffffffu, best_index, offset);
+    if (better(best, best_index, other, other_index)) {
+      best = other;
+      best_index = other_index;
+    }
+  }
+  if (lane == 0) {
+    warp_values[warp] = best;
+    warp_indices[warp] = best_index;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    best = lane < BLOCK / kWarpSize ? warp_values[lane] : acc_t(0);
+    best_index = lane < BLOCK / kWarpSize ? warp_indices[lane] : -1;
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+      const acc_t other = __shfl_down_sync(0xffffffffu, best, offset);
+      const int other_index = __shfl_down_sync(0xffffffffu, best_index, offset);
+      if (better(best, best_index, other, other_index)) {
+        best = other;
+        best_index = other_index;
+      }
+    }
+    if (lane == 0) {
+      result = best_index;
+    }
+  }
+  __syncthreads();
+  const int out = result;
+  __syncthreads();
+  return out;
+}
+
+// raw[i] = sum_j W[i, j] x[j] for i < m: a warp per row, lanes along the row (coalesced).
+template <typename scalar_t, typename acc_t, int BLOCK>
+__device__ __forceinline__ void block_matvec(const scalar_t* __restrict__ w, const acc_t* x, acc_t* raw, int m,
+                                             int n) {
+  const int lane = threadIdx.x % kWarpSize;
+  for (int i = threadIdx.x / kWarpSize; i < m; i += BLOCK / kWarpSize) {
+    acc_t s = acc_t(0);
+    for (int j = lane; j < n; j += kWarpSize) {
+      s += static_cast<acc_t>(w[static_cast<int64_t>(i) * n + j]) * x[j];
+    }
+    s = warp_reduce(s, SumOp{});
+    if (lane == 0) {
+      raw[i] = s;
+    }
+  }
+  __syncthreads();
+}
+
+// raw[j] = sum_i W[i, j] y[i] for j < n: a thread per column (coalesced across threads).
+template <typename scalar_t, typename acc_t, int BLOCK>
+__device__ __forceinline__ void block_rmatvec(const scalar_t* __restrict__ w, const acc_t* y, acc_t* raw, int m,
+                                              int n) {
+  for (int j = threadIdx.x; j < n; j += BLOCK) {
+    acc_t s = acc_t(0);
+    for (int i = 0; i < m; ++i) {
+      s += static_cast<acc_t>(w[static_cast<int64_t>(i) * n + j]) * y[i];
+    }
+    raw[j] = s;
+  }
+  __syncthreads();
+}
+
+template <typename acc_t>
+struct StepChange {
+  acc_t squared;  // sum (x_new - x_old)^2
+  acc_t max;      // max x_new
+};
+
+// x <- dual map of raw, in place; returns what the stopping test needs.
+template <typename acc_t, int BLOCK>
+__device__ __forceinline__ StepChange<acc_t> block_apply_dual_map(acc_t* x, const acc_t* raw, int len,
+                                                                  const math::DualMap<acc_t>& map) {
+  acc_t scale = acc_t(1);
+  acc_t max_abs = acc_t(1);
+  int one_hot = -1;
+  if (map.kind == math::DualKind::L2) {
+    acc_t ss = acc_t(0);
+    for (int k = threadIdx.x; k < len; k += BLOCK) {
+      ss += raw[k] * raw[k];
+    }
+    const acc_t norm = math::sqrt_(block_all_reduce<acc_t, BLOCK>(ss, SumOp{}, acc_t(0)));
+    scale = norm < acc_t(math::kNormalizeEps) ? acc_t(math::kNormalizeEps) : norm;
+  } else if (map.kind == math::DualKind::ProjMax) {
+    one_hot = block_argmax_abs<acc_t, BLOCK>(raw, len);
+  } else {
+    acc_t m = acc_t(0);
+    for (int k = threadIdx.x; k < len; k += BLOCK) {
+      m = MaxOp{}(m, math::abs_(raw[k]));
+    }
+    max_abs = block_all_reduce<acc_t, BLOCK>(m, MaxOp{}, acc_t(0));
+    acc_t s = acc_t(0);
+    for (int k = threadIdx.x; k < len; k += BLOCK) {
+      s += math::pow_(math::hoelder_magnitude(raw[k], max_abs, map.exponent), map.dual_p);
+    }
+    scale = math::pow_(block_all_reduce<acc_t, BLOCK>(s, SumOp{}, acc_t(0)), acc_t(1) / map.dual_p);
+  }
+  acc_t squared = acc_t(0);
+  acc_t largest = -INFINITY;
+  for (int k = threadIdx.x; k < len; k += BLOCK) {
+    acc_t value;
+    if (map.kind == math::DualKind::L2) {
+      value = raw[k] / scale;
+    } else if (map.kind == math::DualKind::ProjMax) {
+      value = k == one_hot ? acc_t(1) : acc_t(0);
+    } else {
+      value = math::sign_or_one(raw[k]) * math::hoelder_magnitude(raw[k], max_abs, map.exponent) / scale;
+    }
+    const acc_t d = value - x[k];
+    squared += d * d;
+    largest = MaxOp{}(largest, value);
+    x[k] = value;
+  }
+  StepChange<acc_t> change;
+  change.squared = block_all_reduce<acc_t, BLOCK>(squared, SumOp{}, acc_t(0));
+  change.max = block_all_reduce<acc_t, BLOCK>(largest, MaxOp{}, acc_t(-INFINITY));
+  return change;
+}
+
+template <typename acc_t>
+struct PowerIterationArgs {
+  int m, n;  // rows (len u), columns (len v)
+  int max_iterations;
+  bool use_tolerance;
+  acc_t atol, rtol;
+  math::DualMap<acc_t> u_map, v_map;
+  bool u_first;
+};
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kPowerIterationThreads)
+    power_iteration_kernel(const scalar_t* __restrict__ weight, const scalar_t* __restrict__ u_in,
+                           const scalar_t* __restrict__ v_in, scalar_t* __restrict__ u_out,
+                           scalar_t* __restrict__ v_out, acc_t* __restrict__ sigma_out,
+                           int64_t* __restrict__ iterations_out, PowerIterationArgs<acc_t> a) {
+  constexpr int BLOCK = kPowerIterationThreads;
+  RESFLOW_DYNAMIC_SHARED(double, power_iteration_shared);
+  acc_t* u = reinterpret_cast<acc_t*>(power_iteration_shared);
+  acc_t* v = u + a.m;
+  acc_t* raw = v + a.n;
+  const int64_t b = blockIdx.x;
+  const scalar_t* w = weight + b * a.m * a.n;
+  for (int k = threadIdx.x; k < a.m; k += BLOCK) {
+    u[k] = static_cast<acc_t>(u_in[b * a.m + k]);
+  }
+  for (int k = threadIdx.x; k < a.n; k += BLOCK) {
+    v[k] = static_cast<acc_t>(v_in[b * a.n + k]);
+  }
+  __syncthreads();
+  int it = 0;
+  while (it < a.max_iterations) {
+    StepChange<acc_t> du, dv;
+    if (a.u_first) {
+      block_matvec<scalar_t, acc_t, BLOCK>(w, v, raw, a.m, a.n);
+      du = block_apply_dual_map<acc_t, BLOCK>(u, raw, a.m, a.u_map);
+      block_rmatvec<scalar_t, acc_t, BLOCK>(w, u, raw, a.m, a.n);
+      dv = block_apply_dual_map<acc_t, BLOCK>(v, raw, a.n, a.v_map);
+    } else {
+      block_rmatvec<scalar_t, acc_t, BLOCK>(w, u, raw, a.m, a.n);
+      dv = block_apply_dual_map<acc_t, BLOCK>(v, raw, a.n, a.v_map);
+      block_matvec<scalar_t, acc_t, BLOCK>(w, v, raw, a.m, a.n);
+      du = block_apply_dual_map<acc_t, BLOCK>(u, raw, a.m, a.u_map);
+    }
+    ++it;
+    // Every thread holds the same reductions, so the whole block leaves together.
+    if (a.use_tolerance && math::step_converged(du.squared, acc_t(a.m), du.max, a.atol, a.rtol) &&
+        math::step_converged(dv.squared, acc_t(a.n), dv.max, a.atol, a.rtol)) {
+      break;
+    }
+  }
+  block_matvec<scalar_t, acc_t, BLOCK>(w, v, raw, a.m, a.n);
+  acc_t partial = acc_t(0);
+  for (int k = threadIdx.x; k < a.m; k += BLOCK) {
+    partial += u[k] * raw[k];
+  }
+  const acc_t sigma = block_sum<acc_t, BLOCK>(partial);
+  for (int k = threadIdx.x; k < a.m; k += BLOCK) {
+    u_out[b * a.m + k] = static_cast<scalar_t>(u[k]);
+  }
+  for (int k = threadIdx.x; k < a.n; k += BLOCK) {
+    v_out[b * a.n + k] = static_cast<scalar_t>(v[k]);
+  }
+  if (threadIdx.x == 0) {
+    sigma_out[b] = sigma;
+    iterations_out[b] = it;
+  }
+}
+
+struct PowerIterationPlan {
+  int blocks;
+  int threads;
+  size_t shared_bytes;
+  bool fits;  // false: the vectors do not fit in shared memory; use the ATen loop
+};
+
+// One block per matrix; u, v and the raw product (length max(m, n)) in shared memory.
+template <typename acc_t>
+PowerIterationPlan plan_power_iteration(int64_t batch, int64_t m, int64_t n, size_t max_shared_bytes) {
+  const size_t bytes = static_cast<size_t>(m + n + (m > n ? m : n)) * sizeof(acc_t);
+  return {static_cast<int>(batch), kPowerIterationThreads, bytes, bytes <= max_shared_bytes && batch > 0};
+}
+
+template <typename scalar_t, typename acc_t>
+void launch_power_iteration(const PowerIterationPlan& plan, const scalar_t* weight, const scalar_t* u_in,
+                            const scalar_t* v_in, scalar_t* u_out, scalar_t* v_out, acc_t* sigma,
+                            int64_t* iterations, const PowerIterationArgs<acc_t>& args, cudaStream_t stream) {
+  const auto kernel = &power_iteration_kernel<scalar_t, acc_t>;
+  RESFLOW_LAUNCH(kernel, plan.blocks, plan.threads, plan.shared_bytes, stream)(weight, u_in, v_in, u_out, v_out, sigma,
+                                                                                iterations, args);
+}
+
+}  // namespace resflow_cuda::cuda

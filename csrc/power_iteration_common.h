@@ -1,0 +1,146 @@
+// Argument checks and operator construction of the power-iteration ops, shared by the CPU and
+// CUDA bindings so that both refuse the same inputs with the same messages.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/conv2d.h>
+#include <ATen/ops/conv_transpose2d.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mv.h>
+#include <ATen/ops/stack.h>
+
+#include <cmath>
+#include <vector>
+
+#include "power_iteration_aten.h"
+#include "resflow/checks.h"
+
+namespace resflow_cuda {
+
+using PowerIterationResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Runs fn on float32/float64 versions of the tensors (half types compute in float32) and casts u
+// and v back to their dtype; sigma stays in the compute dtype.
+template <class Fn>
+PowerIterationResult power_iteration_in_compute_type(const at::Tensor& weight, const at::Tensor& u,
+                                                     const at::Tensor& v, const Fn& fn) {
+  const at::ScalarType compute = at::toOpMathType(weight.scalar_type());
+  auto [u1, v1, sigma, iterations] = fn(weight.to(compute), u.to(compute), v.to(compute));
+  return {u1.to(u.scalar_type()), v1.to(v.scalar_type()), sigma, iterations};
+}
+
+inline PowerIterationOptions power_iteration_options(const char* op, int64_t max_iterations,
+                                                     c10::optional<double> atol, c10::optional<double> rtol,
+                                                     double domain, double codomain, bool u_first) {
+  TORCH_CHECK(max_iterations >= 0, op, ": expected max_iterations >= 0, but got ", max_iterations);
+  TORCH_CHECK(atol.has_value() == rtol.has_value(), op,
+              ": expected atol and rtol to be given together (the tolerance test needs both), but got atol=",
+              atol.has_value() ? std::to_string(*atol) : "None", ", rtol=",
+              rtol.has_value() ? std::to_string(*rtol) : "None");
+  TORCH_CHECK(!atol.has_value() || (*atol >= 0 && *rtol >= 0), op,
+              ": expected atol >= 0 and rtol >= 0, but got atol=", *atol, ", rtol=", *rtol);
+  TORCH_CHECK(domain >= 1, op, ": expected domain (the input norm p) >= 1, but got ", domain);
+  TORCH_CHECK(codomain >= 1, op, ": expected codomain (the output norm q) >= 1, but got ", codomain);
+  return PowerIterationOptions{max_iterations, atol, rtol, domain, codomain, u_first};
+}
+
+inline void check_vector_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& weight,
+                              at::IntArrayRef expected_shape) {
+  check_float_tensor(op, name, t);
+  check_same_dtype(op, name, t, "weight", weight);
+  check_same_device(op, name, t, "weight", weight);
+  TORCH_CHECK(t.sizes() == expected_shape, op, ": expected ", name, " to have shape ", expected_shape, ", but got ",
+              t.sizes());
+}
+
+// weight (out, in) or a batch (B, out, in) of equal-shaped matrices; u (out) / (B, out); v likewise.
+inline void check_dense_power_iteration(const char* op, const at::Tensor& weight, const at::Tensor& u,
+                                        const at::Tensor& v) {
+  check_float_tensor(op, "weight", weight);
+  TORCH_CHECK(weight.dim() == 2 || weight.dim() == 3, op,
+              ": expected weight of shape (out, in) or (batch, out, in), but got shape ", weight.sizes());
+  std::vector<int64_t> u_shape(weight.sizes().begin(), weight.sizes().end() - 1);
+  std::vector<int64_t> v_shape(weight.sizes().begin(), weight.sizes().end());
+  v_shape.erase(v_shape.end() - 2);
+  check_vector_like(op, "u", u, weight, u_shape);
+  check_vector_like(op, "v", v, weight, v_shape);
+}
+
+// The 1 x C x H x W convolution operator of a (O, C, kh, kw) weight and its output shape.
+struct ConvGeometry {
+  std::vector<int64_t> input_shape;   // 1, C, H, W
+  std::vector<int64_t> output_shape;  // 1, O, Ho, Wo
+  std::vector<int64_t> stride, padding;
+};
+
+inline ConvGeometry check_conv_power_iteration(const char* op, const at::Tensor& weight, const at::Tensor& u,
+                                               const at::Tensor& v, at::IntArrayRef input_size,
+                                               at::IntArrayRef stride, at::IntArrayRef padding) {
+  check_float_tensor(op, "weight", weight);
+  TORCH_CHECK(weight.dim() == 4, op, ": expected weight of shape (out_channels, in_channels, kh, kw), but got shape ",
+              weight.sizes());
+  TORCH_CHECK(input_size.size() == 2 && input_size[0] > 0 && input_size[1] > 0, op,
+              ": expected input_size [H, W] with positive entries, but got ", input_size);
+  TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, op,
+              ": expected stride of two positive entries, but got ", stride);
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op,
+              ": expected padding of two entries >= 0, but got ", padding);
+  ConvGeometry g;
+  g.input_shape = {1, weight.size(1), input_size[0], input_size[1]};
+  g.stride = stride.vec();
+  g.padding = padding.vec();
+  int64_t out_hw[2];
+  for (int d = 0; d < 2; ++d) {
+    const int64_t span = input_size[d] + 2 * padding[d] - weight.size(2 + d);
+    TORCH_CHECK(span >= 0, op, ": the kernel (", weight.size(2), "x", weight.size(3), ") does not fit the padded input ",
+                input_size, " with padding ", padding);
+    out_hw[d] = span / stride[d] + 1;
+    // conv_transpose2d without output_padding must give back the input size.
+    TORCH_CHECK((out_hw[d] - 1) * stride[d] - 2 * padding[d] + weight.size(2 + d) == input_size[d], op,
+                ": input_size ", input_size, " is not reproduced by the transposed convolution with stride ", stride,
+                " (choose a size for which (H + 2*padding - k) is divisible by the stride)");
+  }
+  g.output_shape = {1, weight.size(0), out_hw[0], out_hw[1]};
+  check_vector_like(op, "u", u, weight, {weight.size(0) * out_hw[0] * out_hw[1]});
+  check_vector_like(op, "v", v, weight, {weight.size(1) * input_size[0] * input_size[1]});
+  return g;
+}
+
+inline LinearOperator dense_operator(const at::Tensor& weight) {
+  return {[weight](const at::Tensor& x) { return at::mv(weight, x); },
+          [weight](const at::Tensor& y) { return at::mv(weight.t(), y); }};
+}
+
+inline LinearOperator conv_operator(const at::Tensor& weight, const ConvGeometry& g) {
+  return {[weight, g](const at::Tensor& x) {
+            return at::conv2d(x.view(g.input_shape), weight, {}, g.stride, g.padding).reshape({-1});
+          },
+          [weight, g](const at::Tensor& y) {
+            return at::conv_transpose2d(y.view(g.output_shape), weight, {}, g.stride, g.padding).reshape({-1});
+          }};
+}
+
+// Runs the ATen loop on every matrix of a dense batch (or the one matrix) and stacks the results.
+inline PowerIterationResult dense_power_iteration_aten(
+    const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v, const PowerIterationOptions& opt,
+    ConvergenceCheck check) {
+  if (weight.dim() == 2) {
+    return run_power_iteration(dense_operator(weight), u, v, opt, check);
+  }
+  std::vector<at::Tensor> us, vs, sigmas, iterations;
+  for (int64_t b = 0; b < weight.size(0); ++b) {
+    auto [ub, vb, sb, ib] = run_power_iteration(dense_operator(weight[b]), u[b], v[b], opt, check);
+    us.push_back(ub);
+    vs.push_back(vb);
+    sigmas.push_back(sb);
+    iterations.push_back(ib);
+  }
+  if (us.empty()) {
+    const auto opts = u.options();
+    return {u.clone(), v.clone(), at::empty({0}, opts), at::empty({0}, opts.dtype(at::kLong))};
+  }
+  return {at::stack(us), at::stack(vs), at::stack(sigmas), at::stack(iterations)};
+}
+
+}  // namespace resflow_cuda

@@ -1,0 +1,221 @@
+"""The power-iteration ops against the pure-PyTorch reference loop and exact operator norms."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from resflow_cuda import ops, reference as R
+
+INF = float("inf")
+# (domain p, codomain q): the spectral norm, the projmax cases, general Hoelder duals, q = 1.
+NORMS = [(2, 2), (1, 2), (2, INF), (3, 1.5), (1.5, 3), (2, 1)]
+TOLERANCES = [(None, None), (1e-3, 1e-3), (1e-5, 0.0)]
+
+
+def _start(weight_shape, p, q, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    out_dim, in_dim = weight_shape[-2], weight_shape[-1]
+    w = torch.randn(weight_shape, generator=g, dtype=torch.float64).to(dtype)
+    u = R.normalize_u(torch.randn(out_dim, generator=g, dtype=torch.float64), q).to(dtype)
+    v = R.normalize_v(torch.randn(in_dim, generator=g, dtype=torch.float64), p).to(dtype)
+    return w, u, v
+
+
+def _assert_same(got, expected):
+    u, v, sigma, iterations = got
+    eu, ev, esigma, eiterations = expected
+    assert torch.equal(u, eu) and torch.equal(v, ev) and torch.equal(sigma, esigma)
+    assert int(iterations) == eiterations
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("atol,rtol", TOLERANCES, ids=["fixed", "tol1e-3", "atol-only"])
+@pytest.mark.parametrize("p,q", NORMS, ids=[f"{p}->{q}" for p, q in NORMS])
+@pytest.mark.parametrize("shape", [(17, 9), (5, 40), (1, 1)], ids=["tall", "wide", "1x1"])
+def test_dense_equals_the_reference_bit_for_bit(shape, p, q, atol, rtol, dtype):
+    w, u, v = _start(shape, p, q, 1, dtype)
+    for u_first in (True, False):
+        got = ops.power_iteration(w, u, v, 60, atol, rtol, p, q, u_first)
+        _assert_same(got, R.power_iteration(w, u, v, 60, atol, rtol, p, q, u_first))
+
+
+def test_batched_matrices_converge_independently():
+    w, u, v = _start((4, 12, 7), 2, 2, 2)
+    w[1] *= 0  # a zero matrix: u, v become 0 (F.normalize's eps) and the test passes at once
+    u_all, v_all, sigma, iterations = ops.power_iteration(w, u.expand(4, 12).contiguous(),
+                                                          v.expand(4, 7).contiguous(), 100, 1e-4, 1e-4)
+    assert u_all.shape == (4, 12) and sigma.shape == (4,) and iterations.dtype == torch.long
+    for b in range(4):
+        _assert_same((u_all[b], v_all[b], sigma[b], iterations[b]), R.power_iteration(w[b], u, v, 100, 1e-4, 1e-4))
+    assert len(set(iterations.tolist())) > 1
+
+
+def test_empty_batch():
+    u, v, sigma, iterations = ops.power_iteration(torch.randn(0, 3, 2), torch.randn(0, 3), torch.randn(0, 2), 5)
+    assert u.shape == (0, 3) and v.shape == (0, 2) and sigma.shape == (0,) and iterations.shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_half_types_compute_in_float(dtype):
+    w, u, v = _start((16, 8), 2, 2, 3)
+    u1, v1, sigma, _ = ops.power_iteration(w.to(dtype), u.to(dtype), v.to(dtype), 30)
+    eu, ev, esigma, _ = R.power_iteration(w.to(dtype).float(), u.to(dtype).float(), v.to(dtype).float(), 30)
+    assert u1.dtype == dtype and sigma.dtype == torch.float32
+    assert_close(u1, eu.to(dtype))
+    assert_close(sigma, esigma)
+
+
+def test_sigma_converges_to_the_spectral_norm():
+    w, u, v = _start((48, 32), 2, 2, 4, torch.float64)
+    _, _, sigma, _ = ops.power_iteration(w, u, v, 2000, 1e-12, 1e-12)
+    assert_close(sigma, torch.linalg.matrix_norm(w, 2), rtol=1e-8, atol=0)
+
+
+def test_sigma_reaches_an_exact_induced_norm_candidate():
+    # ||W||_{1->2} is the largest column l2 norm and ||W||_{2->inf} the largest row l2 norm; power
+    # iteration ends on one column (row), a local maximum: hence the reference's random restarts.
+    w, u, v = _start((10, 6), 1, 2, 5, torch.float64)
+    _, v1, sigma, _ = ops.power_iteration(w, u, v, 50, None, None, 1, 2)
+    column = int(v1.argmax())
+    assert_close(sigma, w[:, column].norm())
+    assert sigma <= w.norm(dim=0).max()
+    w, u, v = _start((10, 6), 2, INF, 6, torch.float64)
+    u1, _, sigma, _ = ops.power_iteration(w, u, v, 50, None, None, 2, INF)
+    assert_close(sigma, w[int(u1.argmax())].norm())
+    assert sigma <= w.norm(dim=1).max()
+
+
+def _conv_start(out_c, in_c, k, hw, stride, padding, p, q, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_c, in_c, k, k, generator=g, dtype=torch.float64).to(dtype)
+    matvec, _ = R.conv_operator(w, hw, stride, padding)
+    n_in = in_c * hw[0] * hw[1]
+    n_out = matvec(torch.zeros(n_in, dtype=dtype)).numel()
+    u = R.normalize_u(torch.randn(n_out, generator=g, dtype=torch.float64), q).to(dtype)
+    v = R.normalize_v(torch.randn(n_in, generator=g, dtype=torch.float64), p).to(dtype)
+    return w, u, v
+
+
+CONVS = [(4, 3, 3, (6, 5), (1, 1), (1, 1)), (5, 2, 3, (7, 7), (2, 2), (1, 1)), (3, 3, 1, (4, 4), (1, 1), (0, 0))]
+
+
+@pytest.mark.parametrize("conv", CONVS, ids=["3x3", "3x3-stride2", "1x1"])
+@pytest.mark.parametrize("p,q", [(2, 2), (1, 2), (3, 1.5)], ids=["2->2", "1->2", "3->1.5"])
+@pytest.mark.parametrize("atol,rtol", TOLERANCES[:2], ids=["fixed", "tol1e-3"])
+def test_conv_equals_the_reference_bit_for_bit(conv, p, q, atol, rtol):
+    out_c, in_c, k, hw, stride, padding = conv
+    w, u, v = _conv_start(out_c, in_c, k, hw, stride, padding, p, q, 7)
+    matvec, rmatvec = R.conv_operator(w, hw, stride, padding)
+    for u_first in (True, False):
+        got = ops.conv_power_iteration(w, u, v, hw, stride, padding, 40, atol, rtol, p, q, u_first)
+        _assert_same(got, R.power_iteration(w, u, v, 40, atol, rtol, p, q, u_first, matvec, rmatvec))
+
+
+def test_conv_sigma_converges_to_the_operator_norm():
+    w, u, v = _conv_start(3, 2, 3, (5, 4), (1, 1), (1, 1), 2, 2, 8, torch.float64)
+    matvec, _ = R.conv_operator(w, (5, 4), (1, 1), (1, 1))
+    dense = torch.stack([matvec(e) for e in torch.eye(2 * 5 * 4, dtype=torch.float64)], dim=1)
+    _, _, sigma, _ = ops.conv_power_iteration(w, u, v, (5, 4), (1, 1), (1, 1), 3000, 1e-13, 1e-13)
+    assert_close(sigma, torch.linalg.matrix_norm(dense, 2), rtol=1e-7, atol=0)
+
+
+def test_zero_iterations_return_the_start():
+    w, u, v = _start((6, 4), 2, 2, 9)
+    u1, v1, sigma, iterations = ops.power_iteration(w, u, v, 0)
+    assert torch.equal(u1, u) and torch.equal(v1, v) and int(iterations) == 0
+    assert_close(sigma, u @ w @ v)
+
+
+def test_nan_weight_propagates():
+    w, u, v = _start((6, 4), 2, 2, 10)
+    w[2, 1] = float("nan")
+    u1, _, sigma, _ = ops.power_iteration(w, u, v, 3)
+    assert torch.isnan(sigma) and torch.isnan(u1).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------
+
+W, U, V = _start((6, 4), 2, 2, 11)
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(domain=0.5), r"expected domain \(the input norm p\) >= 1, but got 0.5"),
+    (dict(codomain=0.0), r"expected codomain \(the output norm q\) >= 1, but got 0"),
+    (dict(max_iterations=-1), r"expected max_iterations >= 0, but got -1"),
+    (dict(atol=1e-3), r"expected atol and rtol to be given together"),
+    (dict(atol=-1.0, rtol=0.0), r"expected atol >= 0 and rtol >= 0"),
+])
+def test_bad_options_are_refused(kwargs, pattern):
+    args = dict(max_iterations=5)
+    args.update(kwargs)
+    with pytest.raises(RuntimeError, match=pattern):
+        ops.power_iteration(W, U, V, **args)
+
+
+@pytest.mark.parametrize("u,v,pattern", [
+    (torch.randn(5), V, r"expected u to have shape \[6\], but got \[5\]"),
+    (U, torch.randn(3), r"expected v to have shape \[4\], but got \[3\]"),
+    (U.double(), V, r"expected u to have the dtype of weight \(Float\), but got Double"),
+])
+def test_mismatched_vectors_are_refused(u, v, pattern):
+    with pytest.raises(RuntimeError, match=pattern):
+        ops.power_iteration(W, u, v, 5)
+
+
+def test_bad_weights_are_refused():
+    with pytest.raises(RuntimeError, match=r"expected weight of shape \(out, in\) or \(batch, out, in\)"):
+        ops.power_iteration(torch.randn(6), U, V, 5)
+    with pytest.raises(RuntimeError, match=r"expected weight to have a floating-point dtype"):
+        ops.power_iteration(torch.ones(6, 4, dtype=torch.long), U, V, 5)
+
+
+def test_conv_input_size_the_transpose_cannot_reproduce_is_refused():
+    w = torch.randn(2, 2, 3, 3)
+    with pytest.raises(RuntimeError, match=r"is not reproduced by the transposed convolution"):
+        ops.conv_power_iteration(w, torch.randn(2 * 3 * 3), torch.randn(2 * 6 * 6), (6, 6), (2, 2), (1, 1), 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# opcheck and torch.compile
+# ----------------------------------------------------------------------------------------------
+
+OPCHECK = list(itertools.product([(2, 2), (1.5, 3)], [(None, None), (1e-3, 1e-3)]))
+
+
+@pytest.mark.parametrize("norms,tol", OPCHECK)
+def test_opcheck(norms, tol):
+    p, q = norms
+    w, u, v = _start((9, 5), p, q, 12)
+    torch.library.opcheck(torch.ops.resflow_cuda.power_iteration.default, (w, u, v, 10, *tol, float(p), float(q), True))
+    wb = torch.stack([w, 2 * w])
+    torch.library.opcheck(torch.ops.resflow_cuda.power_iteration.default,
+                          (wb, torch.stack([u, u]), torch.stack([v, v]), 10, *tol, float(p), float(q), False))
+    wc, uc, vc = _conv_start(3, 2, 3, (4, 4), (1, 1), (1, 1), p, q, 13)
+    torch.library.opcheck(torch.ops.resflow_cuda.conv_power_iteration.default,
+                          (wc, uc, vc, [4, 4], [1, 1], [1, 1], 10, *tol, float(p), float(q), True))
+
+
+def test_compiled_call_has_no_graph_break():
+    w, u, v = _start((9, 5), 2, 2, 14)
+
+    def sigma_of(weight, u0, v0):
+        u1, v1, sigma, _ = ops.power_iteration(weight, u0, v0, 7, 1e-4, 1e-4)
+        return sigma * 2, u1, v1
+
+    compiled = torch.compile(sigma_of, fullgraph=True)
+    for a, b in zip(compiled(w, u, v), sigma_of(w, u, v)):
+        assert_close(a, b)
+
+
+def test_the_op_is_not_differentiable():
+    w, u, v = _start((6, 4), 2, 2, 15)
+    w.requires_grad_(True)
+    _, _, sigma, _ = ops.power_iteration(w, u, v, 3)
+    with pytest.raises(NotImplementedError, match="not differentiable"):
+        sigma.backward()
