@@ -17,45 +17,49 @@ namespace resflow_cuda::cuda {
 
 constexpr int kPowerIterationThreads = 256;
 
+// Is (b, ib) a better argmax candidate than (a, ia)? Larger value, NaN above all (as in
+// torch.argmax), then the smaller index; index -1 marks "no candidate".
 template <typename acc_t>
-struct ArgMax {
-  acc_t value;
-  int index;
-};
+__device__ __forceinline__ bool better_candidate(acc_t a, int ia, acc_t b, int ib) {
+  if (ib < 0) return false;
+  if (ia < 0) return true;
+  const bool a_nan = a != a, b_nan = b != b;
+  if (a_nan != b_nan) return b_nan;
+  if (!a_nan && a != b) return b > a;
+  return ib < ia;
+}
 
-// First index of the largest |x| over the block (NaN counts as largest, as in torch.argmax).
+// Reduces (value, index) candidates over a warp; the winner ends in lane 0.
+template <typename acc_t>
+__device__ __forceinline__ void warp_argmax(acc_t& best, int& best_index) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const acc_t other = __shfl_down_sync(0xffffffffu, best, offset);
+    const int other_index = __shfl_down_sync(0xffffffffu, best_index, offset);
+    if (better_candidate(best, best_index, other, other_index)) {
+      best = other;
+      best_index = other_index;
+    }
+  }
+}
+
+// First index of the largest |x| over the block, returned to every thread.
 template <typename acc_t, int BLOCK>
 __device__ __forceinline__ int block_argmax_abs(const acc_t* x, int len) {
   __shared__ acc_t warp_values[BLOCK / kWarpSize];
   __shared__ int warp_indices[BLOCK / kWarpSize];
   __shared__ int result;
-  const auto better = [](acc_t a, int ia, acc_t b, int ib) {
-    if (ib < 0) return false;
-    if (ia < 0) return true;
-    const bool a_nan = a != a, b_nan = b != b;
-    if (a_nan != b_nan) return b_nan;
-    if (!a_nan && a != b) return b > a;
-    return ib < ia;
-  };
   acc_t best = acc_t(0);
   int best_index = -1;
   for (int k = threadIdx.x; k < len; k += BLOCK) {
     const acc_t a = math::abs_(x[k]);
-    if (better(best, best_index, a, k)) {
+    if (better_candidate(best, best_index, a, k)) {
       best = a;
       best_index = k;
     }
   }
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    const acc_t other = __shfl_down_sync(0xffffffffu, best, offset);
-    const int other_index = __shfl_down_sync(0xffffffffu, best_index, offset);
-    if (better(best, best_index, other, other_index)) {
-      best = other;
-      best_index = other_index;
-    }
-  }
+  warp_argmax(best, best_index);
   if (lane == 0) {
     warp_values[warp] = best;
     warp_indices[warp] = best_index;
@@ -64,14 +68,7 @@ __device__ __forceinline__ int block_argmax_abs(const acc_t* x, int len) {
   if (warp == 0) {
     best = lane < BLOCK / kWarpSize ? warp_values[lane] : acc_t(0);
     best_index = lane < BLOCK / kWarpSize ? warp_indices[lane] : -1;
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-      const acc_t other = __shfl_down_sync(0xffffffffu, best, offset);
-      const int other_index = __shfl_down_sync(0xffffffffu, best_index, offset);
-      if (better(best, best_index, other, other_index)) {
-        best = other;
-        best_index = other_index;
-      }
-    }
+    warp_argmax(best, best_index);
     if (lane == 0) {
       result = best_index;
     }
