@@ -37,7 +37,7 @@ def render(data: dict) -> str:
         modes = list(dict.fromkeys(r["config"]["mode"] for r in rows))
         for mode in modes:
             lines += [f"### {mode}", "",
-                      "| shape | provider | median µs | IQR µs | GB/s | × eager | × compile | / floor | status |",
+                      "| config | provider | median µs | IQR µs | GB/s | × eager | × compile | / floor | status |",
                       "|---|---|---:|---:|---:|---:|---:|---:|---|"]
             for r in (r for r in rows if r["config"]["mode"] == mode):
                 status = r["status"]

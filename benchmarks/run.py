@@ -45,15 +45,17 @@ def run_case(case, device: str, quick: bool, min_run_time: float, log) -> list[d
         inputs = case.make_inputs(config, device)
         providers = case.providers()
         expected = case.runner(providers[EAGER], inputs, config)()
-        floor_fn, floor_bytes = case.floor_runner(inputs)
-        floor = measure(floor_fn, min_run_time)
-        bandwidth = floor_bytes / floor.median_s
         bytes_moved = case.bytes_moved(config)
-        floor_s = bytes_moved / bandwidth
         base = {"case": case.name, "config": config.as_dict(), "label": config.label, "bytes_moved": bytes_moved}
-        rows.append({**base, "provider": "memory floor (clone)", "status": "ok", "median_us": floor_s * 1e6,
-                     "iqr_us": floor.iqr_s * bytes_moved / floor_bytes * 1e6, "runs": floor.runs,
-                     "gbps": bandwidth / 1e9, "vs_floor": 1.0})
+        floor_s = None
+        if bytes_moved is not None:
+            floor_fn, floor_bytes = case.floor_runner(inputs)
+            floor = measure(floor_fn, min_run_time)
+            bandwidth = floor_bytes / floor.median_s
+            floor_s = bytes_moved / bandwidth
+            rows.append({**base, "provider": "memory floor (clone)", "status": "ok", "median_us": floor_s * 1e6,
+                         "iqr_us": floor.iqr_s * bytes_moved / floor_bytes * 1e6, "runs": floor.runs,
+                         "gbps": bandwidth / 1e9, "vs_floor": 1.0})
         for name, fn in providers.items():
             row = {**base, "provider": name}
             try:
@@ -73,7 +75,8 @@ def run_case(case, device: str, quick: bool, min_run_time: float, log) -> list[d
                 continue
             t = measure(step, min_run_time)
             rows.append({**row, "status": "ok", "median_us": t.median_s * 1e6, "iqr_us": t.iqr_s * 1e6,
-                         "runs": t.runs, "gbps": bytes_moved / t.median_s / 1e9, "vs_floor": t.median_s / floor_s})
+                         "runs": t.runs, "gbps": None if floor_s is None else bytes_moved / t.median_s / 1e9,
+                         "vs_floor": None if floor_s is None else t.median_s / floor_s})
             log(f"  {case.name} {config.label} {config.mode} {name}: {t.median_s * 1e6:.1f} µs")
         _add_ratios(rows, base)
     return rows

@@ -27,6 +27,10 @@ constexpr const char* kKernelSchemas[] = {
     "conv_power_iteration(Tensor weight, Tensor u, Tensor v, int[2] input_size, int[2] stride, int[2] padding, "
     "int max_iterations, float? atol, float? rtol, float domain, float codomain, bool u_first) "
     "-> (Tensor, Tensor, Tensor, Tensor)",
+    // The same for many matrices of any shapes at once, updating u, v and sigma in place (the
+    // buffers of a model's layers: update_lipschitz).
+    "power_iteration_update_(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, Tensor(c!)[] sigmas, "
+    "int max_iterations, float? atol, float? rtol, float domain, float codomain, bool u_first) -> ()",
 };
 
 }  // namespace

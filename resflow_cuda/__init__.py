@@ -9,14 +9,17 @@ import torch  # noqa: F401  (loads libtorch and, in CUDA builds, the CUDA runtim
 from ._build import __version__, build_info, has_cuda_kernels
 from . import ops, reference, functional, nn
 from .functional import lipswish
+from .nn.lipschitz import lipschitz_report, update_lipschitz
 
 __all__ = [
     "__version__",
     "build_info",
     "has_cuda_kernels",
     "functional",
+    "lipschitz_report",
     "lipswish",
     "nn",
     "ops",
     "reference",
+    "update_lipschitz",
 ]

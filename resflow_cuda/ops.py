@@ -215,6 +215,16 @@ def conv_power_iteration(weight: Tensor, u: Tensor, v: Tensor, input_size, strid
                                              max_iterations, atol, rtol, float(domain), float(codomain), u_first)
 
 
+def power_iteration_update_(weights: list[Tensor], us: list[Tensor], vs: list[Tensor], sigmas: list[Tensor],
+                            max_iterations: int, atol: float | None = None, rtol: float | None = None,
+                            domain: float = 2.0, codomain: float = 2.0, u_first: bool = True) -> None:
+    """:func:`power_iteration` on many matrices of any shapes in one call, writing each result into
+    its ``u``, ``v`` (in place) and ``sigma`` (a one-element tensor): the buffers of a model's
+    Lipschitz layers. Shapes as :func:`power_iteration` for one 2-D weight each."""
+    _OPS.power_iteration_update_.default(weights, us, vs, sigmas, max_iterations, atol, rtol, float(domain),
+                                         float(codomain), u_first)
+
+
 def _power_iteration_outputs(weight, u, v):
     batch = weight.shape[:-2]
     compute = torch.promote_types(weight.dtype, torch.float32)
@@ -236,6 +246,11 @@ def _conv_power_iteration_fake(weight, u, v, input_size, stride, padding, max_it
     torch._check(weight.dim() == 4, lambda: "resflow_cuda.conv_power_iteration: expected weight of shape "
                  f"(out_channels, in_channels, kh, kw), but got shape {list(weight.shape)}")
     return _power_iteration_outputs(weight[0, 0], u, v)
+
+
+@torch.library.register_fake("resflow_cuda::power_iteration_update_")
+def _power_iteration_update_fake(weights, us, vs, sigmas, max_iterations, atol, rtol, domain, codomain, u_first):
+    return None
 
 
 def _not_differentiable(name):

@@ -125,3 +125,109 @@ def conv_operator(weight: Tensor, input_hw, stride, padding):
         return F.conv_transpose2d(y.view(out_shape), weight, stride=stride, padding=padding).reshape(-1)
 
     return matvec, rmatvec
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference SpectralNorm* layers (residual-flows lipschitz.py; normflows has no copy), for tests
+# ---------------------------------------------------------------------------------------------
+
+
+def _soft_normalize(weight: Tensor, sigma: Tensor, coeff: float) -> Tensor:
+    return weight / torch.max(torch.ones(1).to(weight.device), sigma / coeff)
+
+
+class SpectralNormLinear(torch.nn.Module):
+    """residual-flows' SpectralNormLinear: v-first power iteration, in training forward too."""
+
+    def __init__(self, in_features, out_features, bias=True, coeff=0.97, n_iterations=None, atol=None, rtol=None):
+        super().__init__()
+        self.coeff, self.n_iterations, self.atol, self.rtol = coeff, n_iterations, atol, rtol
+        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = torch.nn.Parameter(torch.empty(out_features)) if bias else None
+        torch.nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+        if bias:
+            bound = 1 / in_features ** 0.5
+            torch.nn.init.uniform_(self.bias, -bound, bound)
+        self.register_buffer("scale", torch.tensor(0.0))
+        self.register_buffer("u", F.normalize(self.weight.new_empty(out_features).normal_(0, 1), dim=0))
+        self.register_buffer("v", F.normalize(self.weight.new_empty(in_features).normal_(0, 1), dim=0))
+        self.compute_weight(True, 200)
+
+    def compute_weight(self, update=True, n_iterations=None, atol=None, rtol=None):
+        n_iterations = self.n_iterations if n_iterations is None else n_iterations
+        atol = self.atol if atol is None else atol
+        rtol = self.rtol if rtol is None else atol  # the reference's quirk
+        u, v = self.u, self.v
+        if update:
+            u, v, _, _ = power_iteration(self.weight.detach(), u, v, 20000 if n_iterations is None else n_iterations,
+                                         atol, rtol, 2, 2, u_first=False)
+            self.u.copy_(u)
+            self.v.copy_(v)
+        sigma = torch.dot(u, torch.mv(self.weight, v))
+        with torch.no_grad():
+            self.scale.copy_(sigma)
+        return _soft_normalize(self.weight, sigma, self.coeff)
+
+    def forward(self, x):
+        return F.linear(x, self.compute_weight(update=self.training), self.bias)
+
+
+class SpectralNormConv2d(torch.nn.Module):
+    """residual-flows' SpectralNormConv2d: u and v sized at the first forward (v drawn first for
+    k x k kernels, u first for 1x1), v-first power iteration in training forward."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, bias=True, coeff=0.97,
+                 n_iterations=None, atol=None, rtol=None):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = (kernel_size,) * 2, (stride,) * 2, (padding,) * 2
+        self.coeff, self.n_iterations, self.atol, self.rtol = coeff, n_iterations, atol, rtol
+        self.weight = torch.nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = torch.nn.Parameter(torch.empty(out_channels)) if bias else None
+        torch.nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+        if bias:
+            bound = 1 / (in_channels * kernel_size * kernel_size) ** 0.5
+            torch.nn.init.uniform_(self.bias, -bound, bound)
+        self.initialized = False
+        self.register_buffer("spatial_dims", torch.tensor([1.0, 1.0]))
+        self.register_buffer("scale", torch.tensor(0.0))
+
+    def _operator(self):
+        h, w = (int(d) for d in self.spatial_dims.tolist())
+        if self.kernel_size == (1, 1):
+            matrix = self.weight.view(self.out_channels, self.in_channels)
+            return (lambda x: torch.mv(matrix, x)), (lambda y: torch.mv(matrix.t(), y)), (h, w)
+        return (*conv_operator(self.weight, (h, w), self.stride, self.padding), (h, w))
+
+    def compute_weight(self, update=True, n_iterations=None):
+        if not self.initialized:
+            if self.kernel_size == (1, 1):
+                self.register_buffer("u", F.normalize(self.weight.new_empty(self.out_channels).normal_(0, 1), dim=0))
+                self.register_buffer("v", F.normalize(self.weight.new_empty(self.in_channels).normal_(0, 1), dim=0))
+            else:
+                with torch.no_grad():
+                    matvec, _, (h, w) = self._operator()
+                    v = F.normalize(torch.randn(self.in_channels * h * w).to(self.weight), dim=0, eps=1e-12)
+                    n_out = matvec(v).numel()
+                    u = F.normalize(torch.randn(n_out).to(self.weight), dim=0, eps=1e-12)
+                self.register_buffer("u", u)
+                self.register_buffer("v", v)
+            self.initialized = True
+        n_iterations = self.n_iterations if n_iterations is None else n_iterations
+        u, v = self.u, self.v
+        matvec, rmatvec, _ = self._operator()
+        if update:
+            with torch.no_grad():
+                u, v, _, _ = power_iteration(None, u, v, 20000 if n_iterations is None else n_iterations, self.atol,
+                                             self.rtol, 2, 2, False, matvec, rmatvec)
+                self.u.copy_(u)
+                self.v.copy_(v)
+        sigma = torch.dot(u, matvec(v))
+        with torch.no_grad():
+            self.scale.copy_(sigma)
+        return _soft_normalize(self.weight, sigma, self.coeff)
+
+    def forward(self, x):
+        if not self.initialized:
+            self.spatial_dims.copy_(torch.tensor(x.shape[2:4]).to(self.spatial_dims))
+        return F.conv2d(x, self.compute_weight(update=self.training), self.bias, self.stride, self.padding)

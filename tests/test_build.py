@@ -23,8 +23,13 @@ def test_build_info_describes_this_build():
         assert info["cuda_arch_list"] == [] and info["no_cuda_reason"]
 
 
+KERNEL_OPS = ["lipswish", "lipswish_with_derivative", "lipswish_backward", "lipswish_double_backward",
+              "power_iteration", "conv_power_iteration", "power_iteration_update_"]
+
+
 def test_every_op_has_cpu_cuda_fake_and_autograd_kernels():
-    for name in ("lipswish", "lipswish_with_derivative", "lipswish_backward", "lipswish_double_backward"):
+    for name in KERNEL_OPS:
         qualified = f"resflow_cuda::{name}"
-        for key in ("CPU", "CUDA", "Meta", "Autograd"):
+        keys = ("CPU", "CUDA", "Meta") + (() if name.endswith("_") else ("Autograd",))  # in-place: no autograd
+        for key in keys:
             assert torch._C._dispatch_has_kernel_for_dispatch_key(qualified, key), (qualified, key)

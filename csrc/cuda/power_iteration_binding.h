@@ -61,6 +61,16 @@ PowerIterationResult power_iteration_on(const Backend& backend, const at::Tensor
 }
 
 template <class Backend>
+void power_iteration_update_on(const Backend& backend, at::TensorList weights, at::TensorList us, at::TensorList vs,
+                               at::TensorList sigmas, int64_t max_iterations, c10::optional<double> atol,
+                               c10::optional<double> rtol, double domain, double codomain, bool u_first) {
+  check_power_iteration_update("resflow_cuda.power_iteration_update_", weights, us, vs, sigmas);
+  update_in_place(weights, us, vs, sigmas, [&](const at::Tensor& w, const at::Tensor& u, const at::Tensor& v) {
+    return power_iteration_on(backend, w, u, v, max_iterations, atol, rtol, domain, codomain, u_first);
+  });
+}
+
+template <class Backend>
 PowerIterationResult conv_power_iteration_on(const Backend& backend, const at::Tensor& weight, const at::Tensor& u,
                                              const at::Tensor& v, at::IntArrayRef input_size, at::IntArrayRef stride,
                                              at::IntArrayRef padding, int64_t max_iterations,

@@ -34,11 +34,19 @@ PowerIterationResult conv_power_iteration_cuda(const at::Tensor& weight, const a
                                  domain, codomain, u_first);
 }
 
+void power_iteration_update_cuda(at::TensorList weights, at::TensorList us, at::TensorList vs,
+                                 at::TensorList sigmas, int64_t max_iterations, c10::optional<double> atol,
+                                 c10::optional<double> rtol, double domain, double codomain, bool u_first) {
+  power_iteration_update_on(CudaBackend{}, weights, us, vs, sigmas, max_iterations, atol, rtol, domain, codomain,
+                            u_first);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resflow_cuda, CUDA, m) {
   m.impl("power_iteration", &power_iteration_cuda);
   m.impl("conv_power_iteration", &conv_power_iteration_cuda);
+  m.impl("power_iteration_update_", &power_iteration_update_cuda);
 }
 
 }  // namespace resflow_cuda::cuda

@@ -148,14 +148,7 @@ __device__ __forceinline__ StepChange<acc_t> block_apply_dual_map(acc_t* x, cons
   acc_t squared = acc_t(0);
   acc_t largest = -INFINITY;
   for (int k = threadIdx.x; k < len; k += BLOCK) {
-    acc_t value;
-    if (map.kind == math::DualKind::L2) {
-      value = raw[k] / scale;
-    } else if (map.kind == math::DualKind::ProjMax) {
-      value = k == one_hot ? acc_t(1) : acc_t(0);
-    } else {
-      value = math::sign_or_one(raw[k]) * math::hoelder_magnitude(raw[k], max_abs, map.exponent) / scale;
-    }
+    const acc_t value = math::dual_map_value(map, raw[k], k, scale, max_abs, one_hot);
     const acc_t d = value - x[k];
     squared += d * d;
     largest = MaxOp{}(largest, value);

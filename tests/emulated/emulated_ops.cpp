@@ -53,6 +53,13 @@ resflow_cuda::PowerIterationResult power_iteration(const at::Tensor& weight, con
                                 codomain, u_first);
 }
 
+void power_iteration_update_(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList sigmas,
+                             int64_t max_iterations, c10::optional<double> atol, c10::optional<double> rtol,
+                             double domain, double codomain, bool u_first) {
+  cu::power_iteration_update_on(backend(1), weights, us, vs, sigmas, max_iterations, atol, rtol, domain, codomain,
+                                u_first);
+}
+
 resflow_cuda::PowerIterationResult conv_power_iteration(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
                                               at::IntArrayRef input_size, at::IntArrayRef stride,
                                               at::IntArrayRef padding, int64_t max_iterations,
@@ -204,6 +211,8 @@ TORCH_LIBRARY(resflow_emulated, m) {
   m.def("conv_power_iteration(Tensor weight, Tensor u, Tensor v, int[2] input_size, int[2] stride, int[2] padding, "
         "int max_iterations, float? atol, float? rtol, float domain, float codomain, bool u_first) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("power_iteration_update_(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, Tensor(c!)[] sigmas, "
+        "int max_iterations, float? atol, float? rtol, float domain, float codomain, bool u_first) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(resflow_emulated, CPU, m) {
@@ -214,4 +223,5 @@ TORCH_LIBRARY_IMPL(resflow_emulated, CPU, m) {
   m.impl("shared_reverse", &shared_reverse);
   m.impl("power_iteration", &power_iteration);
   m.impl("conv_power_iteration", &conv_power_iteration);
+  m.impl("power_iteration_update_", &power_iteration_update_);
 }

@@ -4,6 +4,7 @@
 // compiled once per CPU capability (CPU_CAPABILITY names the namespace).
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 

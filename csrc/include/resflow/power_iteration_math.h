@@ -68,6 +68,20 @@ RESFLOW_HOST_DEVICE_INLINE T hoelder_magnitude(T x, T max_abs, T exponent) {
   return pow_(abs_(x) / max_abs, exponent);
 }
 
+// Element k of the dual map of raw, given its reductions: scale (the l2 norm clamped to eps, or
+// the Hoelder denominator), max_abs (Hoelder) and one_hot (ProjMax: the index of max |raw|).
+template <class T>
+RESFLOW_HOST_DEVICE_INLINE T dual_map_value(const DualMap<T>& map, T raw, long long k, T scale, T max_abs,
+                                            long long one_hot) {
+  if (map.kind == DualKind::L2) {
+    return raw / scale;
+  }
+  if (map.kind == DualKind::ProjMax) {
+    return k == one_hot ? T(1) : T(0);
+  }
+  return sign_or_one(raw) * hoelder_magnitude(raw, max_abs, map.exponent) / scale;
+}
+
 // The power-iteration stopping test: ||x - x_old|| / sqrt(len) < atol + rtol * max(x).
 template <class T>
 RESFLOW_HOST_DEVICE_INLINE bool step_converged(T squared_change, T len, T max_value, T atol, T rtol) {
