@@ -147,7 +147,7 @@ class UpdateLipschitzCase:
     branch (C->512 3x3, 512->512 1x1, 512->C 3x3 InducedNormConv2d; C = 3, 12, 48 at 32, 16, 8)."""
 
     name = "update_lipschitz"
-    title = "update_lipschitz: power iteration on every Lipschitz layer of a model"
+    title = "power iteration on every Lipschitz layer of a model"
     stacks = {"mlp": None, "conv32": (3, 32), "conv16": (12, 16), "conv8": (48, 8)}
     quick_stacks = ["mlp", "conv8"]
     modes = ["5 iterations", "tol 1e-3"]
