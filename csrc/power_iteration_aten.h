@@ -1,8 +1,8 @@
 // Power iteration for spectral and induced p->q operator norms (Residual Flows, Chen et al.
 // 2019, after the QETLAB induced-matrix-norm method), written with ATen ops in exactly the
-// reference's arithmetic (resflows/layers/base/mixed_lipschitz.py and lipschitz.py): the CPU ops
-// then reproduce the reference bit for bit, and the CUDA convolution op runs the same loop on the
-// device. The single-kernel CUDA version of the dense op is in cuda/power_iteration_kernels.cuh.
+// reference's arithmetic (resflows/layers/base/mixed_lipschitz.py and lipschitz.py): the CPU
+// convolution op and the reference twin of the dense op; the CPU dense kernel is
+// cpu/vec/power_iteration_vec.cpp, the CUDA kernels cuda/power_iteration_kernels.cuh.
 #pragma once
 
 #include <ATen/TensorOperators.h>
@@ -12,15 +12,11 @@
 #include <ATen/ops/dot.h>
 #include <ATen/ops/isnan.h>
 #include <ATen/ops/linalg_vector_norm.h>
-#include <ATen/ops/logical_and.h>
-#include <ATen/ops/logical_not.h>
-#include <ATen/ops/logical_or.h>
 #include <ATen/ops/max.h>
 #include <ATen/ops/pow.h>
 #include <ATen/ops/scatter.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/sum.h>
-#include <ATen/ops/where.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/util/Optional.h>
 
@@ -97,64 +93,33 @@ struct PowerIterationOptions {
   bool tolerance() const { return atol.has_value() && rtol.has_value(); }
 };
 
-// How the loop learns that it has converged:
-//  - HostCheck: read the test every iteration and stop at once (CPU: free; the reference's exact path);
-//  - DeviceFlag: keep a device-side "done" flag that freezes u and v once set and counts iterations
-//    on the device; the host reads it only every kDeviceCheckInterval iterations (CUDA: no sync per
-//    iteration, same result).
-enum class ConvergenceCheck { HostCheck, DeviceFlag };
-constexpr int64_t kDeviceCheckInterval = 16;
-
-// Returns (u, v, sigma = u^T A v, iterations) with iterations a 0-dim int64 tensor on u's device.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_power_iteration(
-    const LinearOperator& op, at::Tensor u, at::Tensor v, const PowerIterationOptions& opt, ConvergenceCheck check) {
-  const auto step = [&](const at::Tensor& u0, const at::Tensor& v0) {
+// The reference's loop: returns (u, v, sigma = u^T A v, iterations), iterations a 0-dim int64
+// tensor. The stopping test is read on the host after every step (CPU; on CUDA see
+// cuda/power_iteration_binding.h).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_power_iteration(const LinearOperator& op,
+                                                                                      at::Tensor u, at::Tensor v,
+                                                                                      const PowerIterationOptions& opt) {
+  int64_t iterations = 0;
+  for (int64_t it = 0; it < opt.max_iterations; ++it) {
+    at::Tensor u1, v1;
     if (opt.u_first) {
-      at::Tensor u1 = normalize_u(op.matvec(v0), opt.codomain);
-      return std::make_tuple(u1, normalize_v(op.rmatvec(u1), opt.domain));
+      u1 = normalize_u(op.matvec(v), opt.codomain);
+      v1 = normalize_v(op.rmatvec(u1), opt.domain);
+    } else {
+      v1 = normalize_v(op.rmatvec(u), opt.domain);
+      u1 = normalize_u(op.matvec(v1), opt.codomain);
     }
-    at::Tensor v1 = normalize_v(op.rmatvec(u0), opt.domain);
-    return std::make_tuple(normalize_u(op.matvec(v1), opt.codomain), v1);
-  };
-  const auto long_options = u.options().dtype(at::kLong);
-  at::Tensor iterations;
-  if (check == ConvergenceCheck::HostCheck) {
-    int64_t done_iterations = 0;
-    for (int64_t it = 0; it < opt.max_iterations; ++it) {
-      auto [u1, v1] = step(u, v);
-      ++done_iterations;
-      const bool converged = opt.tolerance() && step_converged(u1, u, *opt.atol, *opt.rtol).item<bool>() &&
-                             step_converged(v1, v, *opt.atol, *opt.rtol).item<bool>();
-      u = u1;
-      v = v1;
-      if (converged) {
-        break;
-      }
-    }
-    iterations = at::scalar_tensor(done_iterations, long_options);
-  } else {
-    at::Tensor done = at::scalar_tensor(false, u.options().dtype(at::kBool));
-    iterations = at::scalar_tensor(0, long_options);
-    for (int64_t it = 0; it < opt.max_iterations; ++it) {
-      auto [u1, v1] = step(u, v);
-      iterations = iterations + at::logical_not(done).to(at::kLong);
-      if (opt.tolerance()) {
-        const at::Tensor converged = at::logical_and(step_converged(u1, u, *opt.atol, *opt.rtol),
-                                                     step_converged(v1, v, *opt.atol, *opt.rtol));
-        u = at::where(done, u, u1);
-        v = at::where(done, v, v1);
-        done = at::logical_or(done, converged);
-        if ((it + 1) % kDeviceCheckInterval == 0 && done.item<bool>()) {
-          break;
-        }
-      } else {
-        u = u1;
-        v = v1;
-      }
+    ++iterations;
+    const bool converged = opt.tolerance() && step_converged(u1, u, *opt.atol, *opt.rtol).item<bool>() &&
+                           step_converged(v1, v, *opt.atol, *opt.rtol).item<bool>();
+    u = u1;
+    v = v1;
+    if (converged) {
+      break;
     }
   }
   const at::Tensor sigma = at::dot(u, op.matvec(v));
-  return {u, v, sigma, iterations};
+  return {u, v, sigma, at::scalar_tensor(iterations, u.options().dtype(at::kLong))};
 }
 
 }  // namespace resflow_cuda

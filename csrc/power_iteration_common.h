@@ -164,16 +164,16 @@ inline LinearOperator conv_operator(const at::Tensor& weight, const ConvGeometry
           }};
 }
 
-// Runs the ATen loop on every matrix of a dense batch (or the one matrix) and stacks the results.
-inline PowerIterationResult dense_power_iteration_aten(
-    const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v, const PowerIterationOptions& opt,
-    ConvergenceCheck check) {
+// `solve(operator, u, v)` on every matrix of a dense batch (or the one matrix), results stacked.
+template <class Solve>
+PowerIterationResult per_matrix(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
+                                const Solve& solve) {
   if (weight.dim() == 2) {
-    return run_power_iteration(dense_operator(weight), u, v, opt, check);
+    return solve(dense_operator(weight), u, v);
   }
   std::vector<at::Tensor> us, vs, sigmas, iterations;
   for (int64_t b = 0; b < weight.size(0); ++b) {
-    auto [ub, vb, sb, ib] = run_power_iteration(dense_operator(weight[b]), u[b], v[b], opt, check);
+    auto [ub, vb, sb, ib] = solve(dense_operator(weight[b]), u[b], v[b]);
     us.push_back(ub);
     vs.push_back(vb);
     sigmas.push_back(sb);

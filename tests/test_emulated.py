@@ -160,20 +160,19 @@ def test_power_iteration_kernel_runs_a_batch_with_independent_stopping(emu):
     assert len(set(got[3].tolist())) > 1
 
 
-def test_power_iteration_without_room_in_shared_memory_takes_the_aten_loop(emu):
-    # 0 bytes of shared memory: the ATen loop with the device-side flag, which is the reference's
-    # arithmetic: equal to the pure-PyTorch reference bit for bit.
+def test_power_iteration_without_room_in_shared_memory_takes_the_device_loop(emu):
+    # 0 bytes of shared memory: W v with ATen and the grid-wide dual-map kernels, the stopping test
+    # and its device flag; against the pure-PyTorch reference, with equal iteration counts.
     w, u, v = _pi_start((33, 17), 3, 1.5, torch.float32, seed=2)
-    got = emu.power_iteration(w, u, v, 40, 1e-3, 1e-3, 3.0, 1.5, True, 0)
-    expected = resflow_cuda.reference.power_iteration(w, u, v, 40, 1e-3, 1e-3, 3.0, 1.5, True)
-    for a, b in zip(got, expected):
-        assert torch.equal(a, torch.as_tensor(b))
+    for args in [(40, 1e-3, 1e-3, 3.0, 1.5, True), (25, None, None, 1.0, 2.0, False), (25, None, None, 2.0, INF, True)]:
+        got = emu.power_iteration(w, u, v, *args, 0)
+        expected = resflow_cuda.reference.power_iteration(w, u, v, *args)
+        _assert_power_iteration_close(got, [*expected[:3], torch.tensor(expected[3])], torch.float32)
     # More iterations than the device check interval, converging between two checks.
     got = emu.power_iteration(w, u, v, 100, 1e-6, 1e-6, 2.0, 2.0, True, 0)
     expected = resflow_cuda.reference.power_iteration(w, u, v, 100, 1e-6, 1e-6)
     assert 16 < expected[3] < 100 and expected[3] % 16 != 0
-    for a, b in zip(got, expected):
-        assert torch.equal(a, torch.as_tensor(b))
+    _assert_power_iteration_close(got, [*expected[:3], torch.tensor(expected[3])], torch.float32)
 
 
 def test_power_iteration_update_writes_every_layer(emu):
@@ -192,15 +191,15 @@ def test_power_iteration_update_writes_every_layer(emu):
 
 
 def test_conv_power_iteration_device_loop_matches_the_cpu_op(emu):
+    # The grid-wide kernels with a small SM count: several blocks per vector.
     g = torch.Generator().manual_seed(3)
     w = torch.randn(6, 3, 3, 3, generator=g)
     u = resflow_cuda.reference.normalize_u(torch.randn(6 * 8 * 7, generator=g), 2)
     v = resflow_cuda.reference.normalize_v(torch.randn(3 * 8 * 7, generator=g), 2)
-    for tol in [(None, None), (1e-4, 1e-4)]:
-        got = emu.conv_power_iteration(w, u, v, [8, 7], [1, 1], [1, 1], 70, *tol, 2.0, 2.0, True)
-        expected = cpu_ops.conv_power_iteration(w, u, v, (8, 7), (1, 1), (1, 1), 70, *tol)
-        for a, b in zip(got, expected):
-            assert torch.equal(a, b)
+    for tol, norms in [((None, None), (2.0, 2.0)), ((1e-4, 1e-4), (2.0, 2.0)), ((1e-3, 1e-3), (3.0, 1.5))]:
+        got = emu.conv_power_iteration(w, u, v, [8, 7], [1, 1], [1, 1], 70, *tol, *norms, True)
+        expected = cpu_ops.conv_power_iteration(w, u, v, (8, 7), (1, 1), (1, 1), 70, *tol, *norms)
+        _assert_power_iteration_close(got, expected, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,9 +228,17 @@ def _run_power_iteration(emu):
     emu.power_iteration(w, u, v, 3, None, None, 2.0, 2.0, True, 48 * 1024)
 
 
+def _run_power_iteration_device_loop(emu):
+    w, u, v = _pi_start((8, 5), 3, 1.5, torch.float32)
+    emu.power_iteration(w, u, v, 3, 1e-3, 1e-3, 3.0, 1.5, True, 0)  # Hoelder: both stats passes
+
+
 # Kernel name -> a small launch of it; the tests above check the values.
 REGISTRY = {
     "power_iteration_kernel": _run_power_iteration,
+    "dual_stats_kernel": _run_power_iteration_device_loop,
+    "dual_apply_kernel": _run_power_iteration_device_loop,
+    "convergence_kernel": _run_power_iteration_device_loop,
     "lipswish_forward_kernel": _run_lipswish_forward,
     "lipswish_backward_kernel": _run_lipswish_backward,
     "lipswish_double_backward_kernel": _run_lipswish_double_backward,

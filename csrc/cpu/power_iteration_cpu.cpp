@@ -54,8 +54,12 @@ PowerIterationResult solve_dense(const at::Tensor& weight, const at::Tensor& u, 
                                  const PowerIterationOptions& opt) {
   return power_iteration_in_compute_type(weight, u, v, [&](const at::Tensor& w, const at::Tensor& u0,
                                                            const at::Tensor& v0) {
-    return w.numel() == 0 ? dense_power_iteration_aten(w, u0, v0, opt, ConvergenceCheck::HostCheck)
-                          : dense_power_iteration(w, u0, v0, opt);
+    if (w.numel() == 0) {
+      return per_matrix(w, u0, v0, [&](const LinearOperator& op, const at::Tensor& ub, const at::Tensor& vb) {
+        return run_power_iteration(op, ub, vb, opt);
+      });
+    }
+    return dense_power_iteration(w, u0, v0, opt);
   });
 }
 
@@ -86,7 +90,7 @@ PowerIterationResult conv_power_iteration_cpu(
   const ConvGeometry g = check_conv_power_iteration(op, weight, u, v, input_size, stride, padding);
   const auto opt = power_iteration_options(op, max_iterations, atol, rtol, domain, codomain, u_first);
   return power_iteration_in_compute_type(weight, u, v, [&](const at::Tensor& w, const at::Tensor& u0, const at::Tensor& v0) {
-    return run_power_iteration(conv_operator(w, g), u0, v0, opt, ConvergenceCheck::HostCheck);
+    return run_power_iteration(conv_operator(w, g), u0, v0, opt);
   });
 }
 

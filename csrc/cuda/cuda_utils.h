@@ -1,11 +1,17 @@
-// Host-side helpers of the .cu bindings: SM counts and launch checks. Light headers only: the
+// Host-side helpers of the .cu bindings: SM counts and the CUDA Backend. Light headers only: the
 // toolkit here has no cuBLAS/cuSPARSE headers, which ATen/cuda/CUDAContext.h would pull in.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
+#include "kernel_utils.cuh"
+
 #include <array>
+#include <cstddef>
 #include <atomic>
 
 namespace resflow_cuda::cuda {
@@ -22,5 +28,15 @@ inline int sm_count(int device) {
   }
   return sms;
 }
+
+// The Backend of the shared tensor bindings (*_binding.h) on a real GPU: a device guard, the
+// current stream, the device's SM count and per-block shared memory, and launch checks.
+struct CudaBackend {
+  c10::cuda::CUDAGuard guard(const at::Tensor& t) const { return c10::cuda::CUDAGuard(t.device()); }
+  cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream(); }
+  int sm_count(const at::Tensor& t) const { return cuda::sm_count(t.get_device()); }
+  size_t max_shared_bytes() const { return kDefaultMaxSharedBytes; }
+  void check_launch() const { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
+};
 
 }  // namespace resflow_cuda::cuda

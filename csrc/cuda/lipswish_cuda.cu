@@ -1,10 +1,8 @@
-// LipSwish CUDA ops (Residual Flows, Chen et al. 2019): registration and the CUDA backend of the
-// shared tensor binding (lipswish_binding.h); kernels in lipswish_kernels.cuh over
+// LipSwish CUDA ops (Residual Flows, Chen et al. 2019): registration of the shared tensor binding
+// (lipswish_binding.h) on the CUDA backend (cuda_utils.h); kernels in lipswish_kernels.cuh over
 // resflow/lipswish_math.h. Contract as the CPU ops (csrc/cpu/lipswish_cpu.cpp): x any shape and
 // strides (float32/64, float16, bfloat16; half types compute in float), beta shape [1] or 0-dim on
 // the same device. Launches on the current stream of x's device; never synchronises with the host.
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "cuda_utils.h"
@@ -12,13 +10,6 @@
 
 namespace resflow_cuda::cuda {
 namespace {
-
-struct CudaBackend {
-  c10::cuda::CUDAGuard guard(const at::Tensor& t) const { return c10::cuda::CUDAGuard(t.device()); }
-  cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream(); }
-  int sm_count(const at::Tensor& t) const { return cuda::sm_count(t.get_device()); }
-  void check_launch() const { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
-};
 
 at::Tensor lipswish_cuda(const at::Tensor& x, const at::Tensor& beta) {
   return std::get<0>(lipswish_forward_on(CudaBackend{}, "resflow_cuda.lipswish", x, beta, false));

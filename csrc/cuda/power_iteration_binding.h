@@ -2,13 +2,14 @@
 // (power_iteration_cuda.cu) and the emulated test backend (tests/emulated); see
 // lipswish_binding.h for the Backend contract, plus max_shared_bytes().
 //  - dense: the single-launch kernel of power_iteration_kernels.cuh when u, v and the raw product
-//    fit in shared memory, else the ATen loop with a device-side convergence flag;
-//  - convolution: the ATen loop (conv2d / conv_transpose2d and the dual maps) with the
-//    device-side convergence flag: no host synchronisation per iteration.
+//    fit in shared memory, else the operator with ATen (mv) and the grid-wide dual-map kernels;
+//  - convolution: ATen convolutions and the grid-wide dual-map kernels.
+// Neither synchronises with the host per iteration.
 #pragma once
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <tuple>
 
@@ -16,6 +17,78 @@
 #include "power_iteration_kernels.cuh"
 
 namespace resflow_cuda::cuda {
+
+// Every this many iterations the host reads the device's "done" flag to leave early.
+constexpr int64_t kDeviceCheckInterval = 16;
+
+// Per-vector workspace of the grid-wide dual map: stats partials and per-block step changes.
+template <typename acc_t>
+struct VectorWorkspace {
+  at::Tensor value, index, power_sum, change_sq, change_max;
+  VectorStats<acc_t> stats() {
+    return {value.mutable_data_ptr<acc_t>(), index.mutable_data_ptr<int64_t>(), power_sum.mutable_data_ptr<acc_t>(),
+            static_cast<int>(value.numel())};
+  }
+  StepChanges<acc_t> changes(int64_t len) const {
+    return {change_sq.const_data_ptr<acc_t>(), change_max.const_data_ptr<acc_t>(), static_cast<int>(value.numel()),
+            len};
+  }
+};
+
+template <typename acc_t, class Backend>
+VectorWorkspace<acc_t> vector_workspace(const Backend& backend, const at::Tensor& x) {
+  const int64_t blocks = plan_elementwise<acc_t>(x.numel(), backend.sm_count(x), false).blocks;
+  const auto opts = x.options();
+  return {at::empty({blocks}, opts), at::empty({blocks}, opts.dtype(at::kLong)), at::empty({blocks}, opts),
+          at::empty({blocks}, opts), at::empty({blocks}, opts)};
+}
+
+// The power iteration of an operator applied with ATen (convolutions, matrices too large for the
+// single-launch kernel): the dual maps and the stopping test run in kernels, a device flag
+// freezes u and v once the test has passed, and the host reads the flag every
+// kDeviceCheckInterval iterations only. u, v arrive in the compute dtype.
+template <class Backend>
+PowerIterationResult power_iteration_on_device(const Backend& backend, const LinearOperator& op, const at::Tensor& u0,
+                                               const at::Tensor& v0, const PowerIterationOptions& opt) {
+  at::Tensor u = u0.clone(at::MemoryFormat::Contiguous);
+  at::Tensor v = v0.clone(at::MemoryFormat::Contiguous);
+  at::Tensor done = at::zeros({}, u.options().dtype(at::kBool));
+  at::Tensor iterations = at::zeros({}, u.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "power_iteration_on_device", [&] {
+    using acc_t = scalar_t;
+    auto uw = vector_workspace<acc_t>(backend, u);
+    auto vw = vector_workspace<acc_t>(backend, v);
+    const auto u_map = math::codomain_dual_map<acc_t>(opt.codomain);
+    const auto v_map = math::domain_dual_map<acc_t>(opt.domain);
+    const auto update = [&](const at::Tensor& raw_in, at::Tensor& x, VectorWorkspace<acc_t>& w,
+                            const math::DualMap<acc_t>& map) {
+      const at::Tensor raw = raw_in.contiguous();
+      launch_dual_map<acc_t>(raw.const_data_ptr<acc_t>(), x.mutable_data_ptr<acc_t>(), x.numel(), map, w.stats(),
+                             done.const_data_ptr<bool>(), w.change_sq.template mutable_data_ptr<acc_t>(),
+                             w.change_max.template mutable_data_ptr<acc_t>(), backend.stream());
+      backend.check_launch();
+    };
+    for (int64_t it = 0; it < opt.max_iterations; ++it) {
+      if (opt.u_first) {
+        update(op.matvec(v), u, uw, u_map);
+        update(op.rmatvec(u), v, vw, v_map);
+      } else {
+        update(op.rmatvec(u), v, vw, v_map);
+        update(op.matvec(v), u, uw, u_map);
+      }
+      launch_convergence<acc_t>(uw.changes(u.numel()), vw.changes(v.numel()), opt.tolerance(),
+                                static_cast<acc_t>(opt.atol.value_or(0)), static_cast<acc_t>(opt.rtol.value_or(0)),
+                                done.mutable_data_ptr<bool>(), iterations.mutable_data_ptr<int64_t>(),
+                                backend.stream());
+      backend.check_launch();
+      if (opt.tolerance() && (it + 1) % kDeviceCheckInterval == 0 && done.item<bool>()) {
+        break;
+      }
+    }
+  });
+  const at::Tensor sigma = at::dot(u, op.matvec(v));
+  return {u, v, sigma, iterations};
+}
 
 template <class Backend>
 PowerIterationResult power_iteration_on(const Backend& backend, const at::Tensor& weight_in, const at::Tensor& u_in,
@@ -37,7 +110,9 @@ PowerIterationResult power_iteration_on(const Backend& backend, const at::Tensor
     if (!plan.fits || m == 0 || n == 0) {
       result = power_iteration_in_compute_type(weight_in, u_in, v_in, [&](const at::Tensor& w, const at::Tensor& u0,
                                                                           const at::Tensor& v0) {
-        return dense_power_iteration_aten(w, u0, v0, opt, ConvergenceCheck::DeviceFlag);
+        return per_matrix(w, u0, v0, [&](const LinearOperator& op, const at::Tensor& ub, const at::Tensor& vb) {
+          return power_iteration_on_device(backend, op, ub, vb, opt);
+        });
       });
       return;
     }
@@ -82,7 +157,7 @@ PowerIterationResult conv_power_iteration_on(const Backend& backend, const at::T
   const auto guard = backend.guard(weight);
   return power_iteration_in_compute_type(weight, u, v, [&](const at::Tensor& w, const at::Tensor& u0,
                                                            const at::Tensor& v0) {
-    return run_power_iteration(conv_operator(w, g), u0, v0, opt, ConvergenceCheck::DeviceFlag);
+    return power_iteration_on_device(backend, conv_operator(w, g), u0, v0, opt);
   });
 }
 

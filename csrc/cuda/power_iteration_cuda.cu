@@ -1,9 +1,7 @@
-// Power iteration for spectral / induced p->q norms, CUDA: registration and the CUDA backend of
-// the shared binding (power_iteration_binding.h). Dense: one launch per call for the whole loop
-// (power_iteration_kernels.cuh); convolution: ATen convolutions with a device-side convergence
-// flag. No host synchronisation per iteration.
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+// Power iteration for spectral / induced p->q norms, CUDA: registration of the shared binding
+// (power_iteration_binding.h) on the CUDA backend. Dense: one launch for the whole loop
+// (power_iteration_kernels.cuh); convolutions and large matrices: ATen for the operator and the
+// grid-wide dual-map and stopping-test kernels. No host synchronisation per iteration.
 #include <torch/library.h>
 
 #include "cuda_utils.h"
@@ -11,13 +9,6 @@
 
 namespace resflow_cuda::cuda {
 namespace {
-
-struct CudaBackend {
-  c10::cuda::CUDAGuard guard(const at::Tensor& t) const { return c10::cuda::CUDAGuard(t.device()); }
-  cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream(); }
-  size_t max_shared_bytes() const { return kDefaultMaxSharedBytes; }
-  void check_launch() const { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
-};
 
 PowerIterationResult power_iteration_cuda(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
                                           int64_t max_iterations, c10::optional<double> atol,

@@ -3,8 +3,9 @@
 // dynamic shared memory (compute type); W is read from global memory twice per iteration with
 // coalesced loads (a warp per row for W v, a thread per column for W^T u). The dual maps
 // (resflow/power_iteration_math.h) and the reference's stopping test run in the block, so the
-// host never synchronises inside the loop. Matrices too large for shared memory use the ATen
-// loop instead (power_iteration_binding.h). Torch-free and emulatable.
+// host never synchronises inside the loop. Matrices too large for shared memory, and
+// convolutions, apply the operator with ATen and the dual maps with the grid-wide kernels at the
+// end of this file (power_iteration_binding.h). Torch-free and emulatable.
 #pragma once
 
 #include <cstddef>
@@ -20,7 +21,7 @@ constexpr int kPowerIterationThreads = 256;
 // Is (b, ib) a better argmax candidate than (a, ia)? Larger value, NaN above all (as in
 // torch.argmax), then the smaller index; index -1 marks "no candidate".
 template <typename acc_t>
-__device__ __forceinline__ bool better_candidate(acc_t a, int ia, acc_t b, int ib) {
+__device__ __forceinline__ bool better_candidate(acc_t a, int64_t ia, acc_t b, int64_t ib) {
   if (ib < 0) return false;
   if (ia < 0) return true;
   const bool a_nan = a != a, b_nan = b != b;
@@ -29,34 +30,31 @@ __device__ __forceinline__ bool better_candidate(acc_t a, int ia, acc_t b, int i
   return ib < ia;
 }
 
-// Reduces (value, index) candidates over a warp; the winner ends in lane 0.
 template <typename acc_t>
-__device__ __forceinline__ void warp_argmax(acc_t& best, int& best_index) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    const acc_t other = __shfl_down_sync(0xffffffffu, best, offset);
-    const int other_index = __shfl_down_sync(0xffffffffu, best_index, offset);
-    if (better_candidate(best, best_index, other, other_index)) {
-      best = other;
-      best_index = other_index;
-    }
+__device__ __forceinline__ void take_if_better(acc_t& best, int64_t& best_index, acc_t value, int64_t index) {
+  if (better_candidate(best, best_index, value, index)) {
+    best = value;
+    best_index = index;
   }
 }
 
-// First index of the largest |x| over the block, returned to every thread.
-template <typename acc_t, int BLOCK>
-__device__ __forceinline__ int block_argmax_abs(const acc_t* x, int len) {
-  __shared__ acc_t warp_values[BLOCK / kWarpSize];
-  __shared__ int warp_indices[BLOCK / kWarpSize];
-  __shared__ int result;
-  acc_t best = acc_t(0);
-  int best_index = -1;
-  for (int k = threadIdx.x; k < len; k += BLOCK) {
-    const acc_t a = math::abs_(x[k]);
-    if (better_candidate(best, best_index, a, k)) {
-      best = a;
-      best_index = k;
-    }
+// Reduces (value, index) candidates over a warp; the winner ends in lane 0.
+template <typename acc_t>
+__device__ __forceinline__ void warp_argmax(acc_t& best, int64_t& best_index) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const acc_t other = __shfl_down_sync(0xffffffffu, best, offset);
+    const long long other_index = __shfl_down_sync(0xffffffffu, static_cast<long long>(best_index), offset);
+    take_if_better(best, best_index, other, static_cast<int64_t>(other_index));
   }
+}
+
+// Reduces every thread's candidate over the block and gives the winner to every thread.
+template <typename acc_t, int BLOCK>
+__device__ __forceinline__ void block_argmax(acc_t& best, int64_t& best_index) {
+  __shared__ acc_t warp_values[BLOCK / kWarpSize];
+  __shared__ int64_t warp_indices[BLOCK / kWarpSize];
+  __shared__ acc_t result_value;
+  __shared__ int64_t result_index;
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   warp_argmax(best, best_index);
@@ -70,13 +68,26 @@ __device__ __forceinline__ int block_argmax_abs(const acc_t* x, int len) {
     best_index = lane < BLOCK / kWarpSize ? warp_indices[lane] : -1;
     warp_argmax(best, best_index);
     if (lane == 0) {
-      result = best_index;
+      result_value = best;
+      result_index = best_index;
     }
   }
   __syncthreads();
-  const int out = result;
+  best = result_value;
+  best_index = result_index;
   __syncthreads();
-  return out;
+}
+
+// First index of the largest |x| over x[0, len), one block, returned to every thread.
+template <typename acc_t, int BLOCK>
+__device__ __forceinline__ int64_t block_argmax_abs(const acc_t* x, int64_t len) {
+  acc_t best = acc_t(0);
+  int64_t best_index = -1;
+  for (int64_t k = threadIdx.x; k < len; k += BLOCK) {
+    take_if_better(best, best_index, math::abs_(x[k]), k);
+  }
+  block_argmax<acc_t, BLOCK>(best, best_index);
+  return best_index;
 }
 
 // raw[i] = sum_j W[i, j] x[j] for i < m: a warp per row, lanes along the row (coalesced).
@@ -123,7 +134,7 @@ __device__ __forceinline__ StepChange<acc_t> block_apply_dual_map(acc_t* x, cons
                                                                   const math::DualMap<acc_t>& map) {
   acc_t scale = acc_t(1);
   acc_t max_abs = acc_t(1);
-  int one_hot = -1;
+  int64_t one_hot = -1;
   if (map.kind == math::DualKind::L2) {
     acc_t ss = acc_t(0);
     for (int k = threadIdx.x; k < len; k += BLOCK) {
@@ -250,6 +261,182 @@ void launch_power_iteration(const PowerIterationPlan& plan, const scalar_t* weig
   const auto kernel = &power_iteration_kernel<scalar_t, acc_t>;
   RESFLOW_LAUNCH(kernel, plan.blocks, plan.threads, plan.shared_bytes, stream)(weight, u_in, v_in, u_out, v_out, sigma,
                                                                                 iterations, args);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Power iteration on an operator applied with ATen (convolutions; matrices too large for shared
+// memory): the dual map of a long vector as grid-wide reductions, and the stopping test on the
+// device. Per half-step: one or two stats launches and one apply launch; per iteration one
+// convergence launch. A device-side `done` flag freezes u and v once the test has passed.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kVectorThreads = 256;
+
+// Per-block partial reductions of a vector for its dual map, `blocks` entries each.
+template <typename acc_t>
+struct VectorStats {
+  acc_t* value;      // L2: sum of squares; ProjMax / Hoelder: max |raw|
+  int64_t* index;    // ProjMax: first index of that max
+  acc_t* power_sum;  // Hoelder: sum of t^dual_p (second pass)
+  int blocks;
+};
+
+// Sum / max of per-block partials, computed by every block that needs them.
+template <typename acc_t, int BLOCK>
+__device__ __forceinline__ acc_t reduce_partials_sum(const acc_t* partials, int count) {
+  acc_t v = acc_t(0);
+  for (int p = threadIdx.x; p < count; p += BLOCK) {
+    v += partials[p];
+  }
+  return block_sum<acc_t, BLOCK>(v);
+}
+
+template <typename acc_t, int BLOCK>
+__device__ __forceinline__ acc_t reduce_partials_max(const acc_t* partials, int count) {
+  acc_t v = -INFINITY;
+  for (int p = threadIdx.x; p < count; p += BLOCK) {
+    v = MaxOp{}(v, partials[p]);
+  }
+  return block_all_reduce<acc_t, BLOCK>(v, MaxOp{}, acc_t(-INFINITY));
+}
+
+// pass 0: sum of squares (L2) or the (max |raw|, first index) candidate; pass 1 (Hoelder): the
+// sum of t^dual_p with t = (|raw| / max|raw|)^exponent.
+template <typename acc_t>
+__global__ void __launch_bounds__(kVectorThreads)
+    dual_stats_kernel(const acc_t* __restrict__ raw, int64_t len, math::DualMap<acc_t> map, int pass,
+                      VectorStats<acc_t> stats) {
+  constexpr int BLOCK = kVectorThreads;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * BLOCK;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * BLOCK + threadIdx.x;
+  if (pass == 1) {
+    const acc_t max_abs = reduce_partials_max<acc_t, BLOCK>(stats.value, stats.blocks);
+    acc_t s = acc_t(0);
+    for (int64_t k = first; k < len; k += stride) {
+      s += math::pow_(math::hoelder_magnitude(raw[k], max_abs, map.exponent), map.dual_p);
+    }
+    s = block_sum<acc_t, BLOCK>(s);
+    if (threadIdx.x == 0) {
+      stats.power_sum[blockIdx.x] = s;
+    }
+    return;
+  }
+  if (map.kind == math::DualKind::L2) {
+    acc_t ss = acc_t(0);
+    for (int64_t k = first; k < len; k += stride) {
+      ss += raw[k] * raw[k];
+    }
+    ss = block_sum<acc_t, BLOCK>(ss);
+    if (threadIdx.x == 0) {
+      stats.value[blockIdx.x] = ss;
+    }
+    return;
+  }
+  acc_t best = acc_t(0);
+  int64_t best_index = -1;
+  for (int64_t k = first; k < len; k += stride) {
+    take_if_better(best, best_index, math::abs_(raw[k]), k);
+  }
+  block_argmax<acc_t, BLOCK>(best, best_index);
+  if (threadIdx.x == 0) {
+    stats.value[blockIdx.x] = best;
+    stats.index[blockIdx.x] = best_index;
+  }
+}
+
+// x <- dual map of raw unless *done; per-block sum (x_new - x_old)^2 and max x_new for the test.
+// Every block finishes the reductions of the stats launches itself (a few hundred partials).
+template <typename acc_t>
+__global__ void __launch_bounds__(kVectorThreads)
+    dual_apply_kernel(const acc_t* __restrict__ raw, acc_t* __restrict__ x, int64_t len, math::DualMap<acc_t> map,
+                      VectorStats<acc_t> stats, const bool* __restrict__ done, acc_t* __restrict__ change_sq,
+                      acc_t* __restrict__ change_max) {
+  constexpr int BLOCK = kVectorThreads;
+  acc_t scale = acc_t(1), max_abs = acc_t(0);
+  int64_t one_hot = -1;
+  if (map.kind == math::DualKind::L2) {
+    const acc_t norm = math::sqrt_(reduce_partials_sum<acc_t, BLOCK>(stats.value, stats.blocks));
+    scale = norm < acc_t(math::kNormalizeEps) ? acc_t(math::kNormalizeEps) : norm;
+  } else if (map.kind == math::DualKind::ProjMax) {
+    acc_t best = acc_t(0);
+    for (int p = threadIdx.x; p < stats.blocks; p += BLOCK) {
+      take_if_better(best, one_hot, stats.value[p], stats.index[p]);
+    }
+    block_argmax<acc_t, BLOCK>(best, one_hot);
+  } else {
+    max_abs = reduce_partials_max<acc_t, BLOCK>(stats.value, stats.blocks);
+    scale = math::pow_(reduce_partials_sum<acc_t, BLOCK>(stats.power_sum, stats.blocks), acc_t(1) / map.dual_p);
+  }
+  acc_t squared = acc_t(0);
+  acc_t largest = -INFINITY;
+  if (!*done) {
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * BLOCK;
+    for (int64_t k = static_cast<int64_t>(blockIdx.x) * BLOCK + threadIdx.x; k < len; k += stride) {
+      const acc_t value = math::dual_map_value(map, raw[k], k, scale, max_abs, one_hot);
+      const acc_t d = value - x[k];
+      squared += d * d;
+      largest = MaxOp{}(largest, value);
+      x[k] = value;
+    }
+  }
+  squared = block_sum<acc_t, BLOCK>(squared);
+  largest = block_all_reduce<acc_t, BLOCK>(largest, MaxOp{}, acc_t(-INFINITY));
+  if (threadIdx.x == 0) {
+    change_sq[blockIdx.x] = squared;
+    change_max[blockIdx.x] = largest;
+  }
+}
+
+template <typename acc_t>
+struct StepChanges {  // per-block outputs of dual_apply_kernel for one vector
+  const acc_t* squared;
+  const acc_t* max;
+  int blocks;
+  int64_t len;
+};
+
+// One block: counts the iteration unless already done, then runs the stopping test.
+template <typename acc_t>
+__global__ void __launch_bounds__(kVectorThreads)
+    convergence_kernel(StepChanges<acc_t> u, StepChanges<acc_t> v, bool use_tolerance, acc_t atol, acc_t rtol,
+                       bool* __restrict__ done, int64_t* __restrict__ iterations) {
+  constexpr int BLOCK = kVectorThreads;
+  if (*done) {
+    return;
+  }
+  const acc_t u_sq = reduce_partials_sum<acc_t, BLOCK>(u.squared, u.blocks);
+  const acc_t u_max = reduce_partials_max<acc_t, BLOCK>(u.max, u.blocks);
+  const acc_t v_sq = reduce_partials_sum<acc_t, BLOCK>(v.squared, v.blocks);
+  const acc_t v_max = reduce_partials_max<acc_t, BLOCK>(v.max, v.blocks);
+  if (threadIdx.x == 0) {
+    *iterations += 1;
+    if (use_tolerance && math::step_converged(u_sq, acc_t(u.len), u_max, atol, rtol) &&
+        math::step_converged(v_sq, acc_t(v.len), v_max, atol, rtol)) {
+      *done = true;
+    }
+  }
+}
+
+// x <- dual map of raw (two or three launches).
+template <typename acc_t>
+void launch_dual_map(const acc_t* raw, acc_t* x, int64_t len, const math::DualMap<acc_t>& map,
+                     const VectorStats<acc_t>& stats, const bool* done, acc_t* change_sq, acc_t* change_max,
+                     cudaStream_t stream) {
+  const auto stats_kernel = &dual_stats_kernel<acc_t>;
+  RESFLOW_LAUNCH(stats_kernel, stats.blocks, kVectorThreads, 0, stream)(raw, len, map, 0, stats);
+  if (map.kind == math::DualKind::Hoelder) {
+    RESFLOW_LAUNCH(stats_kernel, stats.blocks, kVectorThreads, 0, stream)(raw, len, map, 1, stats);
+  }
+  const auto apply_kernel = &dual_apply_kernel<acc_t>;
+  RESFLOW_LAUNCH(apply_kernel, stats.blocks, kVectorThreads, 0, stream)(raw, x, len, map, stats, done, change_sq,
+                                                                        change_max);
+}
+
+template <typename acc_t>
+void launch_convergence(const StepChanges<acc_t>& u, const StepChanges<acc_t>& v, bool use_tolerance, acc_t atol,
+                        acc_t rtol, bool* done, int64_t* iterations, cudaStream_t stream) {
+  const auto kernel = &convergence_kernel<acc_t>;
+  RESFLOW_LAUNCH(kernel, 1, kVectorThreads, 0, stream)(u, v, use_tolerance, atol, rtol, done, iterations);
 }
 
 }  // namespace resflow_cuda::cuda
