@@ -37,7 +37,8 @@ def _assert_rounding_close(got, expected):
     """Up to float rounding (the fused dense kernel), with the same number of iterations."""
     u, v, sigma, iterations = got
     eu, ev, esigma, eiterations = expected
-    tol = dict(atol=1e-6, rtol=1e-5) if u.dtype == torch.float32 else dict(atol=1e-13, rtol=1e-12)
+    # Hoelder maps raise small components to powers below 1, which magnifies rounding near 0.
+    tol = dict(atol=1e-5, rtol=1e-4) if u.dtype == torch.float32 else dict(atol=1e-12, rtol=1e-11)
     assert_close(u, eu, **tol)
     assert_close(v, ev, **tol)
     assert_close(sigma, esigma, **tol)
@@ -113,19 +114,20 @@ def _conv_start(out_c, in_c, k, hw, stride, padding, p, q, seed, dtype=torch.flo
     return w, u, v
 
 
-CONVS = [(4, 3, 3, (6, 5), (1, 1), (1, 1)), (5, 2, 3, (7, 7), (2, 2), (1, 1)), (3, 3, 1, (4, 4), (1, 1), (0, 0))]
+CONVS = [(4, 3, 3, (6, 5), (1, 1), (1, 1)), (2, 5, 3, (6, 5), (1, 1), (1, 1)), (5, 2, 3, (7, 7), (2, 2), (1, 1)),
+         (3, 3, 1, (4, 4), (1, 1), (0, 0))]
 
 
-@pytest.mark.parametrize("conv", CONVS, ids=["3x3", "3x3-stride2", "1x1"])
+@pytest.mark.parametrize("conv", CONVS, ids=["3x3", "3x3-narrowing", "3x3-stride2", "1x1"])
 @pytest.mark.parametrize("p,q", [(2, 2), (1, 2), (3, 1.5)], ids=["2->2", "1->2", "3->1.5"])
 @pytest.mark.parametrize("atol,rtol", TOLERANCES[:2], ids=["fixed", "tol1e-3"])
 def test_conv_equals_the_reference(conv, p, q, atol, rtol):
-    # Strided convolutions run the reference's conv_transpose2d (bit for bit); stride 1 runs A^T as a
-    # conv2d with the flipped kernel (the same sums in another order).
+    # A^T of a stride-1 convolution that widens the channels runs as a conv2d with the flipped kernel
+    # (the same sums in another order); the others run the reference's conv_transpose2d, bit for bit.
     out_c, in_c, k, hw, stride, padding = conv
     w, u, v = _conv_start(out_c, in_c, k, hw, stride, padding, p, q, 7)
     matvec, rmatvec = R.conv_operator(w, hw, stride, padding)
-    compare = _assert_same if stride != (1, 1) else _assert_rounding_close
+    compare = _assert_rounding_close if stride == (1, 1) and out_c < in_c else _assert_same
     for u_first in (True, False):
         got = ops.conv_power_iteration(w, u, v, hw, stride, padding, 40, atol, rtol, p, q, u_first)
         compare(got, R.power_iteration(w, u, v, 40, atol, rtol, p, q, u_first, matvec, rmatvec))
