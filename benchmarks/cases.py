@@ -246,12 +246,10 @@ def _reference_update(model) -> None:
         tol = n_iterations is None
         domain, codomain = m.compute_domain_codomain()
         weight = m.weight.detach()
-        if isinstance(m, torch.nn.Linear) or m.weight.dim() == 2:
-            matvec = rmatvec = None
-        elif m._pointwise:
+        matvec = rmatvec = None  # InducedNormLinear, or a 1x1 convolution as a matrix
+        if weight.dim() == 4 and m._pointwise:
             weight = m._matrix(weight)
-            matvec = rmatvec = None
-        else:
+        elif weight.dim() == 4:
             matvec, rmatvec = reference.conv_operator(weight, m._input_hw, m.stride, m.padding)
         u, v, sigma, _ = reference.power_iteration(weight, m.u, m.v, max_iterations, atol if tol else None,
                                                    rtol if tol else None, domain, codomain, True, matvec, rmatvec)

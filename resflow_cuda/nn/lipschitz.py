@@ -104,6 +104,11 @@ class _LipschitzMixin:
             raise ValueError("Need one of n_iteration or (atol, rtol).")
         return n_iterations, atol, rtol, (default_max if n_iterations is None else n_iterations)
 
+
+
+class _InducedNormsMixin:
+    """The norm orders of the InducedNorm* layers: numbers, or learnable tensors mapped by asym_squash."""
+
     def compute_domain_codomain(self):
         if torch.is_tensor(self.domain):
             return asym_squash(self.domain), asym_squash(self.codomain)
@@ -159,7 +164,7 @@ class SpectralNormLinear(_LipschitzMixin, nn.Module):
                 f"coeff={self.coeff}, n_iters={self.n_iterations}, atol={self.atol}, rtol={self.rtol}")
 
 
-class InducedNormLinear(_LipschitzMixin, nn.Module):
+class InducedNormLinear(_InducedNormsMixin, _LipschitzMixin, nn.Module):
     """Linear layer with W / max(1, ||W||_{domain->codomain} / coeff) (generalised spectral norm).
 
     Parameters/buffers: ``weight``, ``bias``, ``scale``, ``u``, ``v``. ``forward`` never iterates; call
@@ -387,7 +392,7 @@ class SpectralNormConv2d(_LipschitzConv2d):
         return super().extra_repr() + f", coeff={self.coeff}, n_iters={self.n_iterations}, atol={self.atol}, rtol={self.rtol}"
 
 
-class InducedNormConv2d(_LipschitzConv2d):
+class InducedNormConv2d(_InducedNormsMixin, _LipschitzConv2d):
     """Convolution with W / max(1, ||conv||_{domain->codomain} / coeff) on the input size of the
     first forward (matrix norm for 1x1 kernels). ``forward`` never iterates after the first call.
 
