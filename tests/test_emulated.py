@@ -144,9 +144,10 @@ def _assert_power_iteration_close(got, expected, dtype):
 @pytest.mark.parametrize("shape", PI_SHAPES, ids=["x".join(map(str, s)) for s in PI_SHAPES])
 def test_power_iteration_kernel_matches_the_cpu_op(emu, shape, p, q, dtype):
     w, u, v = _pi_start(shape, p, q, dtype)
-    for u_first, (atol, rtol) in [(True, (None, None)), (False, (1e-3, 1e-3))]:
-        expected = cpu_ops.power_iteration(w, u, v, 25, atol, rtol, p, q, u_first)
-        got = emu.power_iteration(w, u, v, 25, atol, rtol, p, q, u_first, 48 * 1024)
+    # 10 iterations: enough for the tolerance to stop some runs early, few enough for the TSan job.
+    for u_first, (atol, rtol) in [(True, (None, None)), (False, (1e-2, 1e-2))]:
+        expected = cpu_ops.power_iteration(w, u, v, 10, atol, rtol, p, q, u_first)
+        got = emu.power_iteration(w, u, v, 10, atol, rtol, p, q, u_first, 48 * 1024)
         _assert_power_iteration_close(got, expected, dtype)
 
 
