@@ -995,36 +995,22 @@ inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
 inline double rsqrt(double x) { return 1.0 / sqrt(x); }
 inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
 inline double __fma_rn(double a, double b, double c) { return fma(a, b, c); }
-inline int __float_as_int(float x) {
-  int i;
-  std::memcpy(&i, &x, sizeof(i));
-  return i;
+namespace resflow_emu::detail {
+template <class To, class From>
+To bit_cast(From x) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of different sizes");
+  To out;
+  std::memcpy(&out, &x, sizeof(out));
+  return out;
 }
-inline float __int_as_float(int i) {
-  float x;
-  std::memcpy(&x, &i, sizeof(x));
-  return x;
-}
-inline unsigned __float_as_uint(float x) {
-  unsigned i;
-  std::memcpy(&i, &x, sizeof(i));
-  return i;
-}
-inline float __uint_as_float(unsigned i) {
-  float x;
-  std::memcpy(&x, &i, sizeof(x));
-  return x;
-}
-inline long long __double_as_longlong(double x) {
-  long long i;
-  std::memcpy(&i, &x, sizeof(i));
-  return i;
-}
-inline double __longlong_as_double(long long i) {
-  double x;
-  std::memcpy(&x, &i, sizeof(x));
-  return x;
-}
+}  // namespace resflow_emu::detail
+
+inline int __float_as_int(float x) { return ::resflow_emu::detail::bit_cast<int>(x); }
+inline float __int_as_float(int i) { return ::resflow_emu::detail::bit_cast<float>(i); }
+inline unsigned __float_as_uint(float x) { return ::resflow_emu::detail::bit_cast<unsigned>(x); }
+inline float __uint_as_float(unsigned i) { return ::resflow_emu::detail::bit_cast<float>(i); }
+inline long long __double_as_longlong(double x) { return ::resflow_emu::detail::bit_cast<long long>(x); }
+inline double __longlong_as_double(long long i) { return ::resflow_emu::detail::bit_cast<double>(i); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
