@@ -293,7 +293,6 @@ class Scheduler {
 
   Fiber& fiber(int linear) { return fibers_[linear]; }
   int size() const { return static_cast<int>(fibers_.size()); }
-  const Site& launch_site() const { return launch_site_; }
 
   // TSan tokens: consecutive phases alternate, so a thread arriving early at the next barrier
   // does not give the previous phase's stragglers a happens-before edge they should not have.
