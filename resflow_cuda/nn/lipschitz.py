@@ -156,8 +156,12 @@ class SpectralNormLinear(_LipschitzMixin, nn.Module):
                 self.v.copy_(v)
         return self._normalized(self.weight, torch.dot(u, torch.mv(self.weight, v)))
 
+    def forward_weight(self, input: Tensor) -> Tensor:
+        """The weight forward applies to ``input`` (with forward's side effects)."""
+        return self.compute_weight(update=self.training)
+
     def forward(self, input: Tensor) -> Tensor:
-        return F.linear(input, self.compute_weight(update=self.training), self.bias)
+        return F.linear(input, self.forward_weight(input), self.bias)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -240,8 +244,12 @@ class InducedNormLinear(_InducedNormsMixin, _LipschitzMixin, nn.Module):
         v = normalize_v(torch.mv(weight.t(), u), domain)
         return torch.dot(u, torch.mv(weight, v))
 
+    def forward_weight(self, input: Tensor) -> Tensor:
+        """The weight forward applies to ``input``."""
+        return self.compute_weight(update=False)
+
     def forward(self, input: Tensor) -> Tensor:
-        return F.linear(input, self.compute_weight(update=False), self.bias)
+        return F.linear(input, self.forward_weight(input), self.bias)
 
     def extra_repr(self):
         domain, codomain = self.compute_domain_codomain()
@@ -297,11 +305,14 @@ class _LipschitzConv2d(_LipschitzMixin, nn.Module):
                             padding=self.padding)
         return torch.dot(u.view(-1), weight_v.view(-1))
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward_weight(self, input: Tensor) -> Tensor:
+        """The weight forward applies to ``input`` (recording its size on the first call)."""
         if not self._is_initialized():
             self._record_input_size(input)
-        weight = self.compute_weight(update=self._update_in_forward())
-        return F.conv2d(input, weight, self.bias, self.stride, self.padding, 1, 1)
+        return self.compute_weight(update=self._update_in_forward())
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.conv2d(input, self.forward_weight(input), self.bias, self.stride, self.padding, 1, 1)
 
     def _load_geometry(self, state_dict, prefix) -> None:
         """Adopts the checkpoint's u / v sizes and input size (before or after its first forward)."""
@@ -591,8 +602,12 @@ class LopLinear(_LopMixin, nn.Linear):
         super().__init__(in_features, out_features, bias)
         self._setup_lop(coeff, domain, codomain, local_constraint)
 
+    def forward_weight(self, input: Tensor) -> Tensor:
+        """The weight forward applies to ``input``."""
+        return self.compute_weight()
+
     def forward(self, input: Tensor) -> Tensor:
-        return F.linear(input, self.compute_weight(), self.bias)
+        return F.linear(input, self.forward_weight(input), self.bias)
 
     def extra_repr(self):
         return super().extra_repr() + self._lop_repr()
@@ -607,8 +622,12 @@ class LopConv2d(_LopMixin, nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
         self._setup_lop(coeff, domain, codomain, local_constraint)
 
+    def forward_weight(self, input: Tensor) -> Tensor:
+        """The weight forward applies to ``input``."""
+        return self.compute_weight()
+
     def forward(self, input: Tensor) -> Tensor:
-        return F.conv2d(input, self.compute_weight(), self.bias, self.stride, self.padding, 1, 1)
+        return F.conv2d(input, self.forward_weight(input), self.bias, self.stride, self.padding, 1, 1)
 
     def extra_repr(self):
         return super().extra_repr() + self._lop_repr()
