@@ -7,17 +7,20 @@
 import torch  # noqa: F401  (loads libtorch and, in CUDA builds, the CUDA runtime before _C)
 
 from ._build import __version__, build_info, has_cuda_kernels
-from . import ops, reference, functional, nn
+from . import ops, reference, functional, estimators, nn
 from .functional import lipswish
+from .nn.iresblock import logdet_exact
 from .nn.lipschitz import lipschitz_report, update_lipschitz
 
 __all__ = [
     "__version__",
     "build_info",
+    "estimators",
     "has_cuda_kernels",
     "functional",
     "lipschitz_report",
     "lipswish",
+    "logdet_exact",
     "nn",
     "ops",
     "reference",

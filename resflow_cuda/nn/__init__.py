@@ -1,6 +1,7 @@
 """Drop-in ``nn.Module`` layers with the reference implementations' names, parameters and buffers."""
 
 from .activations import LipSwish, Swish
+from .iresblock import InverseReport, iResBlock, logdet_exact
 from .lipschitz import (
     InducedNormConv2d,
     InducedNormLinear,
@@ -15,6 +16,6 @@ from .lipschitz import (
 )
 
 __all__ = [
-    "InducedNormConv2d", "InducedNormLinear", "LipSwish", "LopConv2d", "LopLinear", "SpectralNormConv2d",
+    "InducedNormConv2d", "InducedNormLinear", "InverseReport", "iResBlock", "logdet_exact", "LipSwish", "LopConv2d", "LopLinear", "SpectralNormConv2d",
     "SpectralNormLinear", "Swish", "get_conv2d", "get_linear", "lipschitz_report", "update_lipschitz",
 ]

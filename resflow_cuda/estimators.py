@@ -1,0 +1,246 @@
+"""Log-det estimators of invertible residual blocks y = x + g(x) (Chen et al., 2019).
+
+The math in Python: which series terms, which coefficients, which gradient path. The vector-Jacobian
+products come from a *VJP source*: :class:`AutogradVJP` (any branch, one ``autograd.grad`` per term)
+or the linearized branches of :mod:`resflow_cuda.linearize` (the whole series in one op call).
+Either way the per-sample terms and the Neumann vector are accumulated by the fused op
+``resflow_cuda.ops.logdet_series_accumulate_``.
+
+Reference semantics (residual-flows ``resflows/layers/iresblock.py``, normflows'
+``flows/residual.py``):
+
+- Russian roulette: N_1..N_S drawn from NumPy's global RNG (geometric, support {1, 2, ...}, or
+  Poisson), n = max N + m terms, c_k = #{s: N_s >= k - m} / S / P(N >= k - m) (1 for k <= m);
+  log det(I + J) ~ sum_k (-1)^(k+1)/k c_k e^T J^k e with one Gaussian probe e.
+- basic estimator: the sum above (differentiated through every term in training).
+- Neumann estimator (training only): w~ = e + sum_k (-1)^k c_k e^T J^k, then the value
+  s = <w~^T J, e>, whose gradient with w~ held constant is the Neumann-series gradient. The value
+  is a surrogate, not a log-det estimate; the estimate from the same terms is returned beside it.
+- backward-in-forward (:class:`MemoryEfficientLogDet`): the series and its gradient are computed
+  and freed inside forward; backward scales the saved gradients by the upstream gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import ops
+
+__all__ = [
+    "SeriesPlan", "AutogradVJP", "geometric_survival", "poisson_survival", "draw_terms", "roulette_plan",
+    "truncated_plan", "series_terms", "basic_estimator", "neumann_estimator", "MemoryEfficientLogDet",
+    "batch_jacobian", "batch_trace",
+]
+
+DISTRIBUTIONS = ("geometric", "poisson")
+RNGS = ("numpy", "torch")
+
+
+def geometric_survival(p: float, j: int) -> float:
+    """P(N >= j) for N ~ Geometric(p) on {1, 2, ...} (NumPy's convention); 1 for j <= 1."""
+    return (1 - p) ** max(j - 1, 0)
+
+
+def poisson_survival(lamb: float, j: int) -> float:
+    """P(N >= j) for N ~ Poisson(lamb); 1 for j <= 0 (the reference's summation order)."""
+    if j <= 0:
+        return 1.0
+    partial = 1.0
+    for i in range(1, j):
+        partial += lamb ** i / math.factorial(i)
+    return 1 - np.exp(-lamb) * partial
+
+
+def draw_terms(dist: str, p: float, lamb: float, n_samples: int, rng: str = "numpy",
+               device: torch.device | str | None = None) -> np.ndarray:
+    """Draws N_1..N_S: from NumPy's global RNG (``rng="numpy"``, the reference's draws) or from
+    torch's RNG on ``device`` (``rng="torch"``, so that ``torch.manual_seed`` alone reproduces a
+    run); the draws are read back to the host, which needs them to size the series."""
+    if dist not in DISTRIBUTIONS:
+        raise ValueError(f"n_dist must be one of {DISTRIBUTIONS}, got {dist!r}")
+    if rng == "numpy":
+        if dist == "geometric":
+            return np.random.geometric(p, n_samples)
+        return np.random.poisson(lamb, n_samples)
+    if rng != "torch":
+        raise ValueError(f"rng must be one of {RNGS}, got {rng!r}")
+    draws = torch.empty(n_samples, dtype=torch.float64, device=device)
+    if dist == "geometric":
+        draws.geometric_(p)
+    else:
+        draws = torch.poisson(draws.fill_(lamb))
+    return draws.to(torch.int64).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class SeriesPlan:
+    """The terms k = 1..n of one estimate: c_k and the drawn N (None when truncated)."""
+
+    coeffs: tuple[float, ...]
+    samples: np.ndarray | None = None
+
+    @property
+    def n_terms(self) -> int:
+        return len(self.coeffs)
+
+    def logdet_coeff(self, k: int) -> float:
+        """(-1)^(k+1)/k c_k, the weight of e^T J^k e in the log-det (the reference's order)."""
+        return (-1) ** (k + 1) / k * self.coeffs[k - 1]
+
+    def neumann_coeff(self, k: int) -> float:
+        """(-1)^k c_k, the weight of e^T J^k in the Neumann vector."""
+        return (-1) ** k * self.coeffs[k - 1]
+
+
+def roulette_plan(samples: np.ndarray, offset: int, survival) -> SeriesPlan:
+    """Unbiased Russian-roulette plan: n = max N + offset terms, c_k per the module docstring.
+
+    ``survival(j)`` is P(N >= j); the coefficient is evaluated as the reference does,
+    ``1 / P * count / S``, so that the floats agree.
+    """
+    n_terms = int(max(samples)) + offset
+    coeffs = []
+    for k in range(1, n_terms + 1):
+        j = k - offset
+        tail = 1.0 if j <= 0 else survival(j)
+        coeffs.append(float(1 / tail * np.sum(samples >= j) / len(samples)))
+    return SeriesPlan(tuple(coeffs), samples)
+
+
+def truncated_plan(n_terms: int) -> SeriesPlan:
+    """The biased i-ResNet series: the first n terms, c_k = 1."""
+    return SeriesPlan((1.0,) * n_terms)
+
+
+class AutogradVJP:
+    """VJPs w -> w^T J of g at x by autograd (works for any branch); the graph of g is kept."""
+
+    def __init__(self, g: Tensor, x: Tensor) -> None:
+        self.g, self.x = g, x
+
+    def vjp(self, w: Tensor, create_graph: bool = False) -> Tensor:
+        (out,) = torch.autograd.grad(self.g, self.x, w, retain_graph=True, create_graph=create_graph)
+        return out
+
+    def series(self, eps: Tensor, plan: SeriesPlan, neumann: bool) -> tuple[Tensor, Tensor | None]:
+        """(sum_k (-1)^(k+1)/k c_k <w_k, e>, and w~ when ``neumann``), no graph."""
+        return series_terms(self.vjp, eps, plan, neumann)
+
+    def surrogate(self, w_tilde: Tensor, eps: Tensor) -> Tensor:
+        """<w~^T J, e> per sample, differentiable in x and the branch's parameters."""
+        return _per_sample_dot(self.vjp(w_tilde, create_graph=True), eps)
+
+
+def _per_sample_dot(a: Tensor, b: Tensor) -> Tensor:
+    shape = (a.shape[0], math.prod(a.shape[1:]))
+    return torch.sum(a.reshape(shape) * b.reshape(shape), 1)
+
+
+def _accumulator(eps: Tensor) -> Tensor:
+    dtype = torch.float64 if eps.dtype == torch.float64 else torch.float32
+    return torch.zeros(eps.shape[0], dtype=dtype, device=eps.device)
+
+
+def series_terms(vjp, eps: Tensor, plan: SeriesPlan, neumann: bool) -> tuple[Tensor, Tensor | None]:
+    """The log-det estimate and (if ``neumann``) the Neumann vector from n calls of ``vjp``,
+    each term accumulated by the fused op (no graph is built)."""
+    with torch.no_grad():
+        logdet = _accumulator(eps)
+        w_tilde = eps.clone() if neumann else None
+        w = eps
+        for k in range(1, plan.n_terms + 1):
+            w = vjp(w)
+            ops.logdet_series_accumulate_(w, eps, logdet, w_tilde, plan.logdet_coeff(k),
+                                          plan.neumann_coeff(k) if neumann else 0.0)
+    return logdet.to(eps.dtype), w_tilde
+
+
+def basic_estimator(source, eps: Tensor, plan: SeriesPlan, create_graph: bool) -> Tensor:
+    """sum_k (-1)^(k+1)/k c_k <w_k, e> per sample; with ``create_graph`` differentiable through
+    every term (the reference's training path, memory grows with n)."""
+    if not create_graph:
+        return source.series(eps, plan, neumann=False)[0]
+    logdet = torch.zeros((), dtype=eps.dtype, device=eps.device)
+    w = eps
+    for k in range(1, plan.n_terms + 1):
+        w = source.vjp(w, create_graph=True)
+        logdet = logdet + plan.logdet_coeff(k) * _per_sample_dot(w, eps)
+    return logdet
+
+
+def neumann_estimator(source, eps: Tensor, plan: SeriesPlan) -> tuple[Tensor, Tensor]:
+    """(surrogate, estimate): the differentiable surrogate <w~^T J, e> whose gradient is the
+    Neumann-series gradient, and the log-det estimate from the same terms (no graph)."""
+    estimate, w_tilde = source.series(eps, plan, neumann=True)
+    return source.surrogate(w_tilde, eps), estimate
+
+
+class MemoryEfficientLogDet(torch.autograd.Function):
+    """Backward-in-forward: the series and the gradient of the log-det value with respect to x and
+    the branch's parameters are computed in forward and only g's graph is kept.
+
+    forward(run, x, *params) -> (g, value, estimate), where ``run(x_leaf)`` returns
+    ``(g, value, estimate, grad_x, param_grads)`` with the value's gradients (summed over the
+    batch) already computed. backward: grad_x * dL per sample (exact for any upstream gradient);
+    parameter gradients need dL to be the same for every sample (true for mean or sum losses), as
+    the per-sample parameter gradients were summed in forward: a non-uniform dL raises.
+    """
+
+    @staticmethod
+    def forward(ctx, run, x, *params):
+        with torch.enable_grad():
+            x_leaf = x.detach().requires_grad_(True)
+            g, value, estimate, grad_x, param_grads = run(x_leaf)
+        ctx.g, ctx.x = g, x_leaf
+        ctx.param_grads = param_grads
+        ctx.mark_non_differentiable(estimate)
+        ctx.save_for_backward(grad_x, *params)
+        return g.detach(), value.detach(), estimate.detach()
+
+    @staticmethod
+    def backward(ctx, grad_g, grad_value, _grad_estimate):
+        grad_x, *params = ctx.saved_tensors
+        trainable = [p for p in params if p.requires_grad]
+        with torch.enable_grad():
+            grads = iter(torch.autograd.grad(ctx.g, [ctx.x, *trainable], grad_g, allow_unused=True))
+        dg = [next(grads)] + [next(grads) if p.requires_grad else None for p in params]
+        scale = grad_value.reshape((-1,) + (1,) * (grad_x.dim() - 1))
+        out_x = grad_x * scale
+        if dg[0] is not None:
+            out_x = out_x + dg[0]
+        param_grads = ctx.param_grads
+        if any(gp is not None for gp in param_grads) and grad_value.numel() > 0:
+            first = grad_value.reshape(-1)[0]
+            if not bool(torch.all(grad_value == first)):
+                raise RuntimeError(
+                    "iResBlock(grad_in_forward=True): the upstream gradient of the per-sample log-det is not the "
+                    "same for every sample (a weighted or per-sample loss), but backward-in-forward sums the "
+                    "parameter gradients over the batch in forward, so they cannot be weighted per sample. "
+                    "Build the block with grad_in_forward=False for such losses.")
+            param_grads = [None if gp is None else gp * first for gp in param_grads]
+        out_params = []
+        for gp, dp in zip(param_grads, dg[1:]):
+            if gp is None:
+                out_params.append(dp)
+            elif dp is None:
+                out_params.append(gp)
+            else:
+                out_params.append(gp + dp)
+        ctx.g = ctx.x = ctx.param_grads = None
+        return (None, out_x, *out_params)
+
+
+def batch_jacobian(g: Tensor, x: Tensor) -> Tensor:
+    """The (B, D, D) Jacobians of g (B, D) at x (B, D), one autograd pass per output, with graph."""
+    rows = [torch.autograd.grad(g[:, d].sum(), x, create_graph=True)[0].reshape(x.shape[0], 1, x.shape[1])
+            for d in range(g.shape[1])]
+    return torch.cat(rows, 1)
+
+
+def batch_trace(m: Tensor) -> Tensor:
+    return torch.diagonal(m, dim1=1, dim2=2).sum(1)

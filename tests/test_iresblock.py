@@ -1,0 +1,372 @@
+"""resflow_cuda.nn.iResBlock against normflows' copy of the reference block, the exact log-det,
+and its own contracts (inverse, errors, statistics)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import warnings
+
+import normflows as nf
+import numpy as np
+import pytest
+import torch
+from normflows.flows.residual import iResBlock as NfBlock
+
+import resflow_cuda
+from resflow_cuda import estimators as est
+from resflow_cuda.nn import iResBlock, logdet_exact
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*did not converge")
+
+
+def _mlp(dims, seed=1, coeff=0.9):
+    torch.manual_seed(seed)
+    net = nf.nets.LipschitzMLP(dims, lipschitz_const=coeff, init_zeros=False)
+    for m in net.modules():
+        if hasattr(m, "compute_weight"):
+            m.compute_weight(update=True, n_iterations=20)
+    return net
+
+
+def _cnn(channels, seed=1):
+    torch.manual_seed(seed)
+    net = nf.nets.LipschitzCNN(channels, [3, 1, 3], lipschitz_const=0.9, init_zeros=False)
+    net(torch.randn(1, channels[0], 5, 5))  # the lazy u/v initialisation
+    return net
+
+
+def _pair(net, dtype=torch.float64, **kwargs):
+    ref = NfBlock(copy.deepcopy(net), **kwargs).to(dtype)
+    ours = iResBlock(copy.deepcopy(net), **kwargs).to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _step(block, x, seed, logpx=True, weights=None):
+    """One seeded call: outputs, the gradients of a loss of both outputs w.r.t. x and every parameter."""
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    x = x.clone().requires_grad_(True)
+    if not logpx:
+        y = block(x)
+        loss, logp = y.square().sum(), None
+    else:
+        y, logp = block(x, torch.zeros(x.shape[0], 1, dtype=x.dtype))
+        w = torch.ones_like(logp) if weights is None else weights
+        loss = y.square().sum() + (w * logp).sum()
+    params = [p for p in block.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [x, *params], allow_unused=True)
+    return y.detach(), None if logp is None else logp.detach(), grads
+
+
+def _assert_same(a, b, atol=1e-10, rtol=1e-9):
+    ya, la, ga = a
+    yb, lb, gb = b
+    torch.testing.assert_close(yb, ya, atol=atol, rtol=rtol)
+    if la is not None:
+        torch.testing.assert_close(lb, la, atol=atol, rtol=rtol)
+    assert len(ga) == len(gb)
+    for i, (u, v) in enumerate(zip(ga, gb)):
+        if u is None:
+            assert v is None or not v.abs().max() > 0, f"gradient {i}: reference has none"
+        else:
+            torch.testing.assert_close(v, u, atol=atol, rtol=rtol, msg=lambda m: f"gradient {i}: {m}")
+
+
+SETTINGS = [
+    dict(n_dist=dist, n_samples=s, neumann_grad=neu, grad_in_forward=gif)
+    for dist, s, neu, gif in itertools.product(("geometric", "poisson"), (1, 3), (True, False), (True, False))
+]
+
+
+@pytest.mark.parametrize("kwargs", SETTINGS, ids=lambda k: "-".join(str(v) for v in k.values()))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_matches_normflows_on_an_mlp(kwargs, training):
+    ref, ours = _pair(_mlp([4, 16, 16, 4]), **kwargs)
+    ref.train(training)
+    ours.train(training)
+    x = torch.randn(7, 4, dtype=torch.float64)
+    for seed in (3, 4):
+        _assert_same(_step(ref, x, seed), _step(ours, x, seed))
+    for name in ("last_n_samples", "last_firmom", "last_secmom"):
+        torch.testing.assert_close(getattr(ours, name), getattr(ref, name), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [SETTINGS[0], SETTINGS[6], SETTINGS[11]],
+                         ids=lambda k: "-".join(str(v) for v in k.values()))
+def test_matches_normflows_on_a_cnn(kwargs):
+    ref, ours = _pair(_cnn([2, 8, 8, 2]), **kwargs)
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    _assert_same(_step(ref, x, 5), _step(ours, x, 5))
+
+
+@pytest.mark.parametrize("kwargs,dim", [
+    (dict(brute_force=True), 2), (dict(exact_trace=True), 2), (dict(exact_trace=True), 3),
+    (dict(n_power_series=5), 2), (dict(n_power_series=5), 3), (dict(exact_trace=True, n_dist="poisson"), 3),
+], ids=str)
+def test_exact_and_truncated_branches_match_normflows(kwargs, dim):
+    ref, ours = _pair(_mlp([dim, 8, dim]), **kwargs)
+    x = torch.randn(5, dim, dtype=torch.float64)
+    for training in (True, False):
+        ref.train(training)
+        ours.train(training)
+        _assert_same(_step(ref, x, 7), _step(ours, x, 7))
+
+
+def test_float32_matches_normflows():
+    ref, ours = _pair(_mlp([3, 32, 3]), dtype=torch.float32, grad_in_forward=True)
+    x = torch.randn(9, 3)
+    _assert_same(_step(ref, x, 11), _step(ours, x, 11), atol=2e-5, rtol=2e-5)
+
+
+def test_without_logpx_returns_x_plus_g():
+    ref, ours = _pair(_mlp([3, 8, 3]))
+    x = torch.randn(4, 3, dtype=torch.float64)
+    _assert_same(_step(ref, x, 0, logpx=False), _step(ours, x, 0, logpx=False))
+
+
+def test_state_dict_layout_and_dtypes_match_the_reference():
+    ref, ours = _pair(_mlp([3, 8, 3]), dtype=torch.float32, n_samples=3)
+    ref = NfBlock(copy.deepcopy(ref.nnet), n_samples=3)
+    ours = iResBlock(copy.deepcopy(ref.nnet), n_samples=3)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    for (ka, a), (kb, b) in zip(ref.state_dict().items(), ours.state_dict().items()):
+        assert a.dtype == b.dtype and a.shape == b.shape, ka
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    assert ours.geom_p.dtype == torch.float64 and ours.lamb.dtype == torch.float32
+    ours.load_state_dict(NfBlock(copy.deepcopy(ref.nnet), n_samples=3, geom_p=0.3).state_dict())
+    assert math.isclose(torch.sigmoid(ours.geom_p).item(), 0.3)
+
+
+def test_normflows_residual_state_dict_loads_into_the_block():
+    flow = nf.flows.Residual(_mlp([3, 8, 3]), reduce_memory=True)
+    block = iResBlock(_mlp([3, 8, 3], seed=9))
+    block.load_state_dict({k.removeprefix("iresblock."): v for k, v in flow.state_dict().items()})
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(block(x), flow.iresblock(x))
+
+
+# -- the estimator against the exact log-det --------------------------------------------------
+
+
+# One call draws one N for the whole batch, so the independent draws are the per-call means.
+
+
+@pytest.mark.parametrize("dist,offset", [("geometric", 0), ("geometric", 2), ("poisson", 0), ("poisson", 3)])
+def test_the_estimator_is_unbiased(dist, offset):
+    np.random.seed(0)
+    block = iResBlock(_mlp([3, 16, 3], coeff=0.7), n_dist=dist, n_exact_terms=offset, neumann_grad=False).double()
+    x = torch.randn(1, 3, dtype=torch.float64).expand(64, 3).contiguous()
+    exact = logdet_exact(block, x[:1]).item()
+    with torch.no_grad():
+        draws = torch.stack([-block(x, 0.0)[1].mean() for _ in range(400)])
+    stderr = draws.std().item() / math.sqrt(draws.numel())
+    assert abs(draws.mean().item() - exact) < 4 * stderr, (draws.mean().item(), exact, stderr)
+
+
+def test_the_neumann_gradient_is_unbiased():
+    block = iResBlock(_mlp([3, 16, 3], coeff=0.7), n_exact_terms=1, grad_in_forward=True).double()
+    params = [p for p in block.nnet.parameters() if p.requires_grad]
+    x0 = torch.randn(1, 3, dtype=torch.float64)
+    exact = torch.autograd.grad(logdet_exact_with_graph(block, x0).sum(), params, allow_unused=True)
+    x = x0.expand(64, 3).contiguous()
+    np.random.seed(1)
+    draws = [torch.autograd.grad(-block(x, 0.0)[1].mean(), params, allow_unused=True) for _ in range(300)]
+    for i, truth in enumerate(exact):
+        if truth is None:  # the last bias does not move the log-det
+            assert all(g[i] is None or not g[i].any() for g in draws)
+            continue
+        d = torch.stack([g[i] for g in draws])
+        stderr = d.std(0) / math.sqrt(d.shape[0])
+        assert torch.all((d.mean(0) - truth).abs() <= 4 * stderr + 1e-12), (i, d.mean(0), truth, stderr)
+
+
+def logdet_exact_with_graph(block, x):
+    x = x.requires_grad_(True)
+    g = block.nnet(x)
+    jac = est.batch_jacobian(g, x)
+    return torch.linalg.slogdet(torch.eye(x.shape[1], dtype=x.dtype) + jac).logabsdet
+
+
+def test_eval_2d_uses_the_exact_determinant():
+    block = iResBlock(_mlp([2, 16, 2])).double().eval()
+    x = torch.randn(6, 2, dtype=torch.float64)
+    _, logp = block(x, 0.0)
+    torch.testing.assert_close(-logp, logdet_exact(block, x))
+
+
+def test_logdet_exact_of_a_conv_block_matches_dense_jacobian():
+    block = iResBlock(_cnn([2, 4, 4, 2])).double()
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda t: block.nnet(t).sum(0), x).reshape(18, 2, 18).permute(1, 0, 2)
+    expected = torch.linalg.slogdet(torch.eye(18, dtype=torch.float64) + jac).logabsdet.view(-1, 1)
+    torch.testing.assert_close(logdet_exact(block, x), expected)
+
+
+# -- options beyond the reference ---------------------------------------------------------------
+
+
+def test_logdet_estimate_reports_the_estimate_with_the_same_gradient():
+    net = _mlp([3, 16, 3])
+    plain = iResBlock(copy.deepcopy(net)).double()
+    reporting = iResBlock(copy.deepcopy(net), logdet_estimate=True).double()
+    basic = iResBlock(copy.deepcopy(net), neumann_grad=False).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    surrogate, estimate, basic_value = (_step(b, x, 21) for b in (plain, reporting, basic))
+    torch.testing.assert_close(estimate[1], basic_value[1])  # the real estimate, same N and probe
+    assert not torch.allclose(estimate[1], surrogate[1])
+    for a, b in zip(surrogate[2], estimate[2]):
+        torch.testing.assert_close(b, a)
+    torch.testing.assert_close(plain.last_logdet_estimate, -basic_value[1])
+
+
+def test_torch_rng_mode_reproduces_with_torch_manual_seed_alone():
+    block = iResBlock(_mlp([3, 16, 3]), rng="torch").double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    outs = []
+    for numpy_seed in (0, 1):
+        np.random.seed(numpy_seed)
+        torch.manual_seed(3)
+        outs.append(block(x, 0.0)[1])
+    torch.testing.assert_close(outs[0], outs[1])
+
+
+def test_grad_in_forward_uses_the_whole_upstream_gradient_for_x():
+    net = _mlp([3, 16, 3])
+    weights = torch.linspace(0.5, 2.0, 6, dtype=torch.float64).view(-1, 1)
+    mem = iResBlock(copy.deepcopy(net), grad_in_forward=True).double()
+    plain = iResBlock(copy.deepcopy(net), grad_in_forward=False).double()
+    for p in itertools.chain(mem.nnet.parameters(), plain.nnet.parameters()):
+        p.requires_grad_(False)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    _assert_same(_step(plain, x, 2, weights=weights), _step(mem, x, 2, weights=weights))
+
+
+def test_grad_in_forward_refuses_a_per_sample_weighted_parameter_gradient():
+    block = iResBlock(_mlp([3, 16, 3]), grad_in_forward=True).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    weights = torch.linspace(0.5, 2.0, 6, dtype=torch.float64).view(-1, 1)
+    with pytest.raises(RuntimeError, match="grad_in_forward=False"):
+        _step(block, x, 2, weights=weights)
+
+
+def test_works_under_no_grad_and_in_eval():
+    block = iResBlock(_mlp([3, 16, 3])).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        block.train()
+        y, logp = block(x, 0.0)
+        block.eval()
+        y2, logp2 = block(x, 0.0)
+    assert torch.isfinite(logp).all() and torch.isfinite(logp2).all()
+    torch.testing.assert_close(y, y2)
+
+
+# -- inverse --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_inverse_round_trip(per_sample):
+    block = iResBlock(_mlp([4, 32, 4]), inverse_per_sample=per_sample, inverse_atol=1e-12, inverse_rtol=1e-12)
+    x = torch.randn(16, 4)
+    with torch.no_grad():
+        back = block.inverse(block(x))
+    torch.testing.assert_close(back, x, atol=1e-5, rtol=1e-5)
+    report = block.last_inverse_report
+    assert report.converged and report.max_residual < 1 and report.iterations > 0
+    if per_sample:
+        assert report.sample_iterations.shape == (16,) and (report.sample_iterations >= 0).all()
+
+
+def test_inverse_matches_normflows_and_returns_the_log_density():
+    ref, ours = _pair(_mlp([3, 16, 3]))
+    ref.eval()
+    ours.eval()
+    y = torch.randn(5, 3, dtype=torch.float64)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    xr, lr = ref.inverse(y, torch.zeros(5, 1, dtype=torch.float64))
+    np.random.seed(0)
+    torch.manual_seed(0)
+    xo, lo = ours.inverse(y, torch.zeros(5, 1, dtype=torch.float64))
+    torch.testing.assert_close(xo, xr)
+    torch.testing.assert_close(lo, lr)
+
+
+class _Expanding(torch.nn.Module):
+    def forward(self, x):
+        return 1.5 * x
+
+
+def test_a_non_converging_inverse_warns_and_reports():
+    block = iResBlock(_Expanding(), inverse_max_iterations=20)
+    with pytest.warns(RuntimeWarning, match="did not converge in 21 iterations.*lipschitz_report"):
+        block.inverse(torch.randn(3, 2))
+    assert not block.last_inverse_report.converged
+
+
+def test_inverse_of_nan_raises():
+    block = iResBlock(_mlp([3, 8, 3]))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        block.inverse(torch.tensor([[0.0, float("nan"), 1.0]]))
+
+
+def test_nan_input_propagates_to_the_log_det():
+    block = iResBlock(_mlp([3, 8, 3]))
+    x = torch.randn(3, 3)
+    x[1, 0] = float("nan")
+    y, logp = block(x, 0.0)
+    assert torch.isnan(logp[1]).all() and torch.isfinite(logp[[0, 2]]).all()
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(geom_p=1.0), "geom_p in \\(0, 1\\)"), (dict(lamb=0.0), "lamb > 0"),
+    (dict(n_dist="uniform"), "n_dist .*'uniform'"), (dict(rng="cuda"), "rng .*'cuda'"),
+    (dict(n_samples=0), "n_samples .*>= 1.*0"), (dict(n_power_series=0), "n_power_series"),
+])
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        iResBlock(_mlp([2, 4, 2]), **kwargs)
+
+
+def test_nnet_must_be_a_module():
+    with pytest.raises(TypeError, match="nnet.*function"):
+        iResBlock(lambda x: x)
+
+
+def test_inputs_without_a_batch_dimension_are_refused():
+    block = iResBlock(_mlp([3, 8, 3]))
+    with pytest.raises(ValueError, match=r"shape \(B, ...\) with at least 2 dimensions, but got torch.Size\(\[3\]\)"):
+        block(torch.randn(3), 0.0)
+
+
+def test_brute_force_needs_2d():
+    block = iResBlock(_mlp([3, 8, 3]), brute_force=True)
+    with pytest.raises(ValueError, match=r"brute_force=True.*\(B, 2\).*\[4, 3\]"):
+        block(torch.randn(4, 3), 0.0)
+
+
+def test_exact_trace_needs_flat_inputs():
+    block = iResBlock(_cnn([2, 4, 4, 2]), exact_trace=True)
+    with pytest.raises(ValueError, match=r"exact_trace=True.*\(B, D\).*\[2, 2, 5, 5\]"):
+        block(torch.randn(2, 2, 5, 5), 0.0)
+
+
+def test_logdet_exact_checks_its_arguments():
+    with pytest.raises(TypeError, match="nnet"):
+        logdet_exact(torch.nn.Linear(2, 2), torch.randn(3, 2))
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        logdet_exact(iResBlock(_mlp([2, 4, 2])), torch.randn(3))
+
+
+def test_exported_names():
+    assert resflow_cuda.nn.iResBlock is iResBlock
+    assert resflow_cuda.logdet_exact is logdet_exact
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        repr(iResBlock(_mlp([2, 4, 2])))
