@@ -33,10 +33,26 @@ constexpr const char* kKernelSchemas[] = {
     "int max_iterations, float? atol, float? rtol, float domain, float codomain, bool u_first) -> ()",
 };
 
+// Ops composed of ATen calls and the kernels above, one implementation for every device
+// (CompositeExplicitAutograd): the log-det series of a linearized residual branch
+// (csrc/linearized_chain.h).
+constexpr const char* kCompositeSchemas[] = {
+    // All n terms: per-sample log-det terms, the Neumann vector and the Neumann surrogate.
+    "linearized_logdet_series(Tensor eps, Tensor[] weights, int[] strides, int[] paddings, Tensor?[] derivs, "
+    "float[] logdet_coeffs, float[] neumann_coeffs) -> (Tensor, Tensor, Tensor)",
+    // The surrogate <w~^T J, eps> and its gradient w.r.t. x, weights, biases and LipSwish betas.
+    "linearized_neumann_gradient(Tensor w_tilde, Tensor eps, Tensor[] weights, int[] strides, int[] paddings, "
+    "Tensor?[] derivs, Tensor[] layer_inputs, Tensor?[] act_inputs, int[] activations, float[] act_params, "
+    "Tensor?[] betas, bool[] has_bias) -> (Tensor, Tensor, Tensor[], Tensor[], Tensor[])",
+};
+
 }  // namespace
 
 TORCH_LIBRARY(resflow_cuda, m) {
   for (const char* schema : kKernelSchemas) {
+    m.def(schema);
+  }
+  for (const char* schema : kCompositeSchemas) {
     m.def(schema);
   }
   m.def("cuda_version() -> int", &cuda_version);

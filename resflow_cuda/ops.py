@@ -265,3 +265,73 @@ def _not_differentiable(name):
 
 torch.library.register_autograd("resflow_cuda::power_iteration", _not_differentiable("power_iteration"))
 torch.library.register_autograd("resflow_cuda::conv_power_iteration", _not_differentiable("conv_power_iteration"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The log-det series of a linearized residual branch (csrc/linearized_chain.h): composite ops
+# over ATen and the fused accumulation, one implementation for every device. Not differentiable
+# (they compute gradients themselves); called under no_grad by resflow_cuda.linearize.
+# ---------------------------------------------------------------------------------------------
+
+
+def linearized_logdet_series(eps: Tensor, weights: list[Tensor], strides: list[int], paddings: list[int],
+                             derivs: list[Tensor | None], logdet_coeffs: list[float],
+                             neumann_coeffs: list[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """All n series terms of the branch's Jacobian J in one call, w_k = w_{k-1}^T J from w_0 = eps.
+
+    Steps i = 1..L: ``weights[i]`` (out, in) or (out, in, kh, kw) with two ``strides`` /
+    ``paddings`` entries per step, ``derivs[i]`` phi'(h_{i-1}) of the activation before it (None:
+    none). Returns ``(logdet, neumann, surrogate)``: sum_k logdet_coeffs[k] <w_k, eps> per sample
+    (float32, float64 for float64 eps), eps + sum_k neumann_coeffs[k] w_k and <neumann^T J, eps>
+    (both empty when ``neumann_coeffs`` is empty).
+    """
+    return _OPS.linearized_logdet_series(eps, weights, strides, paddings, derivs, logdet_coeffs, neumann_coeffs)
+
+
+def linearized_neumann_gradient(w_tilde: Tensor, eps: Tensor, weights: list[Tensor], strides: list[int],
+                                paddings: list[int], derivs: list[Tensor | None], layer_inputs: list[Tensor],
+                                act_inputs: list[Tensor | None], activations: list[int], act_params: list[float],
+                                betas: list[Tensor | None], has_bias: list[bool]):
+    """The surrogate s = <w_tilde^T J, eps> per sample and its gradient, w_tilde held constant.
+
+    Per step also: ``layer_inputs[i]`` a_i = phi_i(h_{i-1}), ``act_inputs[i]`` h_{i-1} (None
+    without activation), ``activations[i]`` 0 identity / 1 LipSwish / 2 ELU / 3 softplus with two
+    ``act_params`` (ELU alpha; softplus beta, threshold), ``betas[i]`` LipSwish's raw beta.
+    Returns ``(s, grad_x, grad_weights, grad_biases, grad_betas)`` (empty tensors for steps
+    without bias / LipSwish).
+    """
+    return _OPS.linearized_neumann_gradient(w_tilde, eps, weights, strides, paddings, derivs, layer_inputs,
+                                            act_inputs, activations, act_params, betas, has_bias)
+
+
+def _accumulator_like(eps: Tensor, n: int) -> Tensor:
+    dtype = torch.float64 if eps.dtype == torch.float64 else torch.float32
+    return eps.new_empty((n,), dtype=dtype)
+
+
+@torch.library.register_fake("resflow_cuda::linearized_logdet_series")
+def _linearized_logdet_series_fake(eps, weights, strides, paddings, derivs, logdet_coeffs, neumann_coeffs):
+    with_neumann = len(neumann_coeffs) > 0
+    neumann = torch.empty_like(eps, memory_format=torch.contiguous_format) if with_neumann else eps.new_empty((0,))
+    return (_accumulator_like(eps, eps.shape[0]), neumann,
+            _accumulator_like(eps, eps.shape[0] if with_neumann else 0))
+
+
+@torch.library.register_fake("resflow_cuda::linearized_neumann_gradient")
+def _linearized_neumann_gradient_fake(w_tilde, eps, weights, strides, paddings, derivs, layer_inputs, act_inputs,
+                                      activations, act_params, betas, has_bias):
+    grad_biases = [w.new_empty((w.shape[0],) if bias else (0,)) for w, bias in zip(weights, has_bias)]
+    grad_betas = [eps.new_empty((0,)) if b is None else torch.empty_like(b) for b in betas]
+    return (eps.new_empty((eps.shape[0],)), torch.empty_like(eps), [torch.empty_like(w) for w in weights],
+            grad_biases, grad_betas)
+
+
+def _not_differentiable(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"resflow_cuda::{op} is not differentiable: it computes log-det terms and gradients "
+                           f"itself. Call it under torch.no_grad() (resflow_cuda.nn.iResBlock does).")
+    return backward
+
+
+for _name in ("linearized_logdet_series", "linearized_neumann_gradient"):
+    torch.library.register_autograd(f"resflow_cuda::{_name}", _not_differentiable(_name))

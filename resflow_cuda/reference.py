@@ -128,6 +128,107 @@ def conv_operator(weight: Tensor, input_hw, stride, padding):
 
 
 # ---------------------------------------------------------------------------------------------
+# The log-det series of a linearized residual branch (steps "activation, then a dense or conv
+# map"; see csrc/linearized_chain.h): twins of linearized_logdet_series and
+# linearized_neumann_gradient, with autograd for the chain's transposes.
+# ---------------------------------------------------------------------------------------------
+
+
+def _chain_maps(weights, strides, paddings):
+    """Per step: the map v -> W v (dense on the last dim, or conv2d), without bias."""
+    maps = []
+    for i, w in enumerate(weights):
+        if w.dim() == 2:
+            maps.append(lambda v, w=w: F.linear(v, w))
+        else:
+            s, p = tuple(strides[2 * i:2 * i + 2]), tuple(paddings[2 * i:2 * i + 2])
+            maps.append(lambda v, w=w, s=s, p=p: F.conv2d(v, w, stride=s, padding=p))
+    return maps
+
+
+def _jacobian_apply(maps, derivs, v: Tensor) -> Tensor:
+    for apply, d in zip(maps, derivs):
+        v = apply(v if d is None else v * d)
+    return v
+
+
+def _chain_vjp(maps, derivs, w: Tensor) -> Tensor:
+    probe = torch.zeros_like(w).requires_grad_(True)
+    with torch.enable_grad():
+        return torch.autograd.grad(_jacobian_apply(maps, derivs, probe), probe, w)[0]
+
+
+def linearized_logdet_series(eps, weights, strides, paddings, derivs, logdet_coeffs, neumann_coeffs):
+    """(sum_k lc_k <w_k, eps>, eps + sum_k nc_k w_k, <neumann^T J, eps>), w_k = w_{k-1}^T J."""
+    maps = _chain_maps(weights, strides, paddings)
+    acc = torch.float64 if eps.dtype == torch.float64 else torch.float32
+    flat = (eps.shape[0], eps[0].numel() if eps.shape[0] else 0)
+    logdet = torch.zeros(eps.shape[0], dtype=acc, device=eps.device)
+    neumann = eps.clone() if neumann_coeffs else eps.new_empty((0,))
+    w = eps
+    for k, lc in enumerate(logdet_coeffs):
+        w = _chain_vjp(maps, derivs, w)
+        logdet = logdet + lc * (w.reshape(flat) * eps.reshape(flat)).to(acc).sum(1)
+        if neumann_coeffs:
+            neumann = neumann + neumann_coeffs[k] * w
+    if not neumann_coeffs:
+        return logdet, neumann, logdet.new_empty((0,))
+    surrogate = (_chain_vjp(maps, derivs, neumann).reshape(flat) * eps.reshape(flat)).to(acc).sum(1)
+    return logdet, neumann, surrogate
+
+
+def _activation(code: int, params, beta):
+    if code == 1:
+        return lambda h: lipswish(h, beta)
+    if code == 2:
+        return lambda h: F.elu(h, params[0])
+    return lambda h: F.softplus(h, params[0], params[1])
+
+
+def linearized_neumann_gradient(w_tilde, eps, weights, strides, paddings, derivs, layer_inputs, act_inputs,
+                                activations, act_params, betas, has_bias):
+    """s = <w~^T J, eps> and its gradient by autograd's double backward through a rebuilt branch.
+
+    The branch is rebuilt from the cached inputs of each step: x = h_0 (act_inputs[0], or
+    layer_inputs[0] without activation) and biases chosen so that every h_i is the cached one,
+    so that the gradients are those of the original branch at the original point."""
+    maps = _chain_maps(weights, strides, paddings)
+    steps = len(weights)
+    x = (act_inputs[0] if activations[0] else layer_inputs[0]).detach().clone().requires_grad_(True)
+    leaves_w = [w.detach().clone().requires_grad_(True) for w in weights]
+    leaves_beta = [None if b is None else b.detach().clone().requires_grad_(True) for b in betas]
+    biases = []
+    for i in range(steps):
+        nxt = act_inputs[i + 1] if i + 1 < steps and activations[i + 1] else (
+            layer_inputs[i + 1] if i + 1 < steps else None)
+        if nxt is None or not has_bias[i]:
+            shape = (weights[i].shape[0],)
+            biases.append(torch.zeros(shape, dtype=eps.dtype, device=eps.device, requires_grad=True))
+            continue
+        offset = nxt - maps[i](layer_inputs[i])
+        dims = [0] + list(range(2, offset.dim()))
+        biases.append(offset.mean(dims).detach().clone().requires_grad_(True))
+    with torch.enable_grad():
+        h = x
+        for i in range(steps):
+            a = _activation(activations[i], act_params[2 * i:2 * i + 2], leaves_beta[i])(h) if activations[i] else h
+            b = biases[i] if a.dim() == 2 else biases[i].view(1, -1, 1, 1)
+            h = (F.linear(a, leaves_w[i]) if weights[i].dim() == 2 else
+                 F.conv2d(a, leaves_w[i], stride=tuple(strides[2 * i:2 * i + 2]),
+                          padding=tuple(paddings[2 * i:2 * i + 2]))) + b
+        (vjp,) = torch.autograd.grad(h, x, w_tilde, create_graph=True)
+        s = (vjp * eps).reshape(eps.shape[0], -1).sum(1)
+        leaves = [x, *leaves_w, *biases, *[b for b in leaves_beta if b is not None]]
+        grads = torch.autograd.grad(s.sum(), leaves, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+    grad_x, grad_w = grads[0], grads[1:1 + steps]
+    grad_b = [g if hb else eps.new_empty((0,)) for g, hb in zip(grads[1 + steps:1 + 2 * steps], has_bias)]
+    beta_grads = iter(grads[1 + 2 * steps:])
+    grad_beta = [eps.new_empty((0,)) if b is None else next(beta_grads) for b in leaves_beta]
+    return s.detach(), grad_x, grad_w, grad_b, grad_beta
+
+
+# ---------------------------------------------------------------------------------------------
 # The reference SpectralNorm* layers (residual-flows lipschitz.py; normflows has no copy), for tests
 # ---------------------------------------------------------------------------------------------
 

@@ -1,0 +1,164 @@
+// linearized_neumann_gradient: the gradient of the Neumann surrogate s = sum_b <w~_b^T J_b, eps_b>
+// of a linearized branch (csrc/linearized_chain.h) with respect to x, every weight, bias and
+// LipSwish beta, with w~ held constant, from the cached forward quantities: no autograd graph.
+//
+// With tangents t_0 = eps, u_i = phi_i'(h_{i-1}) t_{i-1}, t_i = W_i u_i, and co-tangents
+// r_L = w~, p_i = r_i^T W_i, r_{i-1} = p_i phi_i'(h_{i-1}), s = <r_0, eps> and
+//   ds/dW_i (through J)   = sum_b r_i u_i^T
+//   ds/dh_{i-1} (through D_i) = p_i t_{i-1} phi_i''(h_{i-1})   (and the beta partials of phi_i')
+// which then flows back through the primal network h_i = W_i phi_i(h_{i-1}) + b_i as an ordinary
+// gradient G: G_{i-1} = (G_i^T W_i) phi_i' + p_i t_{i-1} phi_i'', ds/dW_i += sum_b G_i a_i^T,
+// ds/db_i = sum G_i, ds/dx = G_0. LipSwish's phi'' and beta partials come from its fused
+// backward / double-backward ops; ELU's and softplus' are below.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "linearized_chain.h"
+
+namespace resflow_cuda {
+namespace {
+
+constexpr const char* kOp = "linearized_neumann_gradient";
+
+std::tuple<at::Tensor, at::Tensor> lipswish_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                     const at::Tensor& beta) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("resflow_cuda::lipswish_backward", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                       const at::Tensor&)>();
+  return op.call(grad, x, beta);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lipswish_double_backward(const at::Tensor& grad, const at::Tensor& gg_x,
+                                                                        const at::Tensor& gg_beta, const at::Tensor& x,
+                                                                        const at::Tensor& beta) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("resflow_cuda::lipswish_double_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&)>();
+  return op.call(grad, gg_x, gg_beta, x, beta);
+}
+
+// phi''(h): ELU(alpha) is alpha e^h for h <= 0 (0 above); softplus(beta, threshold) is
+// beta s (1 - s) with s = sigmoid(beta h) where beta h <= threshold (linear, 0, above).
+at::Tensor second_derivative(ActivationKind kind, const at::Tensor& h, double p0, double p1) {
+  if (kind == ActivationKind::kElu) {
+    return at::where(h > 0, at::zeros_like(h), at::exp(h) * p0);
+  }
+  const at::Tensor z = h * p0;
+  const at::Tensor s = at::sigmoid(z);
+  return at::where(z > p1, at::zeros_like(h), s * (1 - s) * p0);
+}
+
+at::Tensor sum_except_channels(const at::Tensor& g) {
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < g.dim(); ++d) {
+    dims.push_back(d);
+  }
+  return g.sum(dims);
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+linearized_neumann_gradient(const at::Tensor& w_tilde, const at::Tensor& eps, at::TensorList weights,
+                            at::IntArrayRef strides, at::IntArrayRef paddings,
+                            const c10::List<std::optional<at::Tensor>>& derivs, at::TensorList layer_inputs,
+                            const c10::List<std::optional<at::Tensor>>& act_inputs, at::IntArrayRef activations,
+                            at::ArrayRef<double> act_params, const c10::List<std::optional<at::Tensor>>& betas,
+                            const c10::List<bool>& has_bias) {
+  const auto chain = make_chain(kOp, eps, weights, strides, paddings, derivs);
+  const size_t steps = chain.size();
+  check_matches(kOp, "w_tilde", w_tilde, "eps", eps);
+  TORCH_CHECK(layer_inputs.size() == steps && act_inputs.size() == steps && activations.size() == steps &&
+                  betas.size() == steps && has_bias.size() == steps && act_params.size() == 2 * steps,
+              kOp, ": expected layer_inputs, act_inputs, activations, betas and has_bias to have one entry per "
+              "weight and act_params two (", steps, " weights), but got ", layer_inputs.size(), ", ",
+              act_inputs.size(), ", ", activations.size(), ", ", betas.size(), ", ", has_bias.size(), " and ",
+              act_params.size());
+  std::vector<ActivationKind> kinds(steps);
+  for (size_t i = 0; i < steps; ++i) {
+    TORCH_CHECK(activations[i] >= 0 && activations[i] <= 3, kOp, ": expected activations[", i,
+                "] to be 0 (identity), 1 (LipSwish), 2 (ELU) or 3 (softplus), but got ", activations[i]);
+    kinds[i] = static_cast<ActivationKind>(activations[i]);
+    const bool act = kinds[i] != ActivationKind::kIdentity;
+    TORCH_CHECK(layer_inputs[i].sizes() == at::IntArrayRef(chain[i].input_shape) &&
+                    layer_inputs[i].scalar_type() == eps.scalar_type() && layer_inputs[i].device() == eps.device(),
+                kOp, ": expected layer_inputs[", i, "] to have the input shape of weights[", i, "] ",
+                at::IntArrayRef(chain[i].input_shape), " and the dtype and device of eps, but got ",
+                layer_inputs[i].sizes(), " ", layer_inputs[i].scalar_type(), " on ", layer_inputs[i].device());
+    TORCH_CHECK(act == deriv_at(derivs, i).has_value() && act == deriv_at(act_inputs, i).has_value(), kOp,
+                ": step ", i, " has activation ", activations[i], ", so derivs[", i, "] and act_inputs[", i,
+                "] must both be ", act ? "given" : "None");
+    TORCH_CHECK((kinds[i] == ActivationKind::kLipSwish) == deriv_at(betas, i).has_value(), kOp, ": expected betas[",
+                i, "] to be given exactly for LipSwish steps");
+  }
+
+  // Tangents: t_{i-1} entering step i, and u_i = phi_i' t_{i-1}.
+  std::vector<at::Tensor> tangents(steps), activated(steps);
+  at::Tensor t = eps;
+  for (size_t i = 0; i < steps; ++i) {
+    tangents[i] = t;
+    const auto d = deriv_at(derivs, i);
+    activated[i] = d ? t * *d : t;
+    t = chain[i].jvp(activated[i]);
+  }
+
+  std::vector<at::Tensor> grad_weights(steps), grad_biases(steps), grad_betas(steps);
+  at::Tensor r = w_tilde;
+  at::Tensor grad;  // G_i: undefined while zero (above the last step)
+  for (size_t i = steps; i-- > 0;) {
+    const ChainStep& step = chain[i];
+    grad_weights[i] = step.weight_grad(r, activated[i]);
+    if (grad.defined()) {
+      grad_weights[i].add_(step.weight_grad(grad, layer_inputs[i]));
+    }
+    grad_biases[i] = !has_bias.get(i) ? at::empty({0}, eps.options())
+                     : grad.defined() ? sum_except_channels(grad)
+                                      : at::zeros({step.weight.size(0)}, eps.options());
+    const at::Tensor p = step.vjp(r);
+    const at::Tensor upstream = grad.defined() ? step.vjp(grad) : at::Tensor();
+    const auto d = deriv_at(derivs, i);
+    if (!d) {
+      r = p;
+      grad = upstream;
+      grad_betas[i] = at::empty({0}, eps.options());
+      continue;
+    }
+    const at::Tensor h = *deriv_at(act_inputs, i);
+    r = p * *d;
+    if (kinds[i] == ActivationKind::kLipSwish) {
+      const at::Tensor beta = *deriv_at(betas, i);
+      const auto through_slope = lipswish_double_backward(p, tangents[i], at::zeros_like(beta), h, beta);
+      grad = std::get<1>(through_slope);
+      grad_betas[i] = std::get<2>(through_slope);
+      if (upstream.defined()) {
+        auto [through, beta_from_value] = lipswish_backward(upstream, h, beta);
+        grad.add_(through);
+        grad_betas[i] = grad_betas[i] + beta_from_value;
+      }
+    } else {
+      grad = p * tangents[i] * second_derivative(kinds[i], h, act_params[2 * i], act_params[2 * i + 1]);
+      if (upstream.defined()) {
+        grad.add_(upstream * *d);
+      }
+      grad_betas[i] = at::empty({0}, eps.options());
+    }
+  }
+  const at::Tensor surrogate = (r * eps).reshape({eps.size(0), c10::multiply_integers(eps.sizes().slice(1))}).sum(1);
+  const at::Tensor grad_x = grad.defined() ? grad : at::zeros_like(eps);
+  return {surrogate, grad_x, grad_weights, grad_biases, grad_betas};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resflow_cuda, CompositeExplicitAutograd, m) {
+  m.impl("linearized_neumann_gradient", &linearized_neumann_gradient);
+}
+
+}  // namespace resflow_cuda

@@ -1,0 +1,251 @@
+"""Is a residual branch built from layers we know? Then its linearization: the fast log-det path.
+
+A qualifying branch is an ``nn.Sequential`` (or normflows' ``LipschitzMLP`` / ``LipschitzCNN``,
+which wrap one) of steps "optional activation, then a linear map": activations LipSwish (ours or
+the reference's ``Swish``), ``nn.ELU``, ``nn.Softplus``, ``nn.Identity``; linear maps our
+Lipschitz layers, normflows' InducedNorm layers, ``nn.Linear`` and ``nn.Conv2d`` (zero padding,
+no dilation or groups). That covers the reference's pre-activation MLPs and its conv branches
+``[act] conv k x k, act, conv 1 x 1, act, conv k x k``.
+
+:func:`linearize` returns a :class:`LinearizedBranch` (or None: use autograd). Calling it on x
+runs the same forward as the branch (same layer side effects, an ordinary autograd graph for g)
+and keeps, per step, the normalized weight, the activation's input and output and phi'. The log-det
+series then runs in one op call (``ops.linearized_logdet_series``) and the Neumann gradient in
+another (``ops.linearized_neumann_gradient``) instead of one autograd pass per term.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+from .nn import lipschitz
+from .nn.activations import LipSwish
+
+__all__ = ["LinearizedBranch", "linearize"]
+
+IDENTITY, LIPSWISH, ELU, SOFTPLUS = 0, 1, 2, 3  # the ops' activation codes (csrc/linearized_chain.h)
+
+
+@functools.lru_cache(maxsize=None)
+def _normflows_classes():
+    try:
+        from normflows.nets import lipschitz as nfl
+    except ImportError:
+        return (), (), (), ()
+    return (nfl.Swish,), (nfl.InducedNormLinear,), (nfl.InducedNormConv2d,), (nfl.LipschitzMLP, nfl.LipschitzCNN)
+
+
+def _normflows_conv_weight(layer, input: Tensor) -> Tensor:
+    if not layer.initialized:
+        layer.spatial_dims.copy_(torch.tensor(input.shape[2:4]).to(layer.spatial_dims))
+    return layer.compute_weight(update=False)
+
+
+_OUR_LINEAR = (lipschitz.SpectralNormLinear, lipschitz.InducedNormLinear, lipschitz.LopLinear)
+_OUR_CONV = (lipschitz.SpectralNormConv2d, lipschitz.InducedNormConv2d, lipschitz.LopConv2d)
+
+
+@dataclass
+class _Step:
+    activation: int
+    act_module: nn.Module | None
+    act_params: tuple[float, float]
+    layer: nn.Module
+    conv: bool
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+
+    def activate(self, h: Tensor) -> tuple[Tensor, Tensor | None]:
+        """phi(h) with its autograd graph, and phi'(h) without one."""
+        if self.activation == IDENTITY:
+            return h, None
+        if self.activation == LIPSWISH:
+            beta = self.act_module.beta
+            a, slope = ops.lipswish_with_derivative(h, beta.to(h.dtype))
+            return a, slope.detach()
+        if self.activation == ELU:
+            alpha = self.act_params[0]
+            a = F.elu(h, alpha)
+            with torch.no_grad():
+                return a, torch.where(h > 0, torch.ones_like(h), a + alpha)
+        beta, threshold = self.act_params
+        a = F.softplus(h, beta, threshold)
+        with torch.no_grad():
+            z = h * beta
+            return a, torch.where(z > threshold, torch.ones_like(h), torch.sigmoid(z))
+
+    def weight(self, a: Tensor) -> Tensor:
+        layer = self.layer
+        if isinstance(layer, (*_OUR_LINEAR, *_OUR_CONV)):
+            return layer.forward_weight(a)
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            return layer.weight
+        if isinstance(layer, _normflows_classes()[2]):
+            return _normflows_conv_weight(layer, a)
+        return layer.compute_weight(update=False)
+
+    def apply(self, a: Tensor, weight: Tensor) -> Tensor:
+        if self.conv:
+            return F.conv2d(a, weight, self.layer.bias, self.stride, self.padding)
+        return F.linear(a, weight, self.layer.bias)
+
+
+def _activation(module: nn.Module):
+    """(code, params) of a supported activation module, else None."""
+    if isinstance(module, (LipSwish, *_normflows_classes()[0])):
+        return LIPSWISH, (0.0, 0.0)
+    if type(module) is nn.ELU:
+        return ELU, (float(module.alpha), 0.0)
+    if type(module) is nn.Softplus:
+        return SOFTPLUS, (float(module.beta), float(module.threshold))
+    if type(module) is nn.Identity:
+        return IDENTITY, (0.0, 0.0)
+    return None
+
+
+def _linear(module: nn.Module):
+    """(conv, stride, padding) of a supported linear map, else None."""
+    _, nf_linear, nf_conv, _ = _normflows_classes()
+    if isinstance(module, (*_OUR_LINEAR, *nf_linear)) or type(module) is nn.Linear:
+        return False, (1, 1), (1, 1)
+    if isinstance(module, (*_OUR_CONV, *nf_conv)) or type(module) is nn.Conv2d:
+        if type(module) is nn.Conv2d and (module.dilation != (1, 1) or module.groups != 1
+                                          or module.padding_mode != "zeros" or isinstance(module.padding, str)):
+            return None
+        return True, tuple(module.stride), tuple(module.padding)
+    return None
+
+
+def _children(nnet: nn.Module) -> list[nn.Module] | None:
+    if type(nnet) is nn.Sequential:
+        return list(nnet)
+    if isinstance(nnet, _normflows_classes()[3]) and type(nnet.net) is nn.Sequential:
+        return list(nnet.net)
+    return None
+
+
+def linearize(nnet: nn.Module) -> LinearizedBranch | None:
+    """The fast-path description of ``nnet``, or None when it is not made of supported layers."""
+    children = _children(nnet)
+    if not children:
+        return None
+    steps, pending = [], None
+    for child in children:
+        act = _activation(child)
+        if act is not None:
+            if act[0] == IDENTITY:
+                continue
+            if pending is not None:
+                return None
+            pending = (*act, child)
+            continue
+        lin = _linear(child)
+        if lin is None:
+            return None
+        code, params, module = pending if pending is not None else (IDENTITY, (0.0, 0.0), None)
+        steps.append(_Step(code, module, params, child, *lin))
+        pending = None
+    if pending is not None:
+        return None
+    return LinearizedBranch(steps)
+
+
+class LinearizedBranch:
+    """A qualifying branch: ``branch(x)`` -> ``(g, LinearizedVJP)`` (see the module docstring)."""
+
+    def __init__(self, steps: list[_Step]) -> None:
+        self.steps = steps
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, LinearizedVJP]:
+        h = x
+        cache = _Cache()
+        for step in self.steps:
+            a, slope = step.activate(h)
+            weight = step.weight(a)
+            cache.add(step, h, a, slope, weight)
+            h = step.apply(a, weight)
+        return h, LinearizedVJP(self, x, cache)
+
+
+class _Cache:
+    """Per step: the weight applied (with its graph to the parameters), and detached tensors."""
+
+    def __init__(self) -> None:
+        self.weights, self.act_inputs, self.layer_inputs, self.slopes = [], [], [], []
+        self.betas, self.biases = [], []
+
+    def add(self, step: _Step, h: Tensor, a: Tensor, slope: Tensor | None, weight: Tensor) -> None:
+        self.weights.append(weight)
+        self.act_inputs.append(None if slope is None else h.detach())
+        self.layer_inputs.append(a.detach())
+        self.slopes.append(slope)
+        self.betas.append(step.act_module.beta.to(h.dtype) if step.activation == LIPSWISH else None)
+        self.biases.append(step.layer.bias)
+
+
+class LinearizedVJP:
+    """The VJP source of a linearized branch at x (see :mod:`resflow_cuda.estimators`)."""
+
+    def __init__(self, branch: LinearizedBranch, x: Tensor, cache: _Cache) -> None:
+        self.branch, self.x, self.cache = branch, x, cache
+        steps = branch.steps
+        self._strides = [s for step in steps for s in step.stride]
+        self._paddings = [p for step in steps for p in step.padding]
+        self._weights = [w.detach() for w in cache.weights]
+        self._surrogate: tuple[Tensor, Tensor] | None = None
+
+    def series(self, eps: Tensor, plan, neumann: bool) -> tuple[Tensor, Tensor | None]:
+        n = plan.n_terms
+        logdet_coeffs = [plan.logdet_coeff(k) for k in range(1, n + 1)]
+        neumann_coeffs = [plan.neumann_coeff(k) for k in range(1, n + 1)] if neumann else []
+        with torch.no_grad():
+            logdet, w_tilde, surrogate = ops.linearized_logdet_series(
+                eps, self._weights, self._strides, self._paddings, self.cache.slopes, logdet_coeffs, neumann_coeffs)
+        if not neumann:
+            return logdet.to(eps.dtype), None
+        self._surrogate = (w_tilde, surrogate.to(eps.dtype))
+        return logdet.to(eps.dtype), w_tilde
+
+    def surrogate(self, w_tilde: Tensor, eps: Tensor) -> Tensor:
+        """<w~^T J, e> per sample with the analytic Neumann gradient as its backward."""
+        if self._surrogate is None or self._surrogate[0] is not w_tilde:
+            with torch.no_grad():
+                value = ops.linearized_neumann_gradient(w_tilde, eps, *self._gradient_args())[0].to(eps.dtype)
+        else:
+            value = self._surrogate[1]
+        c = self.cache
+        return _NeumannSurrogate.apply(self, w_tilde, eps, value, self.x, *c.weights, *c.biases, *c.betas)
+
+    def _gradient_args(self) -> tuple:
+        c, steps = self.cache, self.branch.steps
+        return (self._weights, self._strides, self._paddings, c.slopes, c.layer_inputs, c.act_inputs,
+                [s.activation for s in steps], [p for s in steps for p in s.act_params],
+                [None if b is None else b.detach() for b in c.betas], [b is not None for b in c.biases])
+
+
+class _NeumannSurrogate(torch.autograd.Function):
+    """forward: the precomputed surrogate; backward: ``linearized_neumann_gradient`` with w~ scaled
+    per sample by the upstream gradient (the surrogate is linear in w~)."""
+
+    @staticmethod
+    def forward(ctx, source, w_tilde, eps, value, x, *params):
+        ctx.source, ctx.w_tilde, ctx.eps = source, w_tilde, eps
+        ctx.steps = len(source.branch.steps)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        source, w_tilde = ctx.source, ctx.w_tilde
+        scale = grad_value.reshape((-1,) + (1,) * (w_tilde.dim() - 1)).to(w_tilde.dtype)
+        _, grad_x, grad_weights, grad_biases, grad_betas = ops.linearized_neumann_gradient(
+            w_tilde * scale, ctx.eps, *source._gradient_args())
+        c = source.cache
+        biases = [None if b is None else gb for b, gb in zip(c.biases, grad_biases)]
+        betas = [None if b is None else gb.reshape(b.shape) for b, gb in zip(c.betas, grad_betas)]
+        return (None, None, None, None, grad_x, *grad_weights, *biases, *betas)

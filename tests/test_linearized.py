@@ -1,0 +1,345 @@
+"""The fast log-det path (resflow_cuda.linearize + the linearized_* ops) against autograd."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import normflows as nf
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from resflow_cuda import ops
+from resflow_cuda.linearize import linearize
+from resflow_cuda.nn import InducedNormConv2d, InducedNormLinear, LipSwish, SpectralNormLinear, iResBlock
+
+TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
+
+
+def _mlp(dims, act=LipSwish, seed=0, bias=True):
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers += [act(), InducedNormLinear(a, b, bias=bias, coeff=0.9, n_iterations=5)]
+    return nn.Sequential(*layers)
+
+
+def _conv(channels=(3, 8, 8, 3), preact=True, seed=0, act=LipSwish):
+    """The reference's conv branch: [act] conv 3x3, act, conv 1x1, act, conv 3x3."""
+    torch.manual_seed(seed)
+    layers = [act()] if preact else []
+    for i, (a, b, k) in enumerate(zip(channels[:-1], channels[1:], (3, 1, 3))):
+        if i:
+            layers.append(act())
+        layers.append(InducedNormConv2d(a, b, k, 1, k // 2, coeff=0.9, n_iterations=5))
+    net = nn.Sequential(*layers)
+    net(torch.randn(1, channels[0], 6, 6))
+    return net
+
+
+def _randomize_betas(net):
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(getattr(m, "beta", None), torch.Tensor):
+                m.beta.uniform_(-1, 2)
+    return net
+
+
+def _run(block, x, seed, weights=None):
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    x = x.clone().requires_grad_(True)
+    y, logp = block(x, torch.zeros(x.shape[0], 1, dtype=x.dtype))
+    w = torch.ones_like(logp) if weights is None else weights
+    loss = (y * torch.linspace(-1, 1, y[0].numel(), dtype=y.dtype).view_as(y[0])).sum() + (w * logp).sum()
+    params = list(block.nnet.parameters())
+    grads = torch.autograd.grad(loss, [x, *params], allow_unused=True)
+    return [y.detach(), logp.detach(), *grads]
+
+
+def _compare(net, x, training=True, seeds=(1, 2), weights=None, **kwargs):
+    net = _randomize_betas(net).to(x.dtype)
+    assert linearize(net) is not None
+    fast = iResBlock(copy.deepcopy(net), **kwargs).train(training)
+    slow = iResBlock(copy.deepcopy(net), fast_path=False, **kwargs).train(training)
+    for seed in seeds:
+        got, expected = _run(fast, x, seed, weights), _run(slow, x, seed, weights)
+        for i, (a, b) in enumerate(zip(got, expected)):
+            if b is None:
+                assert a is None or not a.abs().max() > 0, f"output {i}"
+            else:
+                torch.testing.assert_close(a, b, **TOL[x.dtype], msg=lambda m: f"output {i}: {m}")
+    return fast
+
+
+SETTINGS = [dict(n_dist=d, n_samples=s, neumann_grad=n, grad_in_forward=g)
+            for d, s, n, g in itertools.product(("geometric", "poisson"), (1, 3), (True, False), (True, False))]
+
+
+@pytest.mark.parametrize("kwargs", SETTINGS, ids=lambda k: "-".join(str(v) for v in k.values()))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_mlp_fast_path_equals_autograd(kwargs, training):
+    _compare(_mlp([5, 24, 24, 5]), torch.randn(9, 5, dtype=torch.float64), training, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", SETTINGS[::3], ids=lambda k: "-".join(str(v) for v in k.values()))
+@pytest.mark.parametrize("preact", [True, False])
+def test_conv_fast_path_equals_autograd(kwargs, preact):
+    _compare(_conv(preact=preact), torch.randn(2, 3, 6, 6, dtype=torch.float64), **kwargs)
+
+
+@pytest.mark.parametrize("act", [nn.ELU, lambda: nn.ELU(0.7), nn.Softplus,
+                                 lambda: nn.Softplus(2.0, threshold=1.0), LipSwish, nf.nets.lipschitz.Swish],
+                         ids=["elu", "elu0.7", "softplus", "softplus-thr", "lipswish", "normflows-swish"])
+def test_activations_fast_path_equals_autograd(act):
+    for grad_in_forward in (False, True):
+        _compare(_mlp([4, 16, 4], act=act), 2 * torch.randn(8, 4, dtype=torch.float64),
+                 grad_in_forward=grad_in_forward)
+
+
+def test_float32_fast_path_equals_autograd():
+    _compare(_mlp([4, 32, 32, 4]), torch.randn(16, 4), grad_in_forward=True)
+
+
+def test_plain_torch_layers_without_bias_and_a_strided_conv():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(3, 8, bias=False), nn.ELU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        for m in mlp:
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(0.3)
+    _compare(mlp, torch.randn(6, 3, dtype=torch.float64))
+    conv = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), LipSwish(), nn.ConvTranspose2d(4, 2, 2, 2))
+    assert linearize(conv) is None  # ConvTranspose2d is not a supported step
+    down_up = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), LipSwish(), nn.Conv2d(4, 2, 1))
+    assert linearize(down_up) is not None
+    block = iResBlock(down_up)
+    with pytest.raises(RuntimeError, match="must keep the shape"):
+        block(torch.randn(2, 2, 5, 5), 0.0)
+
+
+def test_spectral_norm_layers_keep_their_training_side_effects():
+    torch.manual_seed(0)
+    net = nn.Sequential(LipSwish(), SpectralNormLinear(3, 16, n_iterations=2), LipSwish(),
+                        SpectralNormLinear(16, 3, n_iterations=2))
+    fast = _compare(net, torch.randn(5, 3, dtype=torch.float64), seeds=(1,))
+    slow = iResBlock(copy.deepcopy(_randomize_betas(net).double()), fast_path=False)
+    _run(slow, torch.randn(5, 3, dtype=torch.float64), 1)
+    torch.testing.assert_close(fast.nnet[1].u, slow.nnet[1].u)
+
+
+def test_normflows_lipschitz_networks_take_the_fast_path():
+    torch.manual_seed(0)
+    mlp = nf.nets.LipschitzMLP([3, 16, 3], init_zeros=False, lipschitz_const=0.9)
+    _compare(mlp, torch.randn(4, 3, dtype=torch.float64))
+    cnn = nf.nets.LipschitzCNN([2, 4, 2], [3, 3], init_zeros=False, lipschitz_const=0.9)
+    cnn(torch.randn(1, 2, 4, 4))
+    _compare(cnn, torch.randn(2, 2, 4, 4, dtype=torch.float64))
+
+
+def test_per_sample_upstream_gradients_without_backward_in_forward():
+    weights = torch.linspace(0.5, 2, 7, dtype=torch.float64).view(-1, 1)
+    _compare(_mlp([3, 12, 3]), torch.randn(7, 3, dtype=torch.float64), weights=weights)
+
+
+@pytest.mark.parametrize("net", [
+    nn.Sequential(LipSwish(), nn.Linear(2, 2), LipSwish()),  # trailing activation
+    nn.Sequential(LipSwish(), nn.ELU(), nn.Linear(2, 2)),  # two activations in a row
+    nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 2)),  # unsupported activation
+    nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, dilation=2)),
+    nn.Sequential(),
+    nn.Linear(2, 2),
+], ids=["trailing", "double-act", "tanh", "dilated", "empty", "bare-linear"])
+def test_unsupported_branches_fall_back_to_autograd(net):
+    assert linearize(net) is None
+
+
+def test_fallback_block_still_estimates():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(0.3)
+    block = iResBlock(net).double()
+    y, logp = block(torch.randn(4, 3, dtype=torch.float64), 0.0)
+    logp.sum().backward()
+    assert torch.isfinite(logp).all() and net[0].weight.grad is not None
+
+
+# -- the ops themselves ---------------------------------------------------------------------------
+
+
+def _chain_args(net, x):
+    branch = linearize(net)
+    _, source = branch(x)
+    return source
+
+
+def test_neumann_gradient_op_equals_autograd_double_backward():
+    net = _randomize_betas(_mlp([4, 10, 10, 4])).double()
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    eps, w_tilde = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    g = net(x)
+    (vjp,) = torch.autograd.grad(g, x, w_tilde, create_graph=True)
+    s = (vjp * eps).sum(1)
+    params = list(net.parameters())
+    expected = torch.autograd.grad(s.sum(), [x, *params], allow_unused=True)
+    source = _chain_args(net, x.detach())
+    value, grad_x, gw, gb, gbeta = ops.linearized_neumann_gradient(w_tilde, eps, *source._gradient_args())
+    torch.testing.assert_close(value, s.detach(), **TOL[torch.float64])
+    torch.testing.assert_close(grad_x, expected[0], **TOL[torch.float64])
+    # Parameters in order: beta, weight, bias per layer; weights here are the normalized ones.
+    weights = source.cache.weights
+    expected_w = torch.autograd.grad(
+        (torch.autograd.grad(_apply(net, x, weights), x, w_tilde, create_graph=True)[0] * eps).sum(), weights)
+    for got, exp in zip(gw, expected_w):
+        torch.testing.assert_close(got, exp, **TOL[torch.float64])
+    for i in range(3):
+        torch.testing.assert_close(gbeta[i], expected[1 + 3 * i], **TOL[torch.float64])
+        torch.testing.assert_close(gb[i], _zero_if_none(expected[3 + 3 * i], gb[i]), **TOL[torch.float64])
+
+
+def _zero_if_none(g, like):
+    return torch.zeros_like(like) if g is None else g
+
+
+def _apply(net, x, weights):
+    """The branch with the given (normalized) weights as leaves."""
+    h, k = x, 0
+    for m in net:
+        if isinstance(m, LipSwish):
+            h = m(h)
+        else:
+            h = torch.nn.functional.linear(h, weights[k], m.bias)
+            k += 1
+    return h
+
+
+def test_logdet_series_op_matches_autograd_terms():
+    net = _randomize_betas(_conv()).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    eps = torch.randn_like(x)
+    g = net(x)
+    w, terms = eps, []
+    for _ in range(4):
+        (w,) = torch.autograd.grad(g, x, w, retain_graph=True)
+        terms.append((w * eps).flatten(1).sum(1))
+    source = _chain_args(net, x.detach())
+    lc, nc = [0.5, -0.25, 2.0, 1.0], [1.0, -1.0, 0.5, 3.0]
+    logdet, neumann, surrogate = ops.linearized_logdet_series(eps, source._weights, source._strides,
+                                                              source._paddings, source.cache.slopes, lc, nc)
+    torch.testing.assert_close(logdet, sum(c * t for c, t in zip(lc, terms)), **TOL[torch.float64])
+    w, expected = eps, eps.clone()
+    for c in nc:
+        (w,) = torch.autograd.grad(g, x, w, retain_graph=True)
+        expected = expected + c * w
+    torch.testing.assert_close(neumann, expected, **TOL[torch.float64])
+    (vjp,) = torch.autograd.grad(g, x, expected, retain_graph=True)
+    torch.testing.assert_close(surrogate, (vjp * eps).flatten(1).sum(1), **TOL[torch.float64])
+    empty = ops.linearized_logdet_series(eps, source._weights, source._strides, source._paddings,
+                                         source.cache.slopes, lc, [])
+    torch.testing.assert_close(empty[0], logdet)
+    assert empty[1].numel() == 0 and empty[2].numel() == 0
+
+
+def test_ops_pass_opcheck():
+    net = _randomize_betas(_conv((2, 4, 4, 2))).double()
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    source = _chain_args(net, x)
+    eps = torch.randn_like(x)
+    torch.library.opcheck(torch.ops.resflow_cuda.linearized_logdet_series,
+                          (eps, source._weights, source._strides, source._paddings, source.cache.slopes,
+                           [0.5, -0.25], [1.0, -1.0]))
+    torch.library.opcheck(torch.ops.resflow_cuda.linearized_neumann_gradient,
+                          (torch.randn_like(x), eps, *source._gradient_args()))
+
+
+def test_empty_batch():
+    net = _mlp([3, 8, 3]).double()
+    source = _chain_args(net, torch.randn(0, 3, dtype=torch.float64))
+    eps = torch.randn(0, 3, dtype=torch.float64)
+    logdet, neumann, surrogate = ops.linearized_logdet_series(eps, source._weights, source._strides,
+                                                              source._paddings, source.cache.slopes, [1.0], [1.0])
+    assert logdet.shape == (0,) and neumann.shape == (0, 3) and surrogate.shape == (0,)
+    value, grad_x, *_ = ops.linearized_neumann_gradient(eps, eps, *source._gradient_args())
+    assert value.shape == (0,) and grad_x.shape == (0, 3)
+
+
+def test_op_errors_name_the_argument():
+    net = _mlp([3, 8, 3]).double()
+    source = _chain_args(net, torch.randn(2, 3, dtype=torch.float64))
+    eps = torch.randn(2, 3, dtype=torch.float64)
+    w, s, p, d = source._weights, source._strides, source._paddings, source.cache.slopes
+    with pytest.raises(RuntimeError, match=r"strides to have 2 entries per weight \(4\), but got 2"):
+        ops.linearized_logdet_series(eps, w, s[:2], p, d, [1.0], [])
+    with pytest.raises(RuntimeError, match=r"weights\[0\] of shape \[8, 3\] expects an input of shape \(B, 3\), "
+                                           r"but the chain gives \[2, 4\]"):
+        ops.linearized_logdet_series(torch.randn(2, 4, dtype=torch.float64), w, s, p, d, [1.0], [])
+    with pytest.raises(RuntimeError, match=r"expected weights\[1\] to have the dtype of eps \(Double\), but got Float"):
+        ops.linearized_logdet_series(eps, [w[0], w[1].float()], s, p, d, [1.0], [])
+    with pytest.raises(RuntimeError, match=r"expected derivs\[1\] to have the input shape"):
+        ops.linearized_logdet_series(eps, w, s, p, [d[0], d[0]], [1.0], [])
+    with pytest.raises(RuntimeError, match=r"neumann_coeffs to be empty or to have one entry per term \(2\), but got 1"):
+        ops.linearized_logdet_series(eps, w, s, p, d, [1.0, 2.0], [1.0])
+    args = list(source._gradient_args())
+    args[6] = [7, 1]
+    with pytest.raises(RuntimeError, match=r"activations\[0\] to be 0 \(identity\).*but got 7"):
+        ops.linearized_neumann_gradient(eps, eps, *args)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        ops.linearized_logdet_series(eps.requires_grad_(True), w, s, p, d, [1.0], [])[0].sum().backward()
+
+
+def test_block_under_torch_compile_matches_eager():
+    net = _mlp([3, 8, 3]).double()
+    block = iResBlock(net, grad_in_forward=True)
+    compiled = torch.compile(block, backend="aot_eager")
+    x = torch.randn(5, 3, dtype=torch.float64)
+    out = []
+    for fn in (block, compiled):
+        np.random.seed(0)
+        torch.manual_seed(0)
+        y, logp = fn(x, 0.0)
+        out.append((y.detach(), logp.detach()))
+    torch.testing.assert_close(out[1][0], out[0][0])
+    torch.testing.assert_close(out[1][1], out[0][1])
+
+
+# -- the ops against their pure-PyTorch twins in resflow_cuda.reference ----------------------------
+
+BRANCHES = {
+    "mlp-lipswish": lambda: _mlp([5, 7, 9, 5]),
+    "mlp-elu-nobias": lambda: _mlp([3, 6, 3], act=lambda: nn.ELU(0.5), bias=False),
+    "mlp-softplus": lambda: _mlp([4, 11, 4], act=lambda: nn.Softplus(1.5, threshold=2.0)),
+    "conv-preact": lambda: _conv((2, 5, 3, 2)),
+    "conv-first": lambda: _conv((3, 4, 4, 3), preact=False, act=nn.ELU),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", sorted(BRANCHES))
+def test_ops_match_the_reference_twins(name, dtype):
+    from resflow_cuda import reference
+
+    net = _randomize_betas(BRANCHES[name]()).to(dtype)
+    first = next(m for m in net.modules() if isinstance(m, (InducedNormLinear, InducedNormConv2d)))
+    channels = first.weight.shape[1]
+    x = torch.randn(5, channels, dtype=dtype) if first.weight.dim() == 2 else torch.randn(3, channels, 6, 6, dtype=dtype)
+    source = _chain_args(net, x)
+    eps = torch.randn(x.shape[::-1], dtype=dtype).t() if x.dim() == 2 else torch.randn_like(x)  # non-contiguous MLP eps
+    lc, nc = [1.0, -0.5, 1 / 3], [-1.0, 1.0, -0.5]
+    args = (eps, source._weights, source._strides, source._paddings, source.cache.slopes, lc, nc)
+    tol = TOL[dtype] if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-4)
+    for got, expected in zip(ops.linearized_logdet_series(*args), reference.linearized_logdet_series(*args)):
+        torch.testing.assert_close(got, expected, **tol)
+    w_tilde = torch.randn_like(eps)
+    got = ops.linearized_neumann_gradient(w_tilde, eps, *source._gradient_args())
+    expected = reference.linearized_neumann_gradient(w_tilde, eps, *source._gradient_args())
+    torch.testing.assert_close(got[0], expected[0], **tol)
+    torch.testing.assert_close(got[1], expected[1], **tol)
+    for group in (2, 3, 4):
+        assert len(got[group]) == len(expected[group])
+        for a, b in zip(got[group], expected[group]):
+            torch.testing.assert_close(a.reshape(b.shape), b, **tol)
