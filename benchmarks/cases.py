@@ -237,6 +237,225 @@ class UpdateLipschitzCase:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    block: str  # "toy", "tabular" or "conv"
+    mode: str  # "train" or "eval"
+
+    @property
+    def label(self) -> str:
+        return self.block
+
+    def as_dict(self) -> dict:
+        return {"block": self.block, "mode": self.mode}
+
+
+AUTOGRAD = "resflow_cuda (autograd)"
+
+
+class IResBlockCase:
+    """One residual block's training step (forward, log-det, backward of the loss into every
+    parameter; the Neumann estimator with backward-in-forward, as normflows' Residual) and its
+    eval-mode log-det (20 exact terms plus the roulette's). Providers: our block on our layers
+    (fast path), the same block forced onto autograd VJPs, and normflows' ``iResBlock`` on its own
+    layers (the reference code, as ``eager``). Every call draws the same N and probe, so all
+    providers compute the same numbers."""
+
+    name = "iresblock"
+    title = "iResBlock training step and eval log-det (eager = normflows 1.7.3, the reference code)"
+    blocks = {
+        "toy": dict(batch=500, dims=[2, 128, 128, 128, 128, 2]),
+        "tabular": dict(batch=256, dims=[64, 512, 512, 64]),
+        "conv": dict(batch=16, channels=[3, 128, 128, 3], kernels=[3, 1, 3], hw=16),
+    }
+    quick_blocks = ["toy"]
+    modes = ["train", "eval"]
+    memory_terms = (2, 8, 32)
+
+    def configs(self, quick: bool) -> list[BlockConfig]:
+        return [BlockConfig(b, m) for b in (self.quick_blocks if quick else self.blocks) for m in self.modes]
+
+    def providers(self) -> dict[str, str]:
+        return {RESFLOW: "fast", AUTOGRAD: "autograd", EAGER: "normflows"}
+
+    def _input_shape(self, block: str) -> tuple:
+        spec = self.blocks[block]
+        if "dims" in spec:
+            return (spec["batch"], spec["dims"][0])
+        return (spec["batch"], spec["channels"][0], spec["hw"], spec["hw"])
+
+    def _normflows_net(self, block: str):
+        import normflows as nf
+
+        spec = self.blocks[block]
+        torch.manual_seed(0)
+        if "dims" in spec:
+            return nf.nets.LipschitzMLP(spec["dims"], lipschitz_const=0.9, init_zeros=False)
+        net = nf.nets.LipschitzCNN(spec["channels"], spec["kernels"], lipschitz_const=0.9, init_zeros=False)
+        with torch.no_grad():
+            net(torch.zeros(1, spec["channels"][0], spec["hw"], spec["hw"]))  # lazy u / v sizes
+        return net
+
+    def _our_net(self, block: str, state: dict):
+        import resflow_cuda.nn as rnn
+
+        spec = self.blocks[block]
+        layers = []
+        if "dims" in spec:
+            for a, b in zip(spec["dims"], spec["dims"][1:]):
+                layers += [rnn.LipSwish(), rnn.InducedNormLinear(a, b, coeff=0.9, n_iterations=5)]
+        else:
+            for a, b, k in zip(spec["channels"], spec["channels"][1:], spec["kernels"]):
+                layers += [rnn.LipSwish(), rnn.InducedNormConv2d(a, b, k, 1, k // 2, coeff=0.9, n_iterations=5)]
+        net = torch.nn.Sequential(*layers)
+        net.load_state_dict({k.removeprefix("net."): v for k, v in state.items()})
+        return net
+
+    def make_inputs(self, config: BlockConfig, device: str) -> dict:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(self._input_shape(config.block), generator=g)
+        return {"x": x.to(device), "state": self._normflows_net(config.block).state_dict()}
+
+    def build(self, provider: str, block: str, state: dict, device: str, **kwargs):
+        """The block of a provider with the shared weights."""
+        if provider == "normflows":
+            from normflows.flows.residual import iResBlock as NfBlock
+
+            net = self._normflows_net(block)
+            net.load_state_dict(state)
+            return NfBlock(net, neumann_grad=True, grad_in_forward=True, **kwargs).to(device)
+        return resflow_cuda.nn.iResBlock(self._our_net(block, state), neumann_grad=True, grad_in_forward=True,
+                                         fast_path=provider == "fast", **kwargs).to(device)
+
+    def runner(self, provider: str, inputs: dict, config: BlockConfig) -> Callable[[], tuple]:
+        import numpy as np
+
+        block = self.build(provider, config.block, inputs["state"], inputs["x"].device).train(config.mode == "train")
+        x = inputs["x"]
+        params = [p for p in block.nnet.parameters() if p.requires_grad]
+        zero = torch.zeros(x.shape[0], 1, device=x.device)
+
+        def step():
+            np.random.seed(0)
+            torch.manual_seed(0)
+            if config.mode == "eval":
+                with torch.no_grad():
+                    y, logp = block(x, zero)
+                return y, logp
+            y, logp = block(x, zero)
+            loss = 0.5 * y.square().flatten(1).sum(1).mean() - logp.mean()
+            return (y.detach(), logp.detach(), *torch.autograd.grad(loss, params))
+
+        return step
+
+    def bytes_moved(self, config) -> None:
+        return None
+
+    def terms(self, config: BlockConfig) -> int:
+        """The series length every provider runs (the draw after ``np.random.seed(0)``)."""
+        import numpy as np
+
+        np.random.seed(0)
+        return int(np.random.geometric(0.5, 1).max()) + (2 if config.mode == "train" else 20)
+
+    def flops(self, config: BlockConfig) -> float:
+        """The multiply-adds of the linear maps (x2), in passes of the branch: forward, one per
+        series term; in training also the surrogate's VJP, the Neumann gradient (tangents, two
+        VJPs, two weight gradients) and the backward of g (input and weight gradients)."""
+        spec = self.blocks[config.block]
+        if "dims" in spec:
+            per_pass = 2 * spec["batch"] * sum(a * b for a, b in zip(spec["dims"], spec["dims"][1:]))
+        else:
+            pixels = spec["batch"] * spec["hw"] ** 2
+            per_pass = 2 * pixels * sum(a * b * k * k for a, b, k in
+                                        zip(spec["channels"], spec["channels"][1:], spec["kernels"]))
+        n = self.terms(config)
+        passes = 1 + n + (1 + 5 + 2 if config.mode == "train" else 0)
+        if config.block == "toy" and config.mode == "eval":
+            passes = 3  # 2-D inputs: the exact determinant (forward and one VJP per output)
+        return float(passes * per_pass)
+
+    def tolerance(self, config) -> dict:
+        return dict(atol=2e-5, rtol=2e-4)
+
+    def memory(self, device: str, quick: bool, log) -> list[dict]:
+        """Peak memory of one training step of the conv block against the series length n (the
+        truncated series, so that n is fixed), each in a fresh subprocess: CPU RSS high-water mark
+        above the RSS before the step, or CUDA max_memory_allocated."""
+        rows = []
+        for n in (self.memory_terms[:2] if quick else self.memory_terms):
+            for label, provider in self.providers().items():
+                for gif in (True, False):
+                    name = f"{label}, grad_in_forward={gif}"
+                    try:
+                        peak = _memory_probe(provider, "conv", n, gif, device)
+                    except RuntimeError as exc:
+                        rows.append({"case": self.name, "provider": name, "label": f"n={n}",
+                                     "config": {"block": "conv", "mode": "peak memory", "n": n}, "status": "n/a",
+                                     "error": str(exc)[:300]})
+                        continue
+                    log(f"  {self.name} conv n={n} {name}: {peak:.1f} MiB")
+                    rows.append({"case": self.name, "provider": name, "label": f"n={n}", "peak_mib": peak,
+                                 "config": {"block": "conv", "mode": "peak memory", "n": n}, "status": "ok"})
+        return rows
+
+    def targets(self, rows: list[dict], quick: bool) -> list[Target]:
+        """Issue #5: >= 5x normflows on the toy block, 1.5x tabular, 1.3x conv (train and eval)."""
+        need = {"toy": 5.0, "tabular": 1.5, "conv": 1.3}
+        out = []
+        for r in rows:
+            if r["provider"] == RESFLOW and r["status"] == "ok" and r.get("speedup_vs_eager") is not None:
+                out.append(Target(f"{r['label']} {r['config']['mode']}: >= {need[r['label']]}x normflows",
+                                  r["speedup_vs_eager"] >= need[r["label"]], f"{r['speedup_vs_eager']:.2f}x"))
+        return out
+
+
+def _memory_probe(provider: str, block: str, n: int, grad_in_forward: bool, device: str) -> float:
+    """MiB of peak memory of one training step in a fresh interpreter (see IResBlockCase.memory)."""
+    import json
+    import subprocess
+    import sys
+
+    code = (f"import json, {__name__} as c; "
+            f"print(json.dumps(c._measure_step_memory({provider!r}, {block!r}, {n}, {grad_in_forward}, {device!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "probe failed")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        import os
+
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _measure_step_memory(provider: str, block: str, n: int, grad_in_forward: bool, device: str) -> float:
+    import resource
+
+    import numpy as np
+
+    case = IResBlockCase()
+    inputs = case.make_inputs(BlockConfig(block, "train"), device)
+    model = case.build(provider, block, inputs["state"], device, n_power_series=n)
+    model.grad_in_forward = grad_in_forward
+    x = inputs["x"]
+    params = [p for p in model.nnet.parameters() if p.requires_grad]
+    np.random.seed(0)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_mib()
+    y, logp = model(x, torch.zeros(x.shape[0], 1, device=x.device))
+    torch.autograd.grad(0.5 * y.square().flatten(1).sum(1).mean() - logp.mean(), params)
+    if device == "cuda":
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+
+
 def _reference_update(model) -> None:
     """The reference's update_lipschitz in pure PyTorch: each layer's Python power-iteration loop."""
     for m in model.modules():
@@ -258,4 +477,4 @@ def _reference_update(model) -> None:
         m.scale.copy_(sigma)
 
 
-CASES = {case.name: case for case in (LipSwishCase(), UpdateLipschitzCase())}
+CASES = {case.name: case for case in (LipSwishCase(), UpdateLipschitzCase(), IResBlockCase())}

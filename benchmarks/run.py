@@ -48,6 +48,13 @@ def run_case(case, device: str, quick: bool, min_run_time: float, log) -> list[d
         bytes_moved = case.bytes_moved(config)
         base = {"case": case.name, "config": config.as_dict(), "label": config.label, "bytes_moved": bytes_moved}
         floor_s = None
+        flops = case.flops(config) if hasattr(case, "flops") else None
+        if flops is not None:
+            rate = _matmul_rate(device, min_run_time)
+            floor_s = flops / rate
+            base["flops"] = flops
+            rows.append({**base, "provider": "matmul floor", "status": "ok", "median_us": floor_s * 1e6,
+                         "gflops": rate / 1e9, "vs_floor": 1.0})
         if bytes_moved is not None:
             floor_fn, floor_bytes = case.floor_runner(inputs)
             floor = measure(floor_fn, min_run_time)
@@ -75,18 +82,31 @@ def run_case(case, device: str, quick: bool, min_run_time: float, log) -> list[d
                 continue
             t = measure(step, min_run_time)
             rows.append({**row, "status": "ok", "median_us": t.median_s * 1e6, "iqr_us": t.iqr_s * 1e6,
-                         "runs": t.runs, "gbps": None if floor_s is None else bytes_moved / t.median_s / 1e9,
+                         "runs": t.runs, "gbps": None if bytes_moved is None else bytes_moved / t.median_s / 1e9,
+                         "gflops": None if flops is None else flops / t.median_s / 1e9,
                          "vs_floor": None if floor_s is None else t.median_s / floor_s})
             log(f"  {case.name} {config.label} {config.mode} {name}: {t.median_s * 1e6:.1f} µs")
         _add_ratios(rows, base)
     return rows
 
 
+_MATMUL_RATES: dict = {}
+
+
+def _matmul_rate(device: str, min_run_time: float) -> float:
+    """FLOP/s of a 1024 x 1024 float32 matmul on this device, measured once per run."""
+    if device not in _MATMUL_RATES:
+        a = torch.randn(1024, 1024, device=device)
+        b = torch.randn(1024, 1024, device=device)
+        _MATMUL_RATES[device] = 2 * 1024**3 / measure(lambda: a @ b, min_run_time).median_s
+    return _MATMUL_RATES[device]
+
+
 def _add_ratios(rows: list[dict], base: dict) -> None:
     mine = [r for r in rows if r["config"] == base["config"] and r["case"] == base["case"]]
     times = {r["provider"]: r.get("median_us") for r in mine if r["status"] == "ok"}
     for r in mine:
-        if r["status"] != "ok" or r["provider"].startswith("memory floor"):
+        if r["status"] != "ok" or "floor" in r["provider"]:
             continue
         for key, ref in (("speedup_vs_eager", EAGER), ("speedup_vs_compile", COMPILE)):
             if times.get(ref):
@@ -114,6 +134,8 @@ def main(argv=None) -> int:
         case = CASES[name]
         log(f"[resflow-bench] {name} on {args.device} ({torch.get_num_threads()} threads)")
         rows = run_case(case, args.device, args.quick, min_run_time, log)
+        if hasattr(case, "memory"):
+            rows += case.memory(args.device, args.quick, log)
         data["results"] += rows
         data["targets"] += [dict(case=name, **vars(t)) for t in case.targets(rows, args.quick)]
     out = Path(args.out)
