@@ -2,6 +2,7 @@
 // kernels in csrc/cpu/*_cpu.cpp and csrc/cuda/*_cuda.cu; fake kernels and autograd are
 // registered in resflow_cuda/ops.py.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/library.h>
 
 #include <string>
@@ -31,6 +32,10 @@ constexpr const char* kKernelSchemas[] = {
     // buffers of a model's layers: update_lipschitz).
     "power_iteration_update_(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, Tensor(c!)[] sigmas, "
     "int max_iterations, float? atol, float? rtol, float domain, float codomain, bool u_first) -> ()",
+    // One term of the log-det power series (csrc/include/resflow/series_math.h): per sample
+    // logdet += logdet_coeff <w, eps>, and neumann += neumann_coeff w, in place.
+    "logdet_series_accumulate_(Tensor w, Tensor eps, Tensor(a!) logdet, Tensor(b!)? neumann, float logdet_coeff, "
+    "float neumann_coeff) -> ()",
 };
 
 // Ops composed of ATen calls and the kernels above, one implementation for every device
@@ -56,6 +61,28 @@ TORCH_LIBRARY(resflow_cuda, m) {
     m.def(schema);
   }
   m.def("cuda_version() -> int", &cuda_version);
+}
+
+namespace {
+// In-place ops without a derivative (logdet_series_accumulate_): a tensor argument that requires
+// grad under grad mode is refused, instead of the graph being dropped silently.
+void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  if (at::GradMode::is_enabled()) {
+    const auto& args = op.schema().arguments();
+    const auto first = stack->size() - args.size();
+    for (size_t i = 0; i < args.size(); ++i) {
+      const c10::IValue& value = (*stack)[first + i];
+      TORCH_CHECK(!(value.isTensor() && value.toTensor().requires_grad()), op.schema().name(), " is not "
+                  "differentiable, but its argument ", args[i].name(), " requires grad; call it under "
+                  "torch.no_grad() (the log-det estimators do)");
+    }
+  }
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resflow_cuda, Autograd, m) {
+  m.impl("logdet_series_accumulate_", torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
 }
 
 #if !defined(RESFLOW_WITH_CUDA)

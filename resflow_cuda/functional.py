@@ -29,3 +29,11 @@ def lipswish(x: Tensor, beta: Tensor) -> Tensor:
     if beta.dtype != x.dtype and beta.is_floating_point() and x.is_floating_point():
         beta = beta.to(x.dtype)
     return ops.lipswish(x, beta)
+
+
+def logdet_series_accumulate_(w: Tensor, eps: Tensor, logdet: Tensor, neumann: Tensor | None = None,
+                              logdet_coeff: float = 1.0, neumann_coeff: float = 0.0) -> None:
+    """One term of the log-det power series, in place: ``logdet[b] += logdet_coeff * <w_b, eps_b>``
+    per sample and ``neumann += neumann_coeff * w`` (see :func:`resflow_cuda.ops.logdet_series_accumulate_`
+    for shapes and dtypes). Under ``torch.no_grad()`` only."""
+    ops.logdet_series_accumulate_(w, eps, logdet, neumann, float(logdet_coeff), float(neumann_coeff))

@@ -335,3 +335,38 @@ def _not_differentiable(op: str):
 
 for _name in ("linearized_logdet_series", "linearized_neumann_gradient"):
     torch.library.register_autograd(f"resflow_cuda::{_name}", _not_differentiable(_name))
+
+
+# ---------------------------------------------------------------------------------------------
+# One term of the log-det power series (csrc/include/resflow/series_math.h), in place
+# ---------------------------------------------------------------------------------------------
+
+
+def logdet_series_accumulate_(w: Tensor, eps: Tensor, logdet: Tensor, neumann: Tensor | None, logdet_coeff: float,
+                              neumann_coeff: float) -> None:
+    """For every sample b (dim 0): ``logdet[b] += logdet_coeff * <w_b, eps_b>`` and, when given,
+    ``neumann += neumann_coeff * w``, in one pass over w and eps.
+
+    Shapes: w, eps, neumann (B, ...) of one float dtype and device, any strides; logdet (B,) in
+    float32 (float64 for float64 w), the accumulation type. Half types compute in float32; each
+    sum has a fixed order (independent of the thread count). Not differentiable: the estimators
+    call it under ``torch.no_grad()``; with tensors that require grad it raises.
+    """
+    _OPS.logdet_series_accumulate_(w, eps, logdet, neumann, logdet_coeff, neumann_coeff)
+
+
+_SERIES = "resflow_cuda.logdet_series_accumulate_"
+
+
+@torch.library.register_fake("resflow_cuda::logdet_series_accumulate_")
+def _logdet_series_accumulate_fake(w, eps, logdet, neumann, logdet_coeff, neumann_coeff):
+    _check_float(_SERIES, "w", w)
+    torch._check(w.dim() >= 1, lambda: f"{_SERIES}: expected w to have a batch dimension, but got a 0-dimensional tensor")
+    _check_matches(_SERIES, "eps", eps, "w", w)
+    acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+    torch._check(logdet.dtype == acc, lambda: f"{_SERIES}: expected logdet to have dtype {acc}, but got {logdet.dtype}")
+    torch._check(logdet.dim() == 1 and logdet.shape[0] == w.shape[0],
+                 lambda: f"{_SERIES}: expected logdet to have shape [{w.shape[0]}], but got {list(logdet.shape)}")
+    if neumann is not None:
+        _check_matches(_SERIES, "neumann", neumann, "w", w)
+

@@ -332,3 +332,19 @@ class SpectralNormConv2d(torch.nn.Module):
         if not self.initialized:
             self.spatial_dims.copy_(torch.tensor(x.shape[2:4]).to(self.spatial_dims))
         return F.conv2d(x, self.compute_weight(update=self.training), self.bias, self.stride, self.padding)
+
+
+# ---------------------------------------------------------------------------------------------
+# One term of the log-det power series (the reference's basic / Neumann estimator loops)
+# ---------------------------------------------------------------------------------------------
+
+
+def logdet_series_accumulate_(w: Tensor, eps: Tensor, logdet: Tensor, neumann: Tensor | None, logdet_coeff: float,
+                              neumann_coeff: float) -> None:
+    """In place: ``logdet[b] += logdet_coeff * <w_b, eps_b>`` (in logdet's dtype) and
+    ``neumann += neumann_coeff * w`` (computed in logdet's dtype, rounded once)."""
+    acc = logdet.dtype
+    flat = (w.shape[0], w[0].numel() if w.shape[0] else 0)
+    logdet.add_(logdet_coeff * (w.reshape(flat).to(acc) * eps.reshape(flat).to(acc)).sum(1))
+    if neumann is not None:
+        neumann.copy_(neumann.to(acc) + neumann_coeff * w.to(acc))

@@ -204,6 +204,70 @@ def test_conv_power_iteration_device_loop_matches_the_cpu_op(emu):
 
 
 # ----------------------------------------------------------------------------------------------
+# The log-det series step: one block per sample, grid-stride over samples
+# ----------------------------------------------------------------------------------------------
+
+# (name, rows, cols, SM count, storage offset)
+SERIES_CONFIGS = [
+    ("one-row-partial-warp", 1, 7, 2, 0),         # most threads idle
+    ("rows-over-blocks", 37, 1030, 2, 0),         # 8 blocks loop over 37 samples; odd cols: VEC = 1
+    ("wide-packs", 5, 2048, 132, 0),              # one block per sample, 16-byte packs, several per thread
+    ("misaligned", 3, 64, 4, 1),                  # storage offset 1: VEC = 1
+    ("empty-rows", 0, 8, 2, 0),
+    ("empty-cols", 4, 0, 2, 0),
+]
+
+
+def _series_inputs(rows, cols, offset, dtype, seed):
+    return [_inputs(rows * cols, offset, dtype, seed + i).view(rows, cols) for i in range(3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=[_SHORT[d] for d in DTYPES])
+@pytest.mark.parametrize("name,rows,cols,sms,offset", SERIES_CONFIGS, ids=[c[0] for c in SERIES_CONFIGS])
+@pytest.mark.parametrize("with_neumann", [True, False], ids=["neumann", "logdet-only"])
+def test_logdet_series_kernel_matches_the_cpu_op(emu, name, rows, cols, sms, offset, dtype, with_neumann):
+    w, eps, neumann = _series_inputs(rows, cols, offset, dtype, 10)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    logdet = torch.linspace(-1, 1, rows, dtype=acc)
+    outs = []
+    for run in (cpu_ops.logdet_series_accumulate_, lambda *a: emu.logdet_series_accumulate_(*a, sms)):
+        l, n = logdet.clone(), neumann.clone() if with_neumann else None
+        run(w, eps, l, n, 0.75, -1.25)
+        outs.append((l, n))
+    # Sums of up to 2048 products in another order (per-thread then tree vs per-lane then lanes).
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-5)
+    assert_close(outs[1][0], outs[0][0], **tol)
+    if with_neumann:  # elementwise; the host compiler may fuse the multiply-add: one rounding apart
+        assert_close(outs[1][1], outs[0][1], **TOLERANCES[dtype])
+
+
+def test_logdet_series_plan(emu):
+    assert emu.series_plan(37, 1030, 2, True, 4) == [1, 8]  # cols * 4 bytes not a multiple of 16
+    assert emu.series_plan(5, 2048, 132, True, 4) == [4, 5]
+    assert emu.series_plan(5, 2048, 132, False, 2) == [1, 5]
+    assert emu.series_plan(5, 2048, 132, True, 2) == [8, 5]
+
+
+def test_logdet_series_layouts_follow_the_cpu_op(emu):
+    w, eps, neumann = (t.view(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+                       for t in _series_inputs(2, 60, 0, torch.float32, 3))
+    outs = []
+    for run in (cpu_ops.logdet_series_accumulate_, lambda *a: emu.logdet_series_accumulate_(*a, 2)):
+        l, n = torch.zeros(6)[::3], neumann.transpose(1, 2)
+        before = n.clone()
+        run(w.transpose(1, 2), eps.transpose(1, 2), l, n, 1.0, 2.0)
+        assert_close(n, before + 2 * w.transpose(1, 2))
+        outs.append(l)
+    assert_close(outs[1], outs[0])
+
+
+def test_logdet_series_emulated_refuses_what_the_op_refuses(emu):
+    w = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match=r"expected logdet to have shape \[3\]"):
+        emu.logdet_series_accumulate_(w, w.clone(), torch.zeros(2), None, 1.0, 0.0, 2)
+
+
+# ----------------------------------------------------------------------------------------------
 # Registry: every kernel in csrc/cuda runs in this suite
 # ----------------------------------------------------------------------------------------------
 
@@ -234,6 +298,11 @@ def _run_power_iteration_device_loop(emu):
     emu.power_iteration(w, u, v, 3, 1e-3, 1e-3, 3.0, 1.5, True, 0)  # Hoelder: both stats passes
 
 
+def _run_logdet_series(emu):
+    w = torch.randn(3, 8)
+    emu.logdet_series_accumulate_(w, torch.randn(3, 8), torch.zeros(3), torch.zeros(3, 8), 1.0, 1.0, 2)
+
+
 # Kernel name -> a small launch of it; the tests above check the values.
 REGISTRY = {
     "power_iteration_kernel": _run_power_iteration,
@@ -244,6 +313,7 @@ REGISTRY = {
     "lipswish_backward_kernel": _run_lipswish_backward,
     "lipswish_double_backward_kernel": _run_lipswish_double_backward,
     "finish_sum_kernel": _run_lipswish_backward,
+    "logdet_series_kernel": _run_logdet_series,
 }
 
 

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cuda/lipswish_binding.h"
+#include "cuda/logdet_series_binding.h"
 #include "cuda/power_iteration_binding.h"
 #include "probe_kernels.cuh"
 
@@ -86,6 +87,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lipswish_double_backward(const at
                                                                         const at::Tensor& gg_beta, const at::Tensor& x,
                                                                         const at::Tensor& beta, int64_t sms) {
   return cu::lipswish_double_backward_on(backend(sms), grad, gg_x, gg_beta, x, beta);
+}
+
+void logdet_series_accumulate_(const at::Tensor& w, const at::Tensor& eps, const at::Tensor& logdet,
+                               const std::optional<at::Tensor>& neumann, double logdet_coeff, double neumann_coeff,
+                               int64_t sms) {
+  cu::logdet_series_accumulate_on(backend(sms), w, eps, logdet, neumann, logdet_coeff, neumann_coeff);
+}
+
+// The series launch plan for rows x cols elements of `element_size` bytes: [vec, blocks].
+std::vector<int64_t> series_plan(int64_t rows, int64_t cols, int64_t sms, bool aligned, int64_t element_size) {
+  cu::SeriesPlan plan{};
+  switch (element_size) {
+    case 2: plan = cu::plan_series<uint16_t>(rows, cols, static_cast<int>(sms), aligned); break;
+    case 4: plan = cu::plan_series<float>(rows, cols, static_cast<int>(sms), aligned); break;
+    case 8: plan = cu::plan_series<double>(rows, cols, static_cast<int>(sms), aligned); break;
+    default: TORCH_CHECK(false, "resflow_emulated.series_plan: element_size must be 2, 4 or 8");
+  }
+  return {plan.vec, plan.blocks};
 }
 
 // The elementwise launch plan for n elements of `element_size` bytes: [vec, blocks, threads].
@@ -202,6 +221,9 @@ TORCH_LIBRARY(resflow_emulated, m) {
   m.def("lipswish_double_backward(Tensor grad, Tensor gg_x, Tensor gg_beta, Tensor x, Tensor beta, int sm_count) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("elementwise_plan(int n, int sm_count, bool aligned, int element_size) -> int[]", &elementwise_plan);
+  m.def("series_plan(int rows, int cols, int sm_count, bool aligned, int element_size) -> int[]", &series_plan);
+  m.def("logdet_series_accumulate_(Tensor w, Tensor eps, Tensor(a!) logdet, Tensor(b!)? neumann, float logdet_coeff, "
+        "float neumann_coeff, int sm_count) -> ()");
   m.def("launched_kernels() -> str[]", &launched_kernels);
   m.def("probe(str which, int blocks, int threads, int width) -> Tensor", &probe);
   m.def("shared_reverse(Tensor x, bool with_barrier) -> Tensor");
@@ -224,4 +246,5 @@ TORCH_LIBRARY_IMPL(resflow_emulated, CPU, m) {
   m.impl("power_iteration", &power_iteration);
   m.impl("conv_power_iteration", &conv_power_iteration);
   m.impl("power_iteration_update_", &power_iteration_update_);
+  m.impl("logdet_series_accumulate_", &logdet_series_accumulate_);
 }
