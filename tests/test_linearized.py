@@ -343,3 +343,19 @@ def test_ops_match_the_reference_twins(name, dtype):
         assert len(got[group]) == len(expected[group])
         for a, b in zip(got[group], expected[group]):
             torch.testing.assert_close(a.reshape(b.shape), b, **tol)
+
+
+@pytest.mark.parametrize("name", ["mlp-lipswish", "conv-preact", "mlp-softplus"])
+def test_neumann_surrogate_gradcheck(name):
+    """The surrogate <w~^T J(x), eps> with w~ and eps fixed, as a function of x, against finite differences."""
+    net = _randomize_betas(BRANCHES[name]()).double()
+    first = next(m for m in net.modules() if isinstance(m, (InducedNormLinear, InducedNormConv2d)))
+    shape = (3, first.weight.shape[1]) if first.weight.dim() == 2 else (2, first.weight.shape[1], 4, 4)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    w_tilde, eps = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+
+    def surrogate(x):
+        _, source = linearize(net)(x)
+        return source.surrogate(w_tilde, eps)
+
+    assert torch.autograd.gradcheck(surrogate, (x,))
