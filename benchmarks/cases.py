@@ -380,8 +380,8 @@ class IResBlockCase:
 
     def memory(self, device: str, quick: bool, log) -> list[dict]:
         """Peak memory of one training step of the conv block against the series length n (the
-        truncated series, so that n is fixed), each in a fresh subprocess: CPU RSS high-water mark
-        above the RSS before the step, or CUDA max_memory_allocated."""
+        truncated series, so that n is fixed), each in a fresh subprocess: the CPU RSS high-water
+        mark (reset just before the step) above the RSS before it, or CUDA max_memory_allocated."""
         rows = []
         for n in (self.memory_terms[:2] if quick else self.memory_terms):
             for label, provider in self.providers().items():
@@ -424,16 +424,22 @@ def _memory_probe(provider: str, block: str, n: int, grad_in_forward: bool, devi
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        import os
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+def _reset_peak_rss() -> float:
+    """Resets the RSS high-water mark (Linux: clear_refs 5) and returns the RSS in MiB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mib("VmRSS")
 
 
 def _measure_step_memory(provider: str, block: str, n: int, grad_in_forward: bool, device: str) -> float:
-    import resource
-
     import numpy as np
 
     case = IResBlockCase()
@@ -448,12 +454,12 @@ def _measure_step_memory(provider: str, block: str, n: int, grad_in_forward: boo
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_mib()
+        base = _reset_peak_rss()
     y, logp = model(x, torch.zeros(x.shape[0], 1, device=x.device))
     torch.autograd.grad(0.5 * y.square().flatten(1).sum(1).mean() - logp.mean(), params)
     if device == "cuda":
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    return _status_mib("VmHWM") - base
 
 
 def _reference_update(model) -> None:

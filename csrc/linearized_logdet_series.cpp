@@ -3,7 +3,7 @@
 // the fused accumulation op (logdet_series_accumulate_):
 //   logdet   = sum_k logdet_coeffs[k] <w_k, eps>          per sample
 //   neumann  = eps + sum_k neumann_coeffs[k] w_k          (when neumann_coeffs is not empty)
-//   surrogate = <neumann^T J, eps>                        per sample (likewise)
+//   surrogate = <neumann^T J, eps>                        per sample (when also `surrogate`)
 // Device-agnostic (ATen matmul / convolutions + the fused op's CPU or CUDA kernel).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -32,7 +32,7 @@ void accumulate(const at::Tensor& w, const at::Tensor& eps, const at::Tensor& lo
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linearized_logdet_series(
     const at::Tensor& eps, at::TensorList weights, at::IntArrayRef strides, at::IntArrayRef paddings,
     const c10::List<std::optional<at::Tensor>>& derivs, at::ArrayRef<double> logdet_coeffs,
-    at::ArrayRef<double> neumann_coeffs) {
+    at::ArrayRef<double> neumann_coeffs, bool with_surrogate) {
   const auto chain = make_chain(kOp, eps, weights, strides, paddings, derivs);
   const bool with_neumann = !neumann_coeffs.empty();
   TORCH_CHECK(!with_neumann || neumann_coeffs.size() == logdet_coeffs.size(), kOp,
@@ -42,7 +42,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linearized_logdet_series(
   const auto acc_options = eps.options().dtype(acc_type);
   at::Tensor logdet = at::zeros({eps.size(0)}, acc_options);
   at::Tensor neumann = with_neumann ? eps.clone(at::MemoryFormat::Contiguous) : at::empty({0}, eps.options());
-  at::Tensor surrogate = at::zeros({with_neumann ? eps.size(0) : 0}, acc_options);
+  with_surrogate = with_surrogate && with_neumann;
+  at::Tensor surrogate = at::zeros({with_surrogate ? eps.size(0) : 0}, acc_options);
   if (eps.numel() == 0) {
     return {logdet, neumann, surrogate};
   }
@@ -52,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linearized_logdet_series(
     w = chain_vjp(chain, derivs, w);
     accumulate(w, eps, logdet, neumann_arg, logdet_coeffs[k], with_neumann ? neumann_coeffs[k] : 0.0);
   }
-  if (with_neumann) {
+  if (with_surrogate) {
     accumulate(chain_vjp(chain, derivs, neumann), eps, surrogate, std::nullopt, 1.0, 0.0);
   }
   return {logdet, neumann, surrogate};

@@ -44,7 +44,7 @@ constexpr const char* kKernelSchemas[] = {
 constexpr const char* kCompositeSchemas[] = {
     // All n terms: per-sample log-det terms, the Neumann vector and the Neumann surrogate.
     "linearized_logdet_series(Tensor eps, Tensor[] weights, int[] strides, int[] paddings, Tensor?[] derivs, "
-    "float[] logdet_coeffs, float[] neumann_coeffs) -> (Tensor, Tensor, Tensor)",
+    "float[] logdet_coeffs, float[] neumann_coeffs, bool surrogate) -> (Tensor, Tensor, Tensor)",
     // The surrogate <w~^T J, eps> and its gradient w.r.t. x, weights, biases and LipSwish betas.
     "linearized_neumann_gradient(Tensor w_tilde, Tensor eps, Tensor[] weights, int[] strides, int[] paddings, "
     "Tensor?[] derivs, Tensor[] layer_inputs, Tensor?[] act_inputs, int[] activations, float[] act_params, "

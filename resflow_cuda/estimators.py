@@ -127,13 +127,20 @@ class AutogradVJP:
         (out,) = torch.autograd.grad(self.g, self.x, w, retain_graph=True, create_graph=create_graph)
         return out
 
-    def series(self, eps: Tensor, plan: SeriesPlan, neumann: bool) -> tuple[Tensor, Tensor | None]:
-        """(sum_k (-1)^(k+1)/k c_k <w_k, e>, and w~ when ``neumann``), no graph."""
+    def series(self, eps: Tensor, plan: SeriesPlan, neumann: bool, surrogate: bool = True) -> tuple[Tensor, Tensor | None]:
+        """(sum_k (-1)^(k+1)/k c_k <w_k, e>, and w~ when ``neumann``), no graph. ``surrogate``
+        says whether :meth:`surrogate` follows (a hint for sources that can fuse it)."""
         return series_terms(self.vjp, eps, plan, neumann)
 
     def surrogate(self, w_tilde: Tensor, eps: Tensor) -> Tensor:
         """<w~^T J, e> per sample, differentiable in x and the branch's parameters."""
         return _per_sample_dot(self.vjp(w_tilde, create_graph=True), eps)
+
+    def surrogate_and_grads(self, w_tilde: Tensor, eps: Tensor, params: list[Tensor]):
+        """The surrogate (no graph) and the gradients of its sum w.r.t. x and ``params`` (None: unused)."""
+        value = self.surrogate(w_tilde, eps)
+        grads = torch.autograd.grad(value.sum(), [self.x, *params], retain_graph=True, allow_unused=True)
+        return value.detach(), list(grads)
 
 
 def _per_sample_dot(a: Tensor, b: Tensor) -> Tensor:

@@ -200,16 +200,17 @@ class LinearizedVJP:
         self._weights = [w.detach() for w in cache.weights]
         self._surrogate: tuple[Tensor, Tensor] | None = None
 
-    def series(self, eps: Tensor, plan, neumann: bool) -> tuple[Tensor, Tensor | None]:
+    def series(self, eps: Tensor, plan, neumann: bool, surrogate: bool = True) -> tuple[Tensor, Tensor | None]:
         n = plan.n_terms
         logdet_coeffs = [plan.logdet_coeff(k) for k in range(1, n + 1)]
         neumann_coeffs = [plan.neumann_coeff(k) for k in range(1, n + 1)] if neumann else []
         with torch.no_grad():
-            logdet, w_tilde, surrogate = ops.linearized_logdet_series(
-                eps, self._weights, self._strides, self._paddings, self.cache.slopes, logdet_coeffs, neumann_coeffs)
+            logdet, w_tilde, value = ops.linearized_logdet_series(
+                eps, self._weights, self._strides, self._paddings, self.cache.slopes, logdet_coeffs, neumann_coeffs,
+                surrogate)
         if not neumann:
             return logdet.to(eps.dtype), None
-        self._surrogate = (w_tilde, surrogate.to(eps.dtype))
+        self._surrogate = (w_tilde, value.to(eps.dtype)) if surrogate else None
         return logdet.to(eps.dtype), w_tilde
 
     def surrogate(self, w_tilde: Tensor, eps: Tensor) -> Tensor:
@@ -221,6 +222,27 @@ class LinearizedVJP:
             value = self._surrogate[1]
         c = self.cache
         return _NeumannSurrogate.apply(self, w_tilde, eps, value, self.x, *c.weights, *c.biases, *c.betas)
+
+    def surrogate_and_grads(self, w_tilde: Tensor, eps: Tensor, params: list[Tensor]):
+        """The surrogate and the gradients of its sum w.r.t. x and ``params`` from one call of the
+        gradient op (backward-in-forward); weight gradients go on to the parameters through the
+        layers' weight normalization."""
+        c = self.cache
+        with torch.no_grad():
+            value, grad_x, grad_weights, grad_biases, grad_betas = ops.linearized_neumann_gradient(
+                w_tilde, eps, *self._gradient_args())
+        outputs, grads = [], []
+        for t, g in [*zip(c.weights, grad_weights), *zip(c.betas, grad_betas)]:
+            if t is not None and t.requires_grad:
+                outputs.append(t)
+                grads.append(g.reshape(t.shape))
+        through = torch.autograd.grad(outputs, params, grads, retain_graph=True, allow_unused=True) if outputs \
+            else [None] * len(params)
+        by_id = {id(p): g for p, g in zip(params, through)}
+        for b, g in zip(c.biases, grad_biases):
+            if b is not None and id(b) in by_id:
+                by_id[id(b)] = g if by_id[id(b)] is None else by_id[id(b)] + g
+        return value.to(eps.dtype), [grad_x, *(by_id[id(p)] for p in params)]
 
     def _gradient_args(self) -> tuple:
         c, steps = self.cache, self.branch.steps

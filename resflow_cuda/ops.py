@@ -276,16 +276,17 @@ torch.library.register_autograd("resflow_cuda::conv_power_iteration", _not_diffe
 
 def linearized_logdet_series(eps: Tensor, weights: list[Tensor], strides: list[int], paddings: list[int],
                              derivs: list[Tensor | None], logdet_coeffs: list[float],
-                             neumann_coeffs: list[float]) -> tuple[Tensor, Tensor, Tensor]:
+                             neumann_coeffs: list[float], surrogate: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """All n series terms of the branch's Jacobian J in one call, w_k = w_{k-1}^T J from w_0 = eps.
 
     Steps i = 1..L: ``weights[i]`` (out, in) or (out, in, kh, kw) with two ``strides`` /
     ``paddings`` entries per step, ``derivs[i]`` phi'(h_{i-1}) of the activation before it (None:
     none). Returns ``(logdet, neumann, surrogate)``: sum_k logdet_coeffs[k] <w_k, eps> per sample
     (float32, float64 for float64 eps), eps + sum_k neumann_coeffs[k] w_k and <neumann^T J, eps>
-    (both empty when ``neumann_coeffs`` is empty).
+    (empty when ``neumann_coeffs`` is empty; the last also without ``surrogate``: one chain fewer).
     """
-    return _OPS.linearized_logdet_series(eps, weights, strides, paddings, derivs, logdet_coeffs, neumann_coeffs)
+    return _OPS.linearized_logdet_series(eps, weights, strides, paddings, derivs, logdet_coeffs, neumann_coeffs,
+                                         surrogate)
 
 
 def linearized_neumann_gradient(w_tilde: Tensor, eps: Tensor, weights: list[Tensor], strides: list[int],
@@ -310,11 +311,12 @@ def _accumulator_like(eps: Tensor, n: int) -> Tensor:
 
 
 @torch.library.register_fake("resflow_cuda::linearized_logdet_series")
-def _linearized_logdet_series_fake(eps, weights, strides, paddings, derivs, logdet_coeffs, neumann_coeffs):
+def _linearized_logdet_series_fake(eps, weights, strides, paddings, derivs, logdet_coeffs, neumann_coeffs,
+                                   surrogate):
     with_neumann = len(neumann_coeffs) > 0
     neumann = torch.empty_like(eps, memory_format=torch.contiguous_format) if with_neumann else eps.new_empty((0,))
     return (_accumulator_like(eps, eps.shape[0]), neumann,
-            _accumulator_like(eps, eps.shape[0] if with_neumann else 0))
+            _accumulator_like(eps, eps.shape[0] if with_neumann and surrogate else 0))
 
 
 @torch.library.register_fake("resflow_cuda::linearized_neumann_gradient")

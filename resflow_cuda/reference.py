@@ -158,7 +158,7 @@ def _chain_vjp(maps, derivs, w: Tensor) -> Tensor:
         return torch.autograd.grad(_jacobian_apply(maps, derivs, probe), probe, w)[0]
 
 
-def linearized_logdet_series(eps, weights, strides, paddings, derivs, logdet_coeffs, neumann_coeffs):
+def linearized_logdet_series(eps, weights, strides, paddings, derivs, logdet_coeffs, neumann_coeffs, surrogate=True):
     """(sum_k lc_k <w_k, eps>, eps + sum_k nc_k w_k, <neumann^T J, eps>), w_k = w_{k-1}^T J."""
     maps = _chain_maps(weights, strides, paddings)
     acc = torch.float64 if eps.dtype == torch.float64 else torch.float32
@@ -171,7 +171,7 @@ def linearized_logdet_series(eps, weights, strides, paddings, derivs, logdet_coe
         logdet = logdet + lc * (w.reshape(flat) * eps.reshape(flat)).to(acc).sum(1)
         if neumann_coeffs:
             neumann = neumann + neumann_coeffs[k] * w
-    if not neumann_coeffs:
+    if not (neumann_coeffs and surrogate):
         return logdet, neumann, logdet.new_empty((0,))
     surrogate = (_chain_vjp(maps, derivs, neumann).reshape(flat) * eps.reshape(flat)).to(acc).sum(1)
     return logdet, neumann, surrogate

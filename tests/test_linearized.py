@@ -243,6 +243,10 @@ def test_logdet_series_op_matches_autograd_terms():
                                          source.cache.slopes, lc, [])
     torch.testing.assert_close(empty[0], logdet)
     assert empty[1].numel() == 0 and empty[2].numel() == 0
+    no_surrogate = ops.linearized_logdet_series(eps, source._weights, source._strides, source._paddings,
+                                                source.cache.slopes, lc, nc, surrogate=False)
+    torch.testing.assert_close(no_surrogate[1], neumann)
+    assert no_surrogate[2].numel() == 0
 
 
 def test_ops_pass_opcheck():
@@ -250,9 +254,10 @@ def test_ops_pass_opcheck():
     x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
     source = _chain_args(net, x)
     eps = torch.randn_like(x)
-    torch.library.opcheck(torch.ops.resflow_cuda.linearized_logdet_series,
-                          (eps, source._weights, source._strides, source._paddings, source.cache.slopes,
-                           [0.5, -0.25], [1.0, -1.0]))
+    for surrogate in (True, False):
+        torch.library.opcheck(torch.ops.resflow_cuda.linearized_logdet_series,
+                              (eps, source._weights, source._strides, source._paddings, source.cache.slopes,
+                               [0.5, -0.25], [1.0, -1.0], surrogate))
     torch.library.opcheck(torch.ops.resflow_cuda.linearized_neumann_gradient,
                           (torch.randn_like(x), eps, *source._gradient_args()))
 

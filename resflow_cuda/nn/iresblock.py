@@ -253,35 +253,41 @@ class iResBlock(nn.Module):  # noqa: N801 (the reference's name)
         """(g, value, estimate) by the basic or Neumann estimator, with or without backward-in-forward."""
         neumann = self.training and self.neumann_grad
 
-        def estimate(x_in: Tensor, create_graph: bool) -> tuple[Tensor, Tensor, Tensor]:
+        def branch(x_in: Tensor, create_graph: bool):
             fast = linearize(self.nnet) if self.fast_path and (neumann or not create_graph) else None
             if fast is not None:
-                g, source = fast(x_in)
-            else:
-                g = self.nnet(x_in)
-                source = est.AutogradVJP(g, x_in)
-            if neumann:
-                value, logdet = est.neumann_estimator(source, eps, plan)
-            else:
-                value = est.basic_estimator(source, eps, plan, create_graph)
-                logdet = value.detach()
-            return g, value, logdet
+                return fast(x_in)
+            g = self.nnet(x_in)
+            return g, est.AutogradVJP(g, x_in)
 
         if self.training and self.grad_in_forward:
             params = list(self.nnet.parameters())
 
             def run(x_leaf: Tensor):
-                g, value, logdet = estimate(x_leaf, True)
+                g, source = branch(x_leaf, True)
                 trainable = [p for p in params if p.requires_grad]
-                grads = iter(torch.autograd.grad(value.sum(), [x_leaf, *trainable], retain_graph=True,
-                                                 allow_unused=True))
+                if neumann:
+                    logdet, w_tilde = source.series(eps, plan, neumann=True, surrogate=False)
+                    value, grads = source.surrogate_and_grads(w_tilde, eps, trainable)
+                else:
+                    value = est.basic_estimator(source, eps, plan, create_graph=True)
+                    logdet = value.detach()
+                    grads = torch.autograd.grad(value.sum(), [x_leaf, *trainable], retain_graph=True,
+                                                allow_unused=True)
+                grads = iter(grads)
                 grad_x = next(grads)
                 grad_x = torch.zeros_like(x_leaf) if grad_x is None else grad_x
                 return g, value, logdet, grad_x, [next(grads) if p.requires_grad else None for p in params]
 
             return est.MemoryEfficientLogDet.apply(run, x, *params)
         x = x.requires_grad_(True)
-        return estimate(x, self.training)
+        g, source = branch(x, self.training)
+        if neumann:
+            value, logdet = est.neumann_estimator(source, eps, plan)
+        else:
+            value = est.basic_estimator(source, eps, plan, self.training)
+            logdet = value.detach()
+        return g, value, logdet
 
     def extra_repr(self) -> str:
         return (f"dist={self.n_dist}, n_samples={self.n_samples}, n_power_series={self.n_power_series}, "
