@@ -28,11 +28,18 @@ struct ChainStep {
   std::array<int64_t, 2> output_padding{0, 0};  // makes conv_transpose2d give back the input size
   std::vector<int64_t> input_shape;             // (B, in) or (B, C, H, W)
   std::vector<int64_t> output_shape;
+  // For stride-1 convolutions that narrow the channels: the transposed map as a convolution with
+  // the flipped kernel, which oneDNN runs about 3x faster than conv_transpose2d when the
+  // transposed map widens few channels to many (e.g. 3 -> 128 at 16x16).
+  at::Tensor flipped;
 
   // w (B, out...) -> w^T W: (B, in...).
   at::Tensor vjp(const at::Tensor& w) const {
     if (!conv) {
       return at::mm(w, weight);
+    }
+    if (flipped.defined()) {
+      return at::conv2d(w, flipped, {}, 1, {weight.size(2) - 1 - padding[0], weight.size(3) - 1 - padding[1]});
     }
     return at::conv_transpose2d(w, weight, {}, stride, padding, output_padding);
   }
@@ -107,6 +114,10 @@ inline std::vector<ChainStep> make_chain(const char* op, const at::Tensor& eps, 
     }
     shape[1] = w.size(0);
     step.output_shape = shape;
+    if (step.conv && step.stride == std::array<int64_t, 2>{1, 1} && w.size(0) < w.size(1) &&
+        step.padding[0] < w.size(2) && step.padding[1] < w.size(3)) {
+      step.flipped = w.flip({2, 3}).transpose(0, 1).contiguous();
+    }
     const auto& d = derivs.get(i);
     if (d.has_value() && d->defined()) {
       TORCH_CHECK(d->sizes() == at::IntArrayRef(step.input_shape), op, ": expected derivs[", i,
