@@ -114,10 +114,7 @@ at::opmath_type<scalar_t> lipswish_double_backward_vec(const scalar_t* grad, con
       const scalar_t*, const scalar_t*, const scalar_t*, scalar_t*, scalar_t*, int64_t,                    \
       const LipSwishScalars<at::opmath_type<scalar_t>>&);
 
-RESFLOW_INSTANTIATE(float)
-RESFLOW_INSTANTIATE(double)
-RESFLOW_INSTANTIATE(c10::Half)
-RESFLOW_INSTANTIATE(c10::BFloat16)
+RESFLOW_FOR_EACH_KERNEL_DTYPE(RESFLOW_INSTANTIATE)
 #undef RESFLOW_INSTANTIATE
 
 }  // namespace resflow_cuda::cpu::CPU_CAPABILITY

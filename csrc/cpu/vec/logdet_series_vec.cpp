@@ -54,10 +54,7 @@ at::opmath_type<scalar_t> logdet_series_vec(const scalar_t* w, const scalar_t* e
   template at::opmath_type<scalar_t> logdet_series_vec<scalar_t>(const scalar_t*, const scalar_t*, scalar_t*, \
                                                                  int64_t, at::opmath_type<scalar_t>);
 
-RESFLOW_INSTANTIATE(float)
-RESFLOW_INSTANTIATE(double)
-RESFLOW_INSTANTIATE(c10::Half)
-RESFLOW_INSTANTIATE(c10::BFloat16)
+RESFLOW_FOR_EACH_KERNEL_DTYPE(RESFLOW_INSTANTIATE)
 #undef RESFLOW_INSTANTIATE
 
 }  // namespace resflow_cuda::cpu::CPU_CAPABILITY

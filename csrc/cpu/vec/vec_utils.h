@@ -13,6 +13,9 @@
 #include <cstdint>
 #include <type_traits>
 
+// Applies M to every dtype the CPU kernels are instantiated for.
+#define RESFLOW_FOR_EACH_KERNEL_DTYPE(M) M(float) M(double) M(c10::Half) M(c10::BFloat16)
+
 namespace resflow_cuda::cpu::CPU_CAPABILITY {
 
 using at::vec::Vectorized;
