@@ -99,8 +99,10 @@ def test_activations_fast_path_equals_autograd(act):
                  grad_in_forward=grad_in_forward)
 
 
-def test_float32_fast_path_equals_autograd():
-    _compare(_mlp([4, 32, 32, 4]), torch.randn(16, 4), grad_in_forward=True)
+@pytest.mark.parametrize("grad_in_forward", [True, False])
+def test_float32_fast_path_equals_autograd(grad_in_forward):
+    _compare(_mlp([4, 32, 32, 4]), torch.randn(16, 4), grad_in_forward=grad_in_forward)
+    _compare(_conv(), torch.randn(2, 3, 6, 6), grad_in_forward=grad_in_forward)
 
 
 def test_plain_torch_layers_without_bias_and_a_strided_conv():
