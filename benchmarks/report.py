@@ -29,7 +29,8 @@ def render(data: dict) -> str:
         f" median and interquartile range; allocator: {meta['allocator']}",
         "- memory floor: the bytes the configuration must move at the bandwidth of `x.clone()` measured"
         " on the same shape in the same run; matmul floor: the FLOPs of the configuration at the rate of a"
-        " 1024² float32 matmul measured in the same run; `/ floor` is time over that floor",
+        " 1024² float32 matmul measured in the same run; `/ floor` is time over that floor; `repeat`: how much"
+        " a second measurement of the same provider differed (the noise band `--compare` uses)",
         "",
     ]
     for case, title in data["cases"].items():
@@ -40,8 +41,8 @@ def render(data: dict) -> str:
         modes = list(dict.fromkeys(r["config"]["mode"] for r in rows))
         for mode in modes:
             lines += [f"### {mode}", "",
-                      "| config | provider | median µs | IQR µs | GB/s | GFLOP/s | × eager | × compile | / floor | status |",
-                      "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+                      "| config | provider | median µs | IQR µs | repeat | GB/s | GFLOP/s | × eager | × compile | / floor | status |",
+                      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
             for r in (r for r in rows if r["config"]["mode"] == mode):
                 status = r["status"]
                 if r.get("compile_s") is not None:
@@ -50,7 +51,8 @@ def render(data: dict) -> str:
                     status += f": {r['error']}"
                 lines.append(
                     f"| {r['label']} | {r['provider']} | {_fmt(r.get('median_us'), '.1f')} | "
-                    f"{_fmt(r.get('iqr_us'), '.1f')} | {_fmt(r.get('gbps'), '.1f')} | {_fmt(r.get('gflops'), '.1f')} | "
+                    f"{_fmt(r.get('iqr_us'), '.1f')} | {_fmt(r.get('noise'), '.0%')} | "
+                    f"{_fmt(r.get('gbps'), '.1f')} | {_fmt(r.get('gflops'), '.1f')} | "
                     f"{_fmt(r.get('speedup_vs_eager'), '.2f', '×')} | {_fmt(r.get('speedup_vs_compile'), '.2f', '×')} | "
                     f"{_fmt(r.get('vs_floor'), '.2f', '×')} | {status} |")
             lines.append("")
@@ -70,6 +72,106 @@ def render(data: dict) -> str:
             lines += [f"- {'met' if t['met'] else '**not met**'}: {t['text']} ({t['detail']})" for t in targets]
             lines.append("")
     return "\n".join(lines)
+
+
+# The keys every results.json has (benchmarks/README.md documents them).
+_TOP_KEYS = {"meta": dict, "quick": bool, "min_run_time_s": float, "cases": dict, "results": list, "targets": list}
+_META_KEYS = ("timestamp", "git_revision", "cpu_model", "cpu_count", "torch_threads", "torch_version",
+              "resflow_cuda", "device")
+_ROW_KEYS = ("case", "config", "label", "provider", "status")
+
+
+def schema_problems(data: dict) -> list[str]:
+    """What in a results dict does not follow the schema (empty when it does)."""
+    problems = [f"missing or mistyped '{k}'" for k, t in _TOP_KEYS.items()
+                if not isinstance(data.get(k), (int, float) if t is float else t)]
+    if problems:
+        return problems
+    problems += [f"meta lacks '{k}'" for k in _META_KEYS if k not in data["meta"]]
+    for i, row in enumerate(data["results"]):
+        problems += [f"results[{i}] lacks '{k}'" for k in _ROW_KEYS if k not in row]
+        if row.get("status") == "ok" and not ("median_us" in row or "peak_mib" in row):
+            problems.append(f"results[{i}] is ok but has neither median_us nor peak_mib")
+        if row.get("case") not in data["cases"]:
+            problems.append(f"results[{i}] names an unknown case {row.get('case')!r}")
+    for i, t in enumerate(data["targets"]):
+        problems += [f"targets[{i}] lacks '{k}'" for k in ("case", "text", "met", "detail") if k not in t]
+    return problems
+
+
+def _key(row: dict) -> tuple:
+    return row["case"], json.dumps(row["config"], sort_keys=True), row["provider"]
+
+
+def compare(old: dict, new: dict, floor: float = 0.05) -> str:
+    """Markdown table of new/old median time per row present in both runs. A row is flagged as a
+    regression when it got slower by more than its noise band: the larger relative difference of
+    the repeated measurement of the same provider in either run, and at least `floor`."""
+    old_rows = {_key(r): r for r in old["results"] if r.get("status") == "ok" and r.get("median_us")}
+    lines = [f"# Comparison with {old['meta'].get('git_revision', '?')} ({old['meta'].get('timestamp', '?')})", "",
+             "| case | config | provider | old µs | new µs | new / old | noise band | verdict |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    regressions = 0
+    for r in new["results"]:
+        before = old_rows.get(_key(r)) if r.get("status") == "ok" and r.get("median_us") else None
+        if before is None or "floor" in r["provider"]:
+            continue
+        ratio = r["median_us"] / before["median_us"]
+        band = max(floor, r.get("noise") or 0.0, before.get("noise") or 0.0)
+        verdict = "**regression**" if ratio > 1 + band else ("faster" if ratio < 1 - band else "within noise")
+        regressions += verdict == "**regression**"
+        lines.append(f"| {r['case']} | {r['label']} {r['config'].get('mode', '')} | {r['provider']} | "
+                     f"{before['median_us']:.1f} | {r['median_us']:.1f} | {ratio:.2f}× | ±{band:.0%} | {verdict} |")
+    lines += ["", f"{regressions} regression(s) beyond the noise band."]
+    return "\n".join(lines)
+
+
+def charts(data: dict, out: Path) -> list[str]:
+    """PNG charts next to the results: per case, resflow_cuda's speed-up over eager for every
+    configuration; per case with a memory sweep, peak memory against the number of series terms.
+    Returns one log line per file (or why there are none)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ["matplotlib is not installed: no charts (pip install matplotlib)"]
+    written = []
+    for case in data["cases"]:
+        rows = [r for r in data["results"] if r["case"] == case and r.get("speedup_vs_eager") is not None
+                and r["provider"] == "resflow_cuda"]
+        if rows:
+            fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(rows) + 2), 3.2))
+            labels = [f"{r['label']}\n{r['config'].get('mode', '')}" for r in rows]
+            ax.bar(labels, [r["speedup_vs_eager"] for r in rows], color="tab:blue")
+            ax.axhline(1.0, color="gray", lw=1)
+            ax.set_ylabel("speed-up over eager (×)")
+            ax.set_title(f"{case} ({data['meta']['device']}, {data['meta']['torch_threads']} threads)")
+            ax.tick_params(axis="x", labelsize=8)
+            fig.tight_layout()
+            path = out / f"speedup-{case}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(f"wrote {path}")
+        memory = [r for r in data["results"] if r["case"] == case and r.get("peak_mib") is not None]
+        if memory:
+            fig, ax = plt.subplots(figsize=(5.5, 3.5))
+            for provider in dict.fromkeys(r["provider"] for r in memory):
+                points = sorted((r["config"]["n"], r["peak_mib"]) for r in memory if r["provider"] == provider)
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=provider)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("series terms n")
+            ax.set_ylabel("peak memory of a step (MiB)")
+            ax.set_ylim(bottom=0)
+            ax.set_title(f"{case}: peak memory of one training step ({data['meta']['device']})")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            path = out / f"memory-{case}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(f"wrote {path}")
+    return written
 
 
 def main(argv=None) -> int:

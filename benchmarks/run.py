@@ -4,11 +4,12 @@ For every case, configuration and provider: check the provider's outputs against
 reference (a provider that disagrees is reported as failing and not timed), time it with
 torch.utils.benchmark, and put it beside the eager and torch.compile times and the memory floor
 (the bytes the configuration must move at the bandwidth of a clone measured in the same run).
-Writes results.json (with environment metadata) and results.md (rendered from the JSON only)
-into --out, and prints the Markdown.
+Writes results.json (with environment metadata; schema in benchmarks/README.md), results.md
+(rendered from the JSON only) and PNG charts into --out, and prints the Markdown.
 
     resflow-bench --quick            # seconds to a minute: the CI smoke run
     resflow-bench                    # the full suite
+    resflow-bench --compare old/results.json   # ratios against an earlier run, regressions flagged
     python -m benchmarks.run --cases lipswish --out my-results
 """
 
@@ -81,6 +82,9 @@ def run_case(case, device: str, quick: bool, min_run_time: float, log) -> list[d
                 log(f"  {case.name} {config.label} {config.mode} {name}: FAILED the correctness gate")
                 continue
             t = measure(step, min_run_time)
+            if name == RESFLOW:  # the noise band: the same provider measured again, right after
+                row["repeat_us"] = measure(step, min_run_time).median_s * 1e6
+                row["noise"] = abs(row["repeat_us"] / (t.median_s * 1e6) - 1)
             rows.append({**row, "status": "ok", "median_us": t.median_s * 1e6, "iqr_us": t.iqr_s * 1e6,
                          "runs": t.runs, "gbps": None if bytes_moved is None else bytes_moved / t.median_s / 1e9,
                          "gflops": None if flops is None else flops / t.median_s / 1e9,
@@ -121,6 +125,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--min-run-time", type=float, default=None,
                         help="seconds of timing per measurement (default 0.2 quick, 1.0 full)")
+    parser.add_argument("--compare", metavar="OLD.json", default=None,
+                        help="print time ratios against an earlier results.json and flag regressions")
     args = parser.parse_args(argv)
     min_run_time = args.min_run_time or (0.2 if args.quick else 1.0)
 
@@ -140,11 +146,18 @@ def main(argv=None) -> int:
         data["targets"] += [dict(case=name, **vars(t)) for t in case.targets(rows, args.quick)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    problems = report.schema_problems(data)
+    if problems:
+        raise RuntimeError("results do not follow the schema of benchmarks/README.md: " + "; ".join(problems))
     (out / "results.json").write_text(json.dumps(data, indent=1))
     markdown = report.render(data)
     (out / "results.md").write_text(markdown)
     print(markdown)
     log(f"[resflow-bench] wrote {out / 'results.json'} and {out / 'results.md'}")
+    for line in report.charts(data, out):
+        log(f"[resflow-bench] {line}")
+    if args.compare:
+        print(report.compare(json.loads(Path(args.compare).read_text()), data))
     broken = [r for r in data["results"] if r["provider"] == RESFLOW and r["status"] != "ok"]
     for r in broken:
         log(f"[resflow-bench] resflow_cuda {r['case']} {r['label']} {r['config']['mode']}: {r['status']}: {r.get('error')}")
