@@ -205,9 +205,10 @@ class MemoryEfficientLogDet(torch.autograd.Function):
             g, value, estimate, grad_x, param_grads = run(x_leaf)
         ctx.g, ctx.x = g, x_leaf
         ctx.param_grads = param_grads
-        ctx.mark_non_differentiable(estimate)
         ctx.save_for_backward(grad_x, *params)
-        return g.detach(), value.detach(), estimate.detach()
+        estimate = estimate.detach()
+        ctx.mark_non_differentiable(estimate)  # an output: the report of the estimate carries no gradient
+        return g.detach(), value.detach(), estimate
 
     @staticmethod
     def backward(ctx, grad_g, grad_value, _grad_estimate):
