@@ -15,6 +15,14 @@ constexpr int kWarpSize = 32;
 constexpr int kElementwiseThreads = 256;
 // Resident blocks per SM the elementwise plan aims for; more blocks only add grid-stride tails.
 constexpr int kElementwiseBlocksPerSm = 4;
+// Resident blocks per SM an elementwise kernel is compiled for (__launch_bounds__' second
+// argument): float32, 6 x 256 threads = 75 % of an SM's 2048 (at most 40 registers a thread);
+// double and the 8-wide half packs need more registers, 4 blocks = 50 % (at most 64) keeps them
+// from spilling.
+template <typename scalar_t>
+constexpr int elementwise_min_blocks() {
+  return sizeof(scalar_t) == 4 ? 6 : 4;
+}
 // Largest vector access, in bytes (LDG.E.128 / STG.E.128).
 constexpr int kMaxAccessBytes = 16;
 // Dynamic shared memory a block may use without opting in, on every supported GPU.
@@ -33,6 +41,9 @@ __device__ __forceinline__ Pack<T, VEC> load_pack(const T* __restrict__ p, int64
   if (count == VEC) {
     out = *reinterpret_cast<const Pack<T, VEC>*>(p + i);
   } else {
+    // Unrolled, so that every out.v[j] is a register: a loop indexed at run time would put the
+    // pack in local memory (the kernel report's budget).
+#pragma unroll
     for (int j = 0; j < VEC; ++j) {
       out.v[j] = j < count ? p[i + j] : T(0);
     }
@@ -45,8 +56,11 @@ __device__ __forceinline__ void store_pack(T* __restrict__ p, int64_t i, int cou
   if (count == VEC) {
     *reinterpret_cast<Pack<T, VEC>*>(p + i) = in;
   } else {
-    for (int j = 0; j < count; ++j) {
-      p[i + j] = in.v[j];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      if (j < count) {
+        p[i + j] = in.v[j];
+      }
     }
   }
 }

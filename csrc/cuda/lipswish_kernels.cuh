@@ -18,7 +18,7 @@ template <typename acc_t>
 using LipSwishPointT = math::LipSwishPoint<math::ScalarOps, acc_t>;
 
 template <typename scalar_t, typename acc_t, int VEC, bool WITH_DERIVATIVE>
-__global__ void __launch_bounds__(kElementwiseThreads)
+__global__ void __launch_bounds__(kElementwiseThreads, elementwise_min_blocks<scalar_t>())
     lipswish_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ beta,
                             scalar_t* __restrict__ y, scalar_t* __restrict__ dydx, int64_t n) {
   const acc_t b = math::lipswish_params(static_cast<acc_t>(beta[0])).beta;
@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
 }
 
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kElementwiseThreads)
+__global__ void __launch_bounds__(kElementwiseThreads, elementwise_min_blocks<scalar_t>())
     lipswish_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                              const scalar_t* __restrict__ beta, scalar_t* __restrict__ grad_x,
                              double* __restrict__ block_sums, int64_t n) {
@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
 }
 
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kElementwiseThreads)
+__global__ void __launch_bounds__(kElementwiseThreads, elementwise_min_blocks<scalar_t>())
     lipswish_double_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ gg_x,
                                     const scalar_t* __restrict__ x, const scalar_t* __restrict__ beta,
                                     const scalar_t* __restrict__ gg_beta, scalar_t* __restrict__ grad_grad,

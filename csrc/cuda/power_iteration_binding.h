@@ -97,6 +97,14 @@ PowerIterationResult power_iteration_on(const Backend& backend, const at::Tensor
   constexpr const char* op = "resflow_cuda.power_iteration";
   check_dense_power_iteration(op, weight_in, u_in, v_in);
   const auto opt = power_iteration_options(op, max_iterations, atol, rtol, domain, codomain, u_first);
+  if (at::isReducedFloatingType(weight_in.scalar_type())) {
+    // Half types compute in float32 anyway: converting first keeps one kernel per compute type (a
+    // half instantiation spilled registers around the division and sqrt slow paths).
+    return power_iteration_in_compute_type(weight_in, u_in, v_in, [&](const at::Tensor& w, const at::Tensor& u0,
+                                                                      const at::Tensor& v0) {
+      return power_iteration_on(backend, w, u0, v0, max_iterations, atol, rtol, domain, codomain, u_first);
+    });
+  }
   const auto guard = backend.guard(weight_in);
   const bool batched = weight_in.dim() == 3;
   const at::Tensor weight = batched ? weight_in.contiguous() : weight_in.unsqueeze(0).contiguous();
@@ -104,15 +112,13 @@ PowerIterationResult power_iteration_on(const Backend& backend, const at::Tensor
   const at::Tensor v = batched ? v_in.contiguous() : v_in.unsqueeze(0).contiguous();
   const int64_t count = weight.size(0), m = weight.size(1), n = weight.size(2);
   PowerIterationResult result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "power_iteration_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "power_iteration_cuda", [&] {
+    using acc_t = scalar_t;
     const auto plan = plan_power_iteration<acc_t>(count, m, n, backend.max_shared_bytes());
     if (!plan.fits || m == 0 || n == 0) {
-      result = power_iteration_in_compute_type(weight_in, u_in, v_in, [&](const at::Tensor& w, const at::Tensor& u0,
-                                                                          const at::Tensor& v0) {
-        return per_matrix(w, u0, v0, [&](const LinearOperator& op, const at::Tensor& ub, const at::Tensor& vb) {
-          return power_iteration_on_device(backend, op, ub, vb, opt);
-        });
+      result = per_matrix(weight_in, u_in, v_in, [&](const LinearOperator& op, const at::Tensor& ub,
+                                                     const at::Tensor& vb) {
+        return power_iteration_on_device(backend, op, ub, vb, opt);
       });
       return;
     }
