@@ -9,7 +9,7 @@ Environment:
                           but fail if either is missing; 0: CPU only.
   CUDA_HOME / CUDA_PATH   the toolkit; otherwise the one behind the nvcc on PATH, then /usr/local/cuda.
   TORCH_CUDA_ARCH_LIST    GPU architectures, e.g. "8.0;9.0". Unset: the visible GPUs' archs, or with
-                          no GPU visible DEFAULT_ARCH_LIST below (torch's own fallback is every arch
+                          no GPU visible build_flags.DEFAULT_ARCH_LIST (torch's own fallback is every arch
                           it knows, which is slow to compile).
   DEBUG=1                 -O0 -g host code and -G device code.
   MAX_JOBS                parallel compile jobs (ninja); defaults to the CPU count.
@@ -28,8 +28,9 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 VERSION = "0.1.0"
-# Ampere and Hopper SASS plus PTX for newer GPUs to JIT: two arches keep a 2-core build near a minute.
-DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+sys.path.insert(0, str(ROOT))
+from build_flags import DEFAULT_ARCH_LIST  # noqa: E402
+from build_flags import nvcc_flags  # noqa: E402
 
 # Per-capability CPU kernel builds (csrc/cpu/vec/*.cpp), mirroring ATen's DEFAULT/AVX2/AVX512 sets.
 X86_CAPABILITY_FLAGS = {
@@ -145,13 +146,6 @@ def cxx_flags():
     return flags
 
 
-def nvcc_flags():
-    flags = ["-O0", "-G"] if DEBUG else ["-O3"]
-    # -lineinfo maps profiler output to source lines; --threads compiles the arches in parallel.
-    flags += ["-lineinfo", "--threads=2", "-DRESFLOW_WITH_CUDA"]
-    return flags
-
-
 def cpu_capabilities():
     return ["DEFAULT"] + (list(X86_CAPABILITY_FLAGS) if IS_X86 else [])
 
@@ -196,7 +190,7 @@ def extension():
     )
     if BUILD_CUDA:
         kwargs["sources"] += sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cuda").glob("*.cu"))
-        kwargs["extra_compile_args"]["nvcc"] = nvcc_flags()
+        kwargs["extra_compile_args"]["nvcc"] = nvcc_flags(DEBUG)
         return CUDAExtension(**kwargs)
     return CppExtension(**kwargs)
 
