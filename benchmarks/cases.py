@@ -9,7 +9,10 @@ The runner (run.py) does the correctness gate, timing, floors and output.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -17,11 +20,37 @@ import torch
 import resflow_cuda
 from resflow_cuda import reference
 
+from . import memory
+
 EAGER = "eager"
 COMPILE = "torch.compile"
 RESFLOW = "resflow_cuda"
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@functools.cache
+def cache_bytes(device: str) -> int:
+    """The largest cache of the device: the CPU's last-level cache from sysfs (32 MiB when
+    unreadable), or the GPU's L2."""
+    if device == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 50 << 20))
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * unit)
+    return max(sizes, default=32 << 20)
+
+
+def rotation(nbytes: int, device: str) -> int:
+    """How many copies of inputs of ``nbytes`` a timed loop cycles through so that together they
+    are at least twice the largest cache (at most 64): a memory-bound step then reads its inputs
+    from memory, as the floor assumes, instead of from a cache that a single buffer would stay in."""
+    return max(1, min(64, math.ceil(2 * cache_bytes(device) / max(nbytes, 1))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,47 +89,55 @@ class LipSwishCase:
             RESFLOW: resflow_cuda.ops.lipswish,
             EAGER: reference.lipswish,
             COMPILE: torch.compile(reference.lipswish, dynamic=False),
+            "normflows": _NormflowsLipSwish(),
         }
 
-    def make_inputs(self, config: Config, device: str) -> dict:
+    def make_inputs(self, config: Config, device: str, rotate: bool = True) -> dict:
+        """x, β and the upstream gradient; with ``rotate``, as many copies of x and the gradient as
+        it takes to exceed the caches (see ``rotation``), cycled through by the step."""
         g = torch.Generator(device="cpu").manual_seed(0)
         dtype = _DTYPES[config.dtype]
         x = torch.randn(config.shape, generator=g).to(device=device, dtype=dtype)
+        grad = torch.randn(config.shape, generator=g).to(device=device, dtype=dtype)
+        copies = rotation(2 * x.numel() * x.element_size(), device) if rotate else 1
+        train = config.mode == "fwd+bwd"
         return {
-            "x": x,
-            "beta": torch.tensor([0.5], device=device, dtype=dtype),
-            "grad": torch.randn(config.shape, generator=g).to(device=device, dtype=dtype),
+            "x": [x.clone().requires_grad_(train) for _ in range(copies)],
+            "beta": torch.tensor([0.5], device=device, dtype=dtype, requires_grad=train),
+            "grad": [grad.clone() for _ in range(copies)],
+            "rotation": copies,
         }
 
     def runner(self, fn: Callable, inputs: dict, config: Config) -> Callable[[], tuple]:
-        """A no-argument callable doing one step of the mode and returning its outputs."""
-        x, beta, grad = inputs["x"], inputs["beta"], inputs["grad"]
+        """A no-argument callable doing one step of the mode on the next copy of the inputs and
+        returning its outputs (the first call uses the first copy, for every provider)."""
+        xs, beta, grads = inputs["x"], inputs["beta"], inputs["grad"]
+        turn = itertools.count()
         if config.mode == "fwd":
 
             def step():
                 with torch.no_grad():
-                    return (fn(x, beta),)
+                    return (fn(xs[next(turn) % len(xs)], beta),)
 
             return step
-        xg = x.detach().clone().requires_grad_(True)
-        bg = beta.detach().clone().requires_grad_(True)
 
         def step():
-            y = fn(xg, bg)
-            gx, gb = torch.autograd.grad(y, (xg, bg), grad)
+            i = next(turn) % len(xs)
+            y = fn(xs[i], beta)
+            gx, gb = torch.autograd.grad(y, (xs[i], beta), grads[i])
             return y, gx, gb
 
         return step
 
-    def floor_runner(self, inputs: dict) -> tuple[Callable[[], object], int]:
-        """The memory-bandwidth floor: a clone of x, and the bytes it moves."""
-        x = inputs["x"]
-        return (lambda: x.clone()), 2 * x.numel() * x.element_size()
-
-    def bytes_moved(self, config: Config) -> int:
+    def bytes_moved(self, config: Config, inputs: dict) -> int:
         """Least traffic: forward reads x, writes y; backward reads grad and x, writes grad_x."""
         n = math.prod(config.shape) * torch.empty((), dtype=_DTYPES[config.dtype]).element_size()
         return 2 * n if config.mode == "fwd" else 5 * n
+
+    def flops(self, config: Config, inputs: dict) -> float:
+        """Per element: 6 forward (β·x, exp, +1, reciprocal, ·x, /1.1) and 11 more backward (the
+        derivative s(1 + t(1 − s))/1.1 times the gradient: 6; β's gradient term and its sum: 5)."""
+        return float(math.prod(config.shape) * (6 if config.mode == "fwd" else 17))
 
     def tolerance(self, config: Config) -> dict:
         return dict(atol=1e-5, rtol=1e-4) if config.dtype == "float32" else dict(atol=1e-2, rtol=1e-2)
@@ -126,6 +163,23 @@ class LipSwishCase:
         return out
 
 
+
+
+class _NormflowsLipSwish:
+    """normflows' LipSwish (``normflows.nets.lipschitz.Swish``) called with the case's β: one
+    module whose ``beta`` parameter is replaced by that tensor (built at the first call, so that a
+    missing normflows makes the provider N/A)."""
+
+    module = None
+
+    def __call__(self, x, beta):
+        if self.module is None:
+            from normflows.nets.lipschitz import Swish
+
+            self.module = Swish()
+            del self.module.beta
+        self.module.beta = beta
+        return self.module(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,8 +219,10 @@ class UpdateLipschitzCase:
                                    conv(512, 512, 1, 1, 0, coeff=0.98, **settings),
                                    conv(512, c, 3, 1, 1, coeff=0.98, **settings))
 
-    def make_inputs(self, config: StackConfig, device: str) -> dict:
-        """Our layers after construction and a first forward, then a small "optimiser step"."""
+    def make_inputs(self, config: StackConfig, device: str, rotate: bool = True) -> dict:
+        """Our layers after construction and a first forward, then a small "optimiser step"; and the
+        iterations the reference takes on each layer from that state. Not rotated: every step starts
+        from this state (a copy of a few MiB at most), as an update after an optimiser step does."""
         import resflow_cuda.nn as rnn
 
         torch.manual_seed(0)
@@ -181,10 +237,13 @@ class UpdateLipschitzCase:
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1e-2 * torch.randn_like(p) * p.abs().mean())
-        return {"state": model.state_dict(), "config": config}
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            iterations = _reference_update(model)
+        return {"state": state, "config": config, "iterations": iterations}
 
     def providers(self) -> dict[str, Callable]:
-        return {RESFLOW: "resflow", EAGER: "eager", "normflows": "normflows"}
+        return {RESFLOW: "resflow", EAGER: "eager", COMPILE: "compile", "normflows": "normflows"}
 
     def runner(self, provider: str, inputs: dict, config: StackConfig) -> Callable[[], tuple]:
         import resflow_cuda
@@ -205,8 +264,12 @@ class UpdateLipschitzCase:
             update = (lambda: nf_update(model, None)) if config.mode == "tol 1e-3" else (lambda: nf_update(model, 5))
         else:
             model = self._build(config.stack, config.mode, rnn.InducedNormLinear, rnn.InducedNormConv2d)
-            update = (lambda: resflow_cuda.update_lipschitz(model)) if provider == "resflow" else \
-                (lambda: _reference_update(model))
+            if provider == "resflow":
+                update = lambda: resflow_cuda.update_lipschitz(model)  # noqa: E731
+            else:
+                reference_update = torch.compile(_reference_update, dynamic=False) if provider == "compile" \
+                    else _reference_update
+                update = lambda: reference_update(model)  # noqa: E731
         model = model.to(next(iter(state.values())).device)
         model.load_state_dict(state)
         live = list(model.state_dict().values())
@@ -215,13 +278,33 @@ class UpdateLipschitzCase:
         def step():
             with torch.no_grad():
                 torch._foreach_copy_(live, snapshot)  # every call starts from the same state
-            update()
+                update()
             return tuple(m.scale.clone() for m in model)
 
         return step
 
-    def bytes_moved(self, config) -> None:
-        return None
+    def _operators(self, stack: str) -> list[tuple[int, int]]:
+        """Per layer: (FLOPs, bytes) of one application of the operator or its transpose: a
+        matrix-vector product for dense and 1×1 layers (the reference treats those as matrices);
+        for k×k convolutions a convolution of 1×C×H×W, reading the kernel, the input and the output."""
+        if stack == "mlp":
+            dims = [2, 128, 128, 128, 128, 2]
+            return [(2 * a * b, 4 * (a * b + a + b)) for a, b in zip(dims, dims[1:])]
+        c, hw = self.stacks[stack]
+        out = []
+        for a, b, k in ((c, 512, 3), (512, 512, 1), (512, c, 3)):
+            pixels = 1 if k == 1 else hw * hw
+            out.append((2 * a * b * k * k * pixels, 4 * (a * b * k * k + (a + b) * pixels)))
+        return out
+
+    def bytes_moved(self, config: StackConfig, inputs: dict) -> float:
+        """Each iteration applies every operator and its transpose once, plus u^T A v at the end."""
+        return float(sum((2 * it + 1) * nbytes for it, (_, nbytes) in
+                         zip(inputs["iterations"], self._operators(config.stack))))
+
+    def flops(self, config: StackConfig, inputs: dict) -> float:
+        """As bytes_moved, in FLOPs (the normalisations are O(length of u and v): left out)."""
+        return float(sum((2 * it + 1) * f for it, (f, _) in zip(inputs["iterations"], self._operators(config.stack))))
 
     def tolerance(self, config) -> dict:
         return dict(atol=1e-6, rtol=1e-5)  # equal sigma up to float rounding
@@ -276,7 +359,7 @@ class IResBlockCase:
         return [BlockConfig(b, m) for b in (self.quick_blocks if quick else self.blocks) for m in self.modes]
 
     def providers(self) -> dict[str, str]:
-        return {RESFLOW: "fast", AUTOGRAD: "autograd", EAGER: "normflows"}
+        return {RESFLOW: "fast", AUTOGRAD: "autograd", EAGER: "normflows", COMPILE: "compile"}
 
     def _input_shape(self, block: str) -> tuple:
         spec = self.blocks[block]
@@ -311,26 +394,30 @@ class IResBlockCase:
         net.load_state_dict({k.removeprefix("net."): v for k, v in state.items()})
         return net
 
-    def make_inputs(self, config: BlockConfig, device: str) -> dict:
+    def make_inputs(self, config: BlockConfig, device: str, rotate: bool = True) -> dict:
+        """The batch and normflows' initial weights. Not rotated: a step makes 10-30 passes over
+        the same batch and weights, so the first read from memory is not what it measures."""
         g = torch.Generator().manual_seed(0)
         x = torch.randn(self._input_shape(config.block), generator=g)
         return {"x": x.to(device), "state": self._normflows_net(config.block).state_dict()}
 
-    def build(self, provider: str, block: str, state: dict, device: str, **kwargs):
-        """The block of a provider with the shared weights."""
-        if provider == "normflows":
+    def build(self, provider: str, block: str, state: dict, device: str, grad_in_forward: bool = True, **kwargs):
+        """The block of a provider with the shared weights (torch.compile wraps normflows' block)."""
+        if provider in ("normflows", "compile"):
             from normflows.flows.residual import iResBlock as NfBlock
 
             net = self._normflows_net(block)
             net.load_state_dict(state)
-            return NfBlock(net, neumann_grad=True, grad_in_forward=True, **kwargs).to(device)
-        return resflow_cuda.nn.iResBlock(self._our_net(block, state), neumann_grad=True, grad_in_forward=True,
+            return NfBlock(net, neumann_grad=True, grad_in_forward=grad_in_forward, **kwargs).to(device)
+        return resflow_cuda.nn.iResBlock(self._our_net(block, state), neumann_grad=True,
+                                         grad_in_forward=grad_in_forward,
                                          fast_path=provider == "fast", **kwargs).to(device)
 
     def runner(self, provider: str, inputs: dict, config: BlockConfig) -> Callable[[], tuple]:
         import numpy as np
 
         block = self.build(provider, config.block, inputs["state"], inputs["x"].device).train(config.mode == "train")
+        forward = torch.compile(block) if provider == "compile" else block
         x = inputs["x"]
         params = [p for p in block.nnet.parameters() if p.requires_grad]
         zero = torch.zeros(x.shape[0], 1, device=x.device)
@@ -340,16 +427,13 @@ class IResBlockCase:
             torch.manual_seed(0)
             if config.mode == "eval":
                 with torch.no_grad():
-                    y, logp = block(x, zero)
+                    y, logp = forward(x, zero)
                 return y, logp
-            y, logp = block(x, zero)
+            y, logp = forward(x, zero)
             loss = 0.5 * y.square().flatten(1).sum(1).mean() - logp.mean()
             return (y.detach(), logp.detach(), *torch.autograd.grad(loss, params))
 
         return step
-
-    def bytes_moved(self, config) -> None:
-        return None
 
     def terms(self, config: BlockConfig) -> int:
         """The series length every provider runs (the draw after ``np.random.seed(0)``)."""
@@ -358,22 +442,33 @@ class IResBlockCase:
         np.random.seed(0)
         return int(np.random.geometric(0.5, 1).max()) + (2 if config.mode == "train" else 20)
 
-    def flops(self, config: BlockConfig) -> float:
-        """The multiply-adds of the linear maps (x2), in passes of the branch: forward, one per
-        series term; in training also the surrogate's VJP, the Neumann gradient (tangents, two
-        VJPs, two weight gradients) and the backward of g (input and weight gradients)."""
-        spec = self.blocks[config.block]
+    def _pass(self, block: str) -> tuple[int, int]:
+        """FLOPs and bytes of one pass through the branch: the multiply-adds of its linear maps (x2);
+        reading every weight and each layer's input and writing its output once (float32)."""
+        spec = self.blocks[block]
         if "dims" in spec:
-            per_pass = 2 * spec["batch"] * sum(a * b for a, b in zip(spec["dims"], spec["dims"][1:]))
-        else:
-            pixels = spec["batch"] * spec["hw"] ** 2
-            per_pass = 2 * pixels * sum(a * b * k * k for a, b, k in
-                                        zip(spec["channels"], spec["channels"][1:], spec["kernels"]))
-        n = self.terms(config)
-        passes = 1 + n + (1 + 5 + 2 if config.mode == "train" else 0)
+            pairs = list(zip(spec["dims"], spec["dims"][1:]))
+            flops = 2 * spec["batch"] * sum(a * b for a, b in pairs)
+            return flops, 4 * sum(a * b + spec["batch"] * (a + b) for a, b in pairs)
+        pixels = spec["batch"] * spec["hw"] ** 2
+        triples = list(zip(spec["channels"], spec["channels"][1:], spec["kernels"]))
+        flops = 2 * pixels * sum(a * b * k * k for a, b, k in triples)
+        return flops, 4 * sum(a * b * k * k + pixels * (a + b) for a, b, k in triples)
+
+    def _passes(self, config: BlockConfig) -> int:
+        """Passes of the branch: forward, one per series term; in training also the surrogate's VJP,
+        the Neumann gradient (tangents, two VJPs, two weight gradients) and the backward of g (input
+        and weight gradients). The toy block's eval is the exact 2-D determinant: forward and one
+        VJP per output."""
         if config.block == "toy" and config.mode == "eval":
-            passes = 3  # 2-D inputs: the exact determinant (forward and one VJP per output)
-        return float(passes * per_pass)
+            return 3
+        return 1 + self.terms(config) + (1 + 5 + 2 if config.mode == "train" else 0)
+
+    def flops(self, config: BlockConfig, inputs: dict) -> float:
+        return float(self._passes(config) * self._pass(config.block)[0])
+
+    def bytes_moved(self, config: BlockConfig, inputs: dict) -> float:
+        return float(self._passes(config) * self._pass(config.block)[1])
 
     def tolerance(self, config) -> dict:
         return dict(atol=2e-5, rtol=2e-4)
@@ -385,10 +480,12 @@ class IResBlockCase:
         rows = []
         for n in (self.memory_terms[:2] if quick else self.memory_terms):
             for label, provider in self.providers().items():
+                if provider == "compile":  # torch.compile cannot run a training step (double backward)
+                    continue
                 for gif in (True, False):
                     name = f"{label}, grad_in_forward={gif}"
                     try:
-                        peak = _memory_probe(provider, "conv", n, gif, device)
+                        peak = memory.in_subprocess("sweep_peak", provider, "conv", n, gif, device)
                     except RuntimeError as exc:
                         rows.append({"case": self.name, "provider": name, "label": f"n={n}",
                                      "config": {"block": "conv", "mode": "peak memory", "n": n}, "status": "n/a",
@@ -410,60 +507,10 @@ class IResBlockCase:
         return out
 
 
-def _memory_probe(provider: str, block: str, n: int, grad_in_forward: bool, device: str) -> float:
-    """MiB of peak memory of one training step in a fresh interpreter (see IResBlockCase.memory)."""
-    import json
-    import subprocess
-    import sys
-
-    code = (f"import json, {__name__} as c; "
-            f"print(json.dumps(c._measure_step_memory({provider!r}, {block!r}, {n}, {grad_in_forward}, {device!r})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "probe failed")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak_rss() -> float:
-    """Resets the RSS high-water mark (Linux: clear_refs 5) and returns the RSS in MiB."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_mib("VmRSS")
-
-
-def _measure_step_memory(provider: str, block: str, n: int, grad_in_forward: bool, device: str) -> float:
-    import numpy as np
-
-    case = IResBlockCase()
-    inputs = case.make_inputs(BlockConfig(block, "train"), device)
-    model = case.build(provider, block, inputs["state"], device, n_power_series=n)
-    model.grad_in_forward = grad_in_forward
-    x = inputs["x"]
-    params = [p for p in model.nnet.parameters() if p.requires_grad]
-    np.random.seed(0)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _reset_peak_rss()
-    y, logp = model(x, torch.zeros(x.shape[0], 1, device=x.device))
-    torch.autograd.grad(0.5 * y.square().flatten(1).sum(1).mean() - logp.mean(), params)
-    if device == "cuda":
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    return _status_mib("VmHWM") - base
-
-
-def _reference_update(model) -> None:
-    """The reference's update_lipschitz in pure PyTorch: each layer's Python power-iteration loop."""
+def _reference_update(model) -> list[int]:
+    """The reference's update_lipschitz in pure PyTorch: each layer's Python power-iteration loop.
+    Returns the iterations taken per layer."""
+    iterations = []
     for m in model.modules():
         if not hasattr(m, "compute_domain_codomain"):
             continue
@@ -476,11 +523,13 @@ def _reference_update(model) -> None:
             weight = m._matrix(weight)
         elif weight.dim() == 4:
             matvec, rmatvec = reference.conv_operator(weight, m._input_hw, m.stride, m.padding)
-        u, v, sigma, _ = reference.power_iteration(weight, m.u, m.v, max_iterations, atol if tol else None,
-                                                   rtol if tol else None, domain, codomain, True, matvec, rmatvec)
+        u, v, sigma, taken = reference.power_iteration(weight, m.u, m.v, max_iterations, atol if tol else None,
+                                                       rtol if tol else None, domain, codomain, True, matvec, rmatvec)
         m.u.copy_(u)
         m.v.copy_(v)
         m.scale.copy_(sigma)
+        iterations.append(int(taken))
+    return iterations
 
 
 CASES = {case.name: case for case in (LipSwishCase(), UpdateLipschitzCase(), IResBlockCase())}

@@ -27,34 +27,52 @@ def render(data: dict) -> str:
         f" CUDA kernels: {'yes, ' + build['cuda_version'] if build['cuda'] else 'no'})",
         f"- timing: torch.utils.benchmark blocked autorange, {data['min_run_time_s']} s per measurement;"
         f" median and interquartile range; allocator: {meta['allocator']}",
-        "- memory floor: the bytes the configuration must move at the bandwidth of `x.clone()` measured"
-        " on the same shape in the same run; matmul floor: the FLOPs of the configuration at the rate of a"
-        " 1024² float32 matmul measured in the same run; `/ floor` is time over that floor; `repeat`: how much"
-        " a second measurement of the same provider differed (the noise band `--compare` uses)",
-        "",
+        f"- ceilings measured in this run: {data['ceilings']['bandwidth_gbps']:.1f} GB/s memory bandwidth,"
+        f" {data['ceilings']['matmul_gflops']:.1f} GFLOP/s float32 matmul ({data['ceilings']['how']})",
+        "- floors: `memory floor` is the least bytes the configuration must move at that bandwidth, `matmul floor`"
+        " its FLOPs at that rate; `/ floor` is a row's time over the larger of the two (below 1× where caches"
+        " served part of the traffic, e.g. an output buffer the allocator hands back hot); `repeat`: how much a second"
+        " measurement of the same provider differed (the noise band `--compare` uses); `peak MiB`: peak memory of"
+        " one step above the state before it, each in a fresh process (CPU: resident-set high-water mark; CUDA:"
+        " max_memory_allocated)",
     ]
+    if data.get("gpu_floors"):
+        lines.append("- GPU floors (predicted, not measured): the same bytes and FLOPs at datasheet rates, FP32 on CUDA"
+                     " cores (the cases are float32 and checked to ~1e-4, which TF32 does not meet): "
+                     + "; ".join(f"{g['name']}: {g['bandwidth_gbps']:.0f} GB/s, {g['fp32_tflops']} TFLOPS"
+                                 f" ({g['source']})" for g in data["gpu_floors"]))
+    lines.append("")
     for case, title in data["cases"].items():
         lines += [f"## {case}: {title}", ""]
-        rows = [r for r in data["results"] if r["case"] == case and "peak_mib" not in r and
-                r["config"]["mode"] != "peak memory"]
+        rows = [r for r in data["results"] if r["case"] == case and r["config"]["mode"] != "peak memory"]
         memory = [r for r in data["results"] if r["case"] == case and r["config"]["mode"] == "peak memory"]
         modes = list(dict.fromkeys(r["config"]["mode"] for r in rows))
+        gpu_column = any("vs_gpu_floor" in r for r in rows)
         for mode in modes:
             lines += [f"### {mode}", "",
-                      "| config | provider | median µs | IQR µs | repeat | GB/s | GFLOP/s | × eager | × compile | / floor | status |",
-                      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                      "| config | provider | median µs | IQR µs | repeat | GB/s | GFLOP/s | × eager | × compile"
+                      " | / floor | " + ("/ GPU floor | " if gpu_column else "") + "peak MiB | status |",
+                      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu_column else "") + "---:|---|"]
             for r in (r for r in rows if r["config"]["mode"] == mode):
-                status = r["status"]
+                status = "predicted" if r.get("predicted") else r["status"]
                 if r.get("compile_s") is not None:
                     status += f" (compile {r['compile_s']:.1f} s)"
                 if r.get("error"):
                     status += f": {r['error']}"
+                if r.get("peak_error"):
+                    status += f" (peak memory: {r['peak_error']})"
                 lines.append(
                     f"| {r['label']} | {r['provider']} | {_fmt(r.get('median_us'), '.1f')} | "
                     f"{_fmt(r.get('iqr_us'), '.1f')} | {_fmt(r.get('noise'), '.0%')} | "
                     f"{_fmt(r.get('gbps'), '.1f')} | {_fmt(r.get('gflops'), '.1f')} | "
                     f"{_fmt(r.get('speedup_vs_eager'), '.2f', '×')} | {_fmt(r.get('speedup_vs_compile'), '.2f', '×')} | "
-                    f"{_fmt(r.get('vs_floor'), '.2f', '×')} | {status} |")
+                    f"{_fmt(r.get('vs_floor'), '.2f', '×')} | "
+                    + (f"{_fmt(r.get('vs_gpu_floor'), '.2f', '×')} | " if gpu_column else "")
+                    + f"{_fmt(r.get('peak_mib'), '.1f')} | {status} |")
+            rotated = {r["label"]: r["rotation"] for r in rows if r["config"]["mode"] == mode and "rotation" in r}
+            if rotated:
+                lines += ["", "Inputs rotated over " + ", ".join(f"{k} copies ({label})" for label, k in rotated.items())
+                          + " so that they come from memory, not from the cache."]
             lines.append("")
         if memory:
             terms = list(dict.fromkeys(r["label"] for r in memory))
@@ -75,7 +93,8 @@ def render(data: dict) -> str:
 
 
 # The keys every results.json has (benchmarks/README.md documents them).
-_TOP_KEYS = {"meta": dict, "quick": bool, "min_run_time_s": float, "cases": dict, "results": list, "targets": list}
+_TOP_KEYS = {"meta": dict, "quick": bool, "min_run_time_s": float, "ceilings": dict, "cases": dict, "results": list,
+             "targets": list}
 _META_KEYS = ("timestamp", "git_revision", "cpu_model", "cpu_count", "torch_threads", "torch_version",
               "resflow_cuda", "device")
 _ROW_KEYS = ("case", "config", "label", "provider", "status")
@@ -154,7 +173,8 @@ def charts(data: dict, out: Path) -> list[str]:
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(f"wrote {path}")
-        memory = [r for r in data["results"] if r["case"] == case and r.get("peak_mib") is not None]
+        memory = [r for r in data["results"] if r["case"] == case and r["config"]["mode"] == "peak memory"
+                  and r.get("peak_mib") is not None]
         if memory:
             fig, ax = plt.subplots(figsize=(5.5, 3.5))
             for provider in dict.fromkeys(r["provider"] for r in memory):

@@ -2,8 +2,9 @@
 
 For every case, configuration and provider: check the provider's outputs against the eager
 reference (a provider that disagrees is reported as failing and not timed), time it with
-torch.utils.benchmark, and put it beside the eager and torch.compile times and the memory floor
-(the bytes the configuration must move at the bandwidth of a clone measured in the same run).
+torch.utils.benchmark, measure its peak memory in a fresh process, and put it beside the eager and
+torch.compile times and the floors (the bytes the configuration must move at the bandwidth of a
+large copy, and its FLOPs at the rate of a large matmul, both measured in the same run).
 Writes results.json (with environment metadata; schema in benchmarks/README.md), results.md
 (rendered from the JSON only) and PNG charts into --out, and prints the Markdown.
 
@@ -16,13 +17,17 @@ Writes results.json (with environment metadata; schema in benchmarks/README.md),
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 
-from . import report
+from . import memory, report, roofline
 from .cases import CASES, COMPILE, EAGER, RESFLOW
 from .timing import environment, first_call_seconds, measure, steady_state_allocator
 
@@ -40,33 +45,54 @@ def _check(outputs, expected, tol) -> str | None:
     return None
 
 
-def run_case(case, device: str, quick: bool, min_run_time: float, log) -> list[dict]:
+def ceilings(device: str, min_run_time: float, repeats: int = 3) -> dict:
+    """The machine's measured limits, once per run, each the best median of ``repeats``
+    measurements (a ceiling is what the machine can do; a shared VM sometimes does less): memory
+    bandwidth from copying a 256 MiB float32 tensor (bytes read + written), and the FLOP rate of a
+    2048 x 2048 float32 matmul."""
+    src = torch.randn(64 << 20, device=device)
+    dst = torch.empty_like(src)
+    copy = min(measure(lambda: dst.copy_(src), min_run_time, device).median_s for _ in range(repeats))
+    a = torch.randn(2048, 2048, device=device)
+    b = torch.randn(2048, 2048, device=device)
+    matmul = min(measure(lambda: a @ b, min_run_time, device).median_s for _ in range(repeats))
+    return {"bandwidth_gbps": 2 * src.numel() * 4 / copy / 1e9, "matmul_gflops": 2 * 2048**3 / matmul / 1e9,
+            "how": f"best of {repeats}: dst.copy_(src) of 256 MiB float32 (bytes read + written); "
+                   "a 2048 x 2048 float32 matmul (2 n^3 FLOPs)"}
+
+
+def run_case(case, device: str, quick: bool, min_run_time: float, limits: dict, log) -> list[dict]:
     rows = []
-    for config in case.configs(quick):
+    for index, config in enumerate(case.configs(quick)):
         inputs = case.make_inputs(config, device)
         providers = case.providers()
         expected = case.runner(providers[EAGER], inputs, config)()
-        bytes_moved = case.bytes_moved(config)
-        base = {"case": case.name, "config": config.as_dict(), "label": config.label, "bytes_moved": bytes_moved}
-        floor_s = None
-        flops = case.flops(config) if hasattr(case, "flops") else None
-        if flops is not None:
-            rate = _matmul_rate(device, min_run_time)
-            floor_s = flops / rate
-            base["flops"] = flops
-            rows.append({**base, "provider": "matmul floor", "status": "ok", "median_us": floor_s * 1e6,
-                         "gflops": rate / 1e9, "vs_floor": 1.0})
-        if bytes_moved is not None:
-            floor_fn, floor_bytes = case.floor_runner(inputs)
-            floor = measure(floor_fn, min_run_time)
-            bandwidth = floor_bytes / floor.median_s
-            floor_s = bytes_moved / bandwidth
-            rows.append({**base, "provider": "memory floor (clone)", "status": "ok", "median_us": floor_s * 1e6,
-                         "iqr_us": floor.iqr_s * bytes_moved / floor_bytes * 1e6, "runs": floor.runs,
-                         "gbps": bandwidth / 1e9, "vs_floor": 1.0})
+        bytes_moved, flops = case.bytes_moved(config, inputs), case.flops(config, inputs)
+        base = {"case": case.name, "config": config.as_dict(), "label": config.label,
+                "bytes_moved": bytes_moved, "flops": flops}
+        if "rotation" in inputs:
+            base["rotation"] = inputs["rotation"]
+        floors = {"memory floor": bytes_moved / (limits["bandwidth_gbps"] * 1e9),
+                  "matmul floor": flops / (limits["matmul_gflops"] * 1e9)}
+        floor_s = max(floors.values())
+        for name, seconds in floors.items():
+            rows.append({**base, "provider": name, "status": "ok", "median_us": seconds * 1e6,
+                         "gbps": bytes_moved / seconds / 1e9, "gflops": flops / seconds / 1e9,
+                         "vs_floor": seconds / floor_s})
+        for gpu in roofline.GPUS:
+            seconds = roofline.predicted_seconds(gpu, bytes_moved, flops)
+            rows.append({**base, "provider": f"{gpu.name} floor (predicted)", "status": "ok", "predicted": True,
+                         "median_us": seconds * 1e6})
+        here = roofline.present(torch.cuda.get_device_name()) if device == "cuda" else None
         for name, fn in providers.items():
             row = {**base, "provider": name}
             try:
+                if name == COMPILE:  # a cold compile: no recompile limit carried over, no on-disk cache hits;
+                    torch._dynamo.reset()  # random ops draw as eager does (same seed, same numbers)
+                    inductor_config.force_disable_caches = True
+                    inductor_config.fallback_random = True
+                    warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
+                    torch._logging.set_logs(dynamo=logging.ERROR)  # graph breaks in the reference are expected
                 step = case.runner(fn, inputs, config)
                 if name == COMPILE:
                     row["compile_s"] = first_call_seconds(step)
@@ -81,29 +107,25 @@ def run_case(case, device: str, quick: bool, min_run_time: float, log) -> list[d
                 rows.append({**row, "status": "failed", "error": problem})
                 log(f"  {case.name} {config.label} {config.mode} {name}: FAILED the correctness gate")
                 continue
-            t = measure(step, min_run_time)
+            t = measure(step, min_run_time, device)
             if name == RESFLOW:  # the noise band: the same provider measured again, right after
-                row["repeat_us"] = measure(step, min_run_time).median_s * 1e6
+                row["repeat_us"] = measure(step, min_run_time, device).median_s * 1e6
                 row["noise"] = abs(row["repeat_us"] / (t.median_s * 1e6) - 1)
-            rows.append({**row, "status": "ok", "median_us": t.median_s * 1e6, "iqr_us": t.iqr_s * 1e6,
-                         "runs": t.runs, "gbps": None if bytes_moved is None else bytes_moved / t.median_s / 1e9,
-                         "gflops": None if flops is None else flops / t.median_s / 1e9,
-                         "vs_floor": None if floor_s is None else t.median_s / floor_s})
-            log(f"  {case.name} {config.label} {config.mode} {name}: {t.median_s * 1e6:.1f} µs")
+            row.update(status="ok", median_us=t.median_s * 1e6, iqr_us=t.iqr_s * 1e6, runs=t.runs,
+                       gbps=bytes_moved / t.median_s / 1e9, gflops=flops / t.median_s / 1e9,
+                       vs_floor=t.median_s / floor_s)
+            if here is not None:
+                row["vs_gpu_floor"] = t.median_s / roofline.predicted_seconds(here, bytes_moved, flops)
+            if index == 0 or not quick:  # --quick measures memory on the first configuration only
+                try:
+                    row["peak_mib"] = memory.in_subprocess("step_peak", case.name, quick, index, name, device)
+                except RuntimeError as exc:
+                    row["peak_error"] = str(exc)[:300]
+            rows.append(row)
+            peak = f", peak {row['peak_mib']:.1f} MiB" if "peak_mib" in row else ""
+            log(f"  {case.name} {config.label} {config.mode} {name}: {t.median_s * 1e6:.1f} µs{peak}")
         _add_ratios(rows, base)
     return rows
-
-
-_MATMUL_RATES: dict = {}
-
-
-def _matmul_rate(device: str, min_run_time: float) -> float:
-    """FLOP/s of a 1024 x 1024 float32 matmul on this device, measured once per run."""
-    if device not in _MATMUL_RATES:
-        a = torch.randn(1024, 1024, device=device)
-        b = torch.randn(1024, 1024, device=device)
-        _MATMUL_RATES[device] = 2 * 1024**3 / measure(lambda: a @ b, min_run_time).median_s
-    return _MATMUL_RATES[device]
 
 
 def _add_ratios(rows: list[dict], base: dict) -> None:
@@ -134,12 +156,16 @@ def main(argv=None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     allocator = steady_state_allocator()
+    limits = ceilings(args.device, min_run_time)
+    log(f"[resflow-bench] ceilings on {args.device}: {limits['bandwidth_gbps']:.1f} GB/s, "
+        f"{limits['matmul_gflops']:.1f} GFLOP/s")
     data = {"meta": environment(args.device, allocator), "quick": args.quick, "min_run_time_s": min_run_time,
-            "cases": {name: CASES[name].title for name in args.cases}, "results": [], "targets": []}
+            "ceilings": limits, "gpu_floors": [dataclasses.asdict(g) for g in roofline.GPUS], "cases": {name: CASES[name].title for name in args.cases}, "results": [],
+            "targets": []}
     for name in args.cases:
         case = CASES[name]
         log(f"[resflow-bench] {name} on {args.device} ({torch.get_num_threads()} threads)")
-        rows = run_case(case, args.device, args.quick, min_run_time, log)
+        rows = run_case(case, args.device, args.quick, min_run_time, limits, log)
         if hasattr(case, "memory"):
             rows += case.memory(args.device, args.quick, log)
         data["results"] += rows

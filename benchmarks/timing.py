@@ -23,12 +23,43 @@ class Timing:
     runs: int
 
 
-def measure(fn, min_run_time: float) -> Timing:
-    """Median and IQR of fn() with torch.utils.benchmark's blocked autorange, which excludes
-    warm-up and synchronises CUDA; CPU runs use all of torch's threads (Timer defaults to one)."""
+def measure(fn, min_run_time: float, device: str = "cpu") -> Timing:
+    """Median and IQR of fn(). CPU: torch.utils.benchmark's blocked autorange (warm-up excluded)
+    with all of torch's threads (Timer defaults to one). CUDA: see measure_cuda."""
+    if device == "cuda":
+        return measure_cuda(fn, min_run_time)
     timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     m = timer.blocked_autorange(min_run_time=min_run_time)
     return Timing(median_s=m.median, iqr_s=m.iqr, runs=len(m.times))
+
+
+def measure_cuda(fn, min_run_time: float, warmup: int = 3) -> Timing:
+    """CUDA-event timing: after ``warmup`` synchronised calls, blocks of calls each bracketed by a
+    pair of events on the current stream (the block size chosen so that a block takes about 10 ms),
+    until ``min_run_time`` seconds of GPU time; per-call median and IQR over the blocks."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    per_call = max(start.elapsed_time(end) / 1e3, 1e-7)
+    block = max(1, int(0.01 / per_call))
+    times, total = [], 0.0
+    while total < min_run_time or len(times) < 5:
+        start.record()
+        for _ in range(block):
+            fn()
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1e3
+        times.append(seconds / block)
+        total += seconds
+    times.sort()
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
+    return Timing(median_s=q(0.5), iqr_s=q(0.75) - q(0.25), runs=len(times))
 
 
 def first_call_seconds(fn) -> float:

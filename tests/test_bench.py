@@ -6,6 +6,7 @@ import copy
 import json
 
 import pytest
+import torch
 
 from resflow_cuda.benchmarks import report, run
 
@@ -24,6 +25,21 @@ def test_quick_run_writes_json_markdown_and_charts(quick_run):
     ours = [r for r in data["results"] if r["provider"] == "resflow_cuda"]
     assert ours and all(r["status"] == "ok" and r["median_us"] > 0 and r["noise"] >= 0 for r in ours)
     assert {r["config"]["stack"] for r in ours} == {"mlp", "conv8"}
+    # every provider of the reference is there; torch.compile reports its (cold) compile time
+    compiled = [r for r in data["results"] if r["provider"] == "torch.compile"]
+    assert compiled and all(r["status"] == "ok" and r["compile_s"] > 0 for r in compiled)
+    assert {r["provider"] for r in data["results"]} >= {"resflow_cuda", "eager", "normflows", "memory floor",
+                                                       "matmul floor"}
+    # floors from the run's ceilings: the larger floor is 1x, every timed row is measured against it
+    assert data["ceilings"]["bandwidth_gbps"] > 0 and data["ceilings"]["matmul_gflops"] > 0
+    for r in ours:
+        floor = max(r["bytes_moved"] / data["ceilings"]["bandwidth_gbps"] / 1e3,
+                    r["flops"] / data["ceilings"]["matmul_gflops"] / 1e3)
+        assert r["vs_floor"] == pytest.approx(r["median_us"] / floor)
+    # --quick measures peak memory on the first configuration of the case, for every timed provider
+    first = [r for r in data["results"] if r["label"] == "mlp" and r["config"]["mode"] == "5 iterations"
+             and r["status"] == "ok" and "floor" not in r["provider"]]
+    assert len(first) == 4 and all(r["peak_mib"] >= 0 for r in first)
     markdown = (out / "results.md").read_text()
     assert markdown == report.render(data) and "| mlp | resflow_cuda |" in markdown
     assert (out / "speedup-update_lipschitz.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -60,4 +76,40 @@ def test_schema_problems_are_named(quick_run):
     assert "results[0] lacks 'provider'" in problems
     assert "results[1] names an unknown case 'nope'" in problems
     assert report.schema_problems({"meta": {}}) == [f"missing or mistyped '{k}'" for k in
-                                                    ("quick", "min_run_time_s", "cases", "results", "targets")]
+                                                    ("quick", "min_run_time_s", "ceilings", "cases", "results",
+                                                     "targets")]
+
+
+def test_peak_memory_sees_a_steps_allocations():
+    from resflow_cuda.benchmarks import memory
+
+    held = torch.ones(1 << 20)  # allocated before the step: not counted
+    step_mib = memory.peak_mib(lambda: torch.ones(16 << 20).add_(held.sum()), "cpu")
+    assert 60 <= step_mib <= 96  # the step's 64 MiB tensor
+    assert memory.peak_mib(lambda: held.sum(), "cpu") < 8
+
+
+def test_memory_probe_runs_in_a_fresh_process_and_reports_failures():
+    from resflow_cuda.benchmarks import memory
+
+    peak = memory.in_subprocess("step_peak", "lipswish", True, 2, "resflow_cuda", "cpu")  # 256x1024 fwd+bwd
+    assert 2 <= peak <= 16  # y, grad_x: 1 MiB each, plus what the allocator rounds up to
+    with pytest.raises(RuntimeError, match="KeyError"):
+        memory.in_subprocess("step_peak", "no such case", True, 0, "resflow_cuda", "cpu")
+
+
+def test_rotated_inputs_start_with_the_first_copy_and_cycle():
+    from resflow_cuda.benchmarks import cases
+
+    case = cases.LipSwishCase()
+    config = cases.Config((256, 1024), "fwd")
+    inputs = case.make_inputs(config, "cpu")
+    k = inputs["rotation"]
+    assert k == cases.rotation(2 * 256 * 1024 * 4, "cpu") and len(inputs["x"]) == k
+    assert k * 2 * 256 * 1024 * 4 >= 2 * cases.cache_bytes("cpu") or k == 64
+    seen = []
+    step = case.runner(lambda x, beta: seen.append(x) or x, inputs, config)
+    for _ in range(k + 1):
+        step()
+    assert [s is x for s, x in zip(seen, inputs["x"] + inputs["x"][:1])] == [True] * (k + 1)
+    assert case.make_inputs(config, "cpu", rotate=False)["rotation"] == 1
