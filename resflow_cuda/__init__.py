@@ -7,7 +7,7 @@
 import torch  # noqa: F401  (loads libtorch and, in CUDA builds, the CUDA runtime before _C)
 
 from ._build import __version__, build_info, has_cuda_kernels
-from . import ops, reference, functional, estimators, nn
+from . import ops, reference, functional, estimators, nn, models
 from .functional import lipswish
 from .nn.iresblock import logdet_exact
 from .nn.lipschitz import lipschitz_report, update_lipschitz
@@ -21,6 +21,7 @@ __all__ = [
     "lipschitz_report",
     "lipswish",
     "logdet_exact",
+    "models",
     "nn",
     "ops",
     "reference",

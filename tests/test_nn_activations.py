@@ -95,3 +95,14 @@ def test_compiled_model_has_no_graph_break_and_matches_eager():
     (g_comp,) = torch.autograd.grad(y_comp.square().sum(), model[1].beta)
     assert_close(y_comp, y_eager)
     assert_close(g_comp, g_eager)
+
+
+def test_lipschitz_cube_is_the_reference_piecewise_cube_and_1_lipschitz():
+    from resflow_cuda.nn import LipschitzCube
+
+    x = torch.linspace(-3, 3, 601, dtype=torch.float64, requires_grad=True)
+    y = LipschitzCube()(x)
+    expected = (x >= 1).to(x) * (x - 2 / 3) + (x <= -1).to(x) * (x + 2 / 3) + ((x > -1) & (x < 1)).to(x) * x**3 / 3
+    torch.testing.assert_close(y, expected)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert grad.max() <= 1 + 1e-12 and grad.min() >= 0

@@ -1,6 +1,8 @@
 """Drop-in ``nn.Module`` layers with the reference implementations' names, parameters and buffers."""
 
-from .activations import LipSwish, Swish
+from .activations import LipschitzCube, LipSwish, Swish
+from .flows import (ActNorm1d, ActNorm2d, Inverse, InvertibleConv2d, InvertibleLinear, LogitTransform, MovingBatchNorm1d,
+                    MovingBatchNorm2d, Normalize, SequentialFlow, SqueezeLayer, ZeroMeanTransform)
 from .iresblock import InverseReport, iResBlock, logdet_exact
 from .lipschitz import (
     InducedNormConv2d,
@@ -16,6 +18,8 @@ from .lipschitz import (
 )
 
 __all__ = [
+    "ActNorm1d", "ActNorm2d", "Inverse", "InvertibleConv2d", "InvertibleLinear", "LipschitzCube", "LogitTransform",
+    "MovingBatchNorm1d", "MovingBatchNorm2d", "Normalize", "SequentialFlow", "SqueezeLayer", "ZeroMeanTransform",
     "InducedNormConv2d", "InducedNormLinear", "InverseReport", "iResBlock", "logdet_exact", "LipSwish", "LopConv2d", "LopLinear", "SpectralNormConv2d",
     "SpectralNormLinear", "Swish", "get_conv2d", "get_linear", "lipschitz_report", "update_lipschitz",
 ]

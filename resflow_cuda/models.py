@@ -1,0 +1,390 @@
+"""Whole models: the multi-scale ``ResidualFlow`` of the reference image experiments and the
+stack of residual blocks of its 2-D toy script, built from this library's layers with the
+reference's module order, so that state_dict keys (and a reference checkpoint) carry over.
+
+Reference: residual-flows ``resflows/resflow.py`` and ``train_toy.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .nn import iResBlock
+from .nn.activations import LipSwish, LipschitzCube
+from .nn.flows import (ActNorm1d, ActNorm2d, InvertibleConv2d, InvertibleLinear, MovingBatchNorm1d,
+                       MovingBatchNorm2d, SequentialFlow, SqueezeLayer)
+from .nn.lipschitz import get_conv2d, get_linear
+
+# The reference's activation table: name -> factory(inplace).
+ACT_FNS = {
+    "softplus": lambda inplace: nn.Softplus(),
+    "elu": lambda inplace: nn.ELU(inplace=inplace),
+    "swish": lambda inplace: LipSwish(),
+    "lcube": lambda inplace: LipschitzCube(),
+    "identity": lambda inplace: nn.Identity(),
+    "relu": lambda inplace: nn.ReLU(inplace=inplace),
+}
+
+
+def standard_normal_logprob(z: Tensor) -> Tensor:
+    """Elementwise log N(z; 0, 1)."""
+    return -0.5 * math.log(2 * math.pi) - z.pow(2) / 2
+
+
+def parse_vnorms(vnorms: str) -> tuple[list[float], list[float]]:
+    """The reference's norm string ('2222', '122f', ...; 'f' is infinity) as (domains, codomains)."""
+    if not isinstance(vnorms, str) or not vnorms or any(p != "f" and not p.isdigit() for p in vnorms):
+        raise ValueError(f"vnorms: expected a string of digits and 'f' (e.g. '122f'), but got {vnorms!r}")
+    ps = [math.inf if p == "f" else float(p) for p in vnorms]
+    return ps[:-1], ps[1:]
+
+
+def _check_activation(name: str) -> None:
+    if name not in ACT_FNS:
+        raise ValueError(f"activation_fn: expected one of {sorted(ACT_FNS)}, but got {name!r}")
+
+
+class FCWrapper(nn.Module):
+    """Runs a flow layer for flat inputs on ``(B, C, H, W)`` by flattening and restoring the shape."""
+
+    def __init__(self, fc_module: nn.Module) -> None:
+        super().__init__()
+        self.fc_module = fc_module
+
+    def forward(self, x: Tensor, logpx: Tensor | None = None):
+        shape = x.shape
+        if logpx is None:
+            return self.fc_module(x.reshape(shape[0], -1)).view(shape)
+        y, logpy = self.fc_module(x.reshape(shape[0], -1), logpx)
+        return y.view(shape), logpy
+
+    def inverse(self, y: Tensor, logpy: Tensor | None = None):
+        shape = y.shape
+        if logpy is None:
+            return self.fc_module.inverse(y.reshape(shape[0], -1)).view(shape)
+        x, logpx = self.fc_module.inverse(y.reshape(shape[0], -1), logpy)
+        return x.view(shape), logpx
+
+
+class FCNet(nn.Module):
+    """The fully connected residual branch on ``(B, C, H, W)``: flatten, ``[act if preact]``,
+    ``nhidden`` × (Lipschitz linear to ``idim``, act), ``[Dropout]``, Lipschitz linear back to
+    ``C·H·W``, reshape (attribute ``nnet``, as the reference)."""
+
+    def __init__(self, input_shape, idim: int, lipschitz_layer, nhidden: int, coeff: float, domains, codomains,
+                 n_iterations, activation_fn: str, preact: bool, dropout: float, sn_atol, sn_rtol, learn_p: bool = False,
+                 div_in: int = 1) -> None:
+        super().__init__()
+        _check_activation(activation_fn)
+        self.input_shape = tuple(input_shape)
+        dim = math.prod(self.input_shape)
+        layers = []
+        last = dim // div_in
+        if preact:
+            layers.append(ACT_FNS[activation_fn](False))
+        if learn_p:
+            domains = [nn.Parameter(torch.tensor(0.0)) for _ in range(len(domains))]
+            codomains = domains[1:] + [domains[0]]
+
+        def lip(a, b, i):
+            if lipschitz_layer is nn.Linear:
+                return nn.Linear(a, b)
+            return lipschitz_layer(a, b, coeff=coeff, n_iterations=n_iterations, domain=domains[i],
+                                   codomain=codomains[i], atol=sn_atol, rtol=sn_rtol)
+
+        for i in range(nhidden):
+            layers += [lip(last, idim, i), ACT_FNS[activation_fn](True)]
+            last = idim
+        if dropout:
+            layers.append(nn.Dropout(dropout, inplace=True))
+        layers.append(lip(last, dim, -1))
+        self.nnet = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.nnet(x.reshape(x.shape[0], -1))
+        return y.view(y.shape[0], *self.input_shape)
+
+
+class StackediResBlocks(SequentialFlow):
+    """One scale of the ResidualFlow (a SequentialFlow; keys ``chain.{j}.…``): optional init layer
+    and ActNorm, ``n_blocks`` × ([InvertibleConv2d], iResBlock, [ActNorm2d], [FC ActNorm1d]), then a
+    squeeze, or for the last scale the FC end blocks (see ResidualFlow)."""
+
+    def __init__(self, initial_size, idim, squeeze=True, init_layer=None, n_blocks=1, quadratic=False, actnorm=False,
+                 fc_actnorm=False, batchnorm=False, dropout=0, fc=False, coeff=0.9, vnorms="122f",
+                 n_lipschitz_iters=None, sn_atol=None, sn_rtol=None, n_power_series=5, n_dist="geometric",
+                 n_samples=1, kernels="3-1-3", activation_fn="elu", fc_end=True, fc_nblocks=4, fc_idim=128,
+                 n_exact_terms=0, preact=False, neumann_grad=True, grad_in_forward=False, first_resblock=False,
+                 learn_p=False) -> None:
+        _check_activation(activation_fn)
+        domains, codomains = parse_vnorms(vnorms)
+        ks = [int(k) for k in kernels.split("-")]
+        if len(domains) != len(ks):
+            raise ValueError(f"vnorms {vnorms!r} gives {len(domains)} domains but kernels {kernels!r} has "
+                             f"{len(ks)} layers: expected len(vnorms) == len(kernels) + 1")
+        c, h, w = initial_size
+        block_options = dict(n_power_series=n_power_series, n_dist=n_dist, n_samples=n_samples,
+                             n_exact_terms=n_exact_terms, neumann_grad=neumann_grad, grad_in_forward=grad_in_forward)
+
+        def actnorm_layer(fc_layer):
+            return FCWrapper(ActNorm1d(c * h * w)) if fc_layer else ActNorm2d(c)
+
+        def quadratic_layer(fc_layer):
+            return FCWrapper(InvertibleLinear(c * h * w)) if fc_layer else InvertibleConv2d(c)
+
+        def resblock(fc_layer, width=idim, first=False):
+            if fc_layer:
+                net = FCNet(initial_size, width, get_linear, len(ks) - 1, coeff, domains, codomains,
+                            n_lipschitz_iters, activation_fn, preact, dropout, sn_atol, sn_rtol, learn_p)
+                return iResBlock(net, **block_options)
+            if learn_p:
+                dom = [nn.Parameter(torch.tensor(0.0)) for _ in ks]
+                cod = dom[1:] + [dom[0]]
+            else:
+                dom, cod = domains, codomains
+            layers = []
+            if not first and preact:
+                if batchnorm:
+                    layers.append(MovingBatchNorm2d(c))
+                layers.append(ACT_FNS[activation_fn](False))
+            # first c -> width, middle width -> width, last width -> c (two layers even for one kernel)
+            specs = [(c, width, ks[0], 0)] + [(width, width, k, i + 1) for i, k in enumerate(ks[1:-1])] + \
+                [(width, c, ks[-1], len(ks) - 1)]
+            for j, (a, b, k, norm) in enumerate(specs):
+                layers.append(get_conv2d(a, b, k, 1, k // 2, coeff=coeff, n_iterations=n_lipschitz_iters,
+                                         domain=dom[norm], codomain=cod[norm], atol=sn_atol, rtol=sn_rtol))
+                if batchnorm:
+                    layers.append(MovingBatchNorm2d(b))
+                if j < len(specs) - 1:
+                    layers.append(ACT_FNS[activation_fn](True))
+                if j == len(specs) - 2 and dropout:
+                    layers.append(nn.Dropout2d(dropout, inplace=True))
+            return iResBlock(nn.Sequential(*layers), **block_options)
+
+        chain = []
+        if init_layer is not None:
+            chain.append(init_layer)
+        if first_resblock and actnorm:
+            chain.append(actnorm_layer(fc))
+        if first_resblock and fc_actnorm:
+            chain.append(actnorm_layer(True))
+        for i in range(n_blocks):
+            if quadratic:
+                chain.append(quadratic_layer(fc))
+            chain.append(resblock(fc, first=squeeze and first_resblock and i == 0))
+            if actnorm:
+                chain.append(actnorm_layer(fc))
+            if fc_actnorm:
+                chain.append(actnorm_layer(True))
+        if squeeze:
+            chain.append(SqueezeLayer(2))
+        elif fc_end:
+            for _ in range(fc_nblocks):
+                chain.append(resblock(True, fc_idim))
+                if actnorm or fc_actnorm:
+                    chain.append(actnorm_layer(True))
+        super().__init__(chain)
+
+
+class ResidualFlow(nn.Module):
+    """The multi-scale Residual Flow (Chen et al., 2019) with the reference constructor, defaults,
+    module order and state_dict keys (``transforms.{scale}.chain.{j}.…``; ``classification_heads``
+    and ``logit_layer`` with ``classification=True``).
+
+    ``forward(x, logpx=None, inverse=False, classify=False)`` maps ``(B, C, H, W)`` to ``z`` of shape
+    ``(B, C·H·W)`` (the factored-out parts of every scale, flattened, then the last scale), and
+    returns ``(z, logpx - logdet)`` when ``logpx`` is given, plus class logits with ``classify``.
+    ``inverse(z, logpz=None)`` runs the scales backwards. Extras: :meth:`sample`,
+    :meth:`log_prob` and :meth:`bits_per_dim`.
+
+    Deliberate differences: bad arguments raise ``ValueError`` naming them (the reference asserts);
+    the blocks are this library's iResBlock (fast path, backward-in-forward semantics as documented
+    there).
+    """
+
+    def __init__(self, input_size, n_blocks=(16, 16), intermediate_dim=64, factor_out=True, quadratic=False,
+                 init_layer=None, actnorm=False, fc_actnorm=False, batchnorm=False, dropout=0, fc=False, coeff=0.9,
+                 vnorms="122f", n_lipschitz_iters=None, sn_atol=None, sn_rtol=None, n_power_series=5,
+                 n_dist="geometric", n_samples=1, kernels="3-1-3", activation_fn="elu", fc_end=True, fc_idim=128,
+                 n_exact_terms=0, preact=False, neumann_grad=True, grad_in_forward=False, first_resblock=False,
+                 learn_p=False, classification=False, classification_hdim=64, n_classes=10,
+                 block_type="resblock") -> None:
+        super().__init__()
+        if len(input_size) != 4:
+            raise ValueError(f"input_size: expected (N, C, H, W), but got {tuple(input_size)!r}")
+        if block_type != "resblock":
+            raise ValueError(f"block_type: only 'resblock' is implemented, got {block_type!r}")
+        n_blocks = list(n_blocks)
+        self.n_scale = min(len(n_blocks), self._calc_n_scale(input_size))
+        if self.n_scale <= 0:
+            raise ValueError(f"input_size {tuple(input_size)}: H and W must be at least 4 for one scale")
+        self.n_blocks = n_blocks
+        self.factor_out = factor_out
+        self.classification = classification
+        self.classification_hdim = classification_hdim
+        self.n_classes = n_classes
+        self.input_size = tuple(input_size)
+        _, c, h, w = input_size
+        scales = []
+        for i in range(self.n_scale):
+            scales.append(StackediResBlocks(
+                (c, h, w), intermediate_dim, squeeze=i < self.n_scale - 1, init_layer=init_layer if i == 0 else None,
+                n_blocks=n_blocks[i], quadratic=quadratic, actnorm=actnorm, fc_actnorm=fc_actnorm,
+                batchnorm=batchnorm, dropout=dropout, fc=fc, coeff=coeff, vnorms=vnorms,
+                n_lipschitz_iters=n_lipschitz_iters, sn_atol=sn_atol, sn_rtol=sn_rtol, n_power_series=n_power_series,
+                n_dist=n_dist, n_samples=n_samples, kernels=kernels, activation_fn=activation_fn, fc_end=fc_end,
+                fc_idim=fc_idim, n_exact_terms=n_exact_terms, preact=preact, neumann_grad=neumann_grad,
+                grad_in_forward=grad_in_forward, first_resblock=first_resblock and i == 0, learn_p=learn_p))
+            c, h, w = (c * 2 if factor_out else c * 4), h // 2, w // 2
+        self.transforms = nn.ModuleList(scales)
+        self.dims = [tuple(o[1:]) for o in self.calc_output_size(input_size)]
+        if classification:
+            self._build_classifier(input_size)
+
+    @staticmethod
+    def _calc_n_scale(input_size) -> int:
+        _, _, h, w = input_size
+        n = 0
+        while h >= 4 and w >= 4:
+            n, h, w = n + 1, h // 2, w // 2
+        return n
+
+    def calc_output_size(self, input_size):
+        n, c, h, w = input_size
+        if not self.factor_out:
+            k = self.n_scale - 1
+            return [[n, c * 4**k, h // 2**k, w // 2**k]]
+        sizes = []
+        for i in range(self.n_scale):
+            if i < self.n_scale - 1:
+                c, h, w = c * 2, h // 2, w // 2
+            sizes.append((n, c, h, w))
+        return tuple(sizes)
+
+    def _build_classifier(self, input_size) -> None:
+        n, c, h, w = input_size
+        heads = []
+        for i in range(self.n_scale):
+            if i < self.n_scale - 1:
+                c, h, w = c * (2 if self.factor_out else 4), h // 2, w // 2
+            heads.append(nn.Sequential(nn.Conv2d(c, self.classification_hdim, 3, 1, 1),
+                                       ActNorm2d(self.classification_hdim), nn.ReLU(inplace=True),
+                                       nn.AdaptiveAvgPool2d((1, 1))))
+        self.classification_heads = nn.ModuleList(heads)
+        self.logit_layer = nn.Linear(self.classification_hdim * len(heads), self.n_classes)
+
+    def forward(self, x: Tensor, logpx: Tensor | None = None, inverse: bool = False, classify: bool = False):
+        if inverse:
+            return self.inverse(x, logpx)
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_size[1:]:
+            raise ValueError(f"ResidualFlow: expected input of shape (B, {', '.join(map(str, self.input_size[1:]))}), "
+                             f"but got {tuple(x.shape)}")
+        if classify and not self.classification:
+            raise ValueError("classify=True needs a model built with classification=True")
+        out, class_outs, f = [], [], None
+        for idx, scale in enumerate(self.transforms):
+            if logpx is None:
+                x = scale(x)
+            else:
+                x, logpx = scale(x, logpx)
+            if self.factor_out and idx < len(self.transforms) - 1:
+                d = x.shape[1] // 2
+                x, f = x[:, :d], x[:, d:]
+                out.append(f)
+            if classify:
+                # As the reference: with factor_out every head sees the last factored-out part, so the
+                # last scale's head sees the previous scale's (same shape), or x with a single scale.
+                class_outs.append(self.classification_heads[idx](f if self.factor_out and f is not None else x))
+        out.append(x)
+        z = torch.cat([o.reshape(o.shape[0], -1) for o in out], 1)
+        output = z if logpx is None else (z, logpx)
+        if classify:
+            return output, self.logit_layer(torch.cat(class_outs, dim=1).flatten(1))
+        return output
+
+    def inverse(self, z: Tensor, logpz: Tensor | None = None):
+        z = z.reshape(z.shape[0], -1)
+        if not self.factor_out:
+            x = z.view(z.shape[0], *self.dims[-1])
+            for scale in reversed(self.transforms):
+                if logpz is None:
+                    x = scale.inverse(x)
+                else:
+                    x, logpz = scale.inverse(x, logpz)
+            return x if logpz is None else (x, logpz)
+        sizes = [int(np.prod(d)) for d in self.dims]
+        parts = [p.reshape(z.shape[0], *d) for p, d in zip(torch.split(z, sizes, dim=1), self.dims)]
+        x = parts[-1]
+        for idx in range(len(self.transforms) - 1, -1, -1):
+            if idx < len(self.transforms) - 1:
+                x = torch.cat((x, parts[idx]), dim=1)
+            if logpz is None:
+                x = self.transforms[idx].inverse(x)
+            else:
+                x, logpz = self.transforms[idx].inverse(x, logpz)
+        return x if logpz is None else (x, logpz)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log p(x) per sample, shape (B,), under a standard normal base (the log-det is the model's
+        estimate in training mode, exact terms plus the roulette's tail in eval mode)."""
+        z, delta = self(x, x.new_zeros(x.shape[0], 1))
+        return (standard_normal_logprob(z).sum(1, keepdim=True) - delta).squeeze(1)
+
+    def bits_per_dim(self, x: Tensor, nbits: int = 8, dequantize: bool = True) -> Tensor:
+        """Bits per dimension of a batch of images in [0, 1] with ``2**nbits`` levels, per sample
+        (B,): ``-(log p(x) - D log 2**nbits) / (D log 2)`` with uniform dequantisation
+        ``x = (x (2**nbits - 1) + u) / 2**nbits`` as the reference's training script (and, if the
+        model has one, its init layer such as LogitTransform inside log p)."""
+        nvals = 2**nbits
+        if dequantize:
+            x = (x * (nvals - 1) + torch.rand_like(x)) / nvals
+        dims = x[0].numel()
+        return -(self.log_prob(x) - dims * math.log(nvals)) / dims / math.log(2)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+        """n samples through the inverse from z ~ N(0, temperature²), on the device and in the dtype of
+        the model's weights (not of the blocks' scalar float64 ``geom_p``)."""
+        param = next(p for p in self.parameters() if p.dim() > 0)
+        dims = math.prod(self.input_size[1:])
+        z = torch.randn(n, dims, generator=generator, device=param.device, dtype=param.dtype) * temperature
+        return self.inverse(z)
+
+
+def toy_model(n_blocks: int = 100, dims=(128, 128, 128, 128), activation_fn: str = "swish", coeff: float = 0.9,
+              vnorms: str = "222222", n_lipschitz_iters: int | None = 5, atol=None, rtol=None, actnorm: bool = False,
+              batchnorm: bool = False, n_dist: str = "geometric", n_power_series=None, exact_trace: bool = False,
+              brute_force: bool = False, n_samples: int = 1, **block_options) -> SequentialFlow:
+    """The 2-D model of the reference's ``train_toy.py`` (``--arch iresnet``): ``[ActNorm1d(2)]``
+    then ``n_blocks`` × (iResBlock over a pre-activation Lipschitz MLP 2→dims→2, ``[ActNorm1d(2)]``,
+    ``[MovingBatchNorm1d(2)]``). The MLP is (act, linear) per layer, InducedNormLinear with
+    ``zero_init`` on the output layer; the blocks use the basic estimator
+    (``neumann_grad=False, grad_in_forward=False``) unless ``block_options`` say otherwise."""
+    _check_activation(activation_fn)
+    widths = [2, *dims, 2]
+    domains, codomains = parse_vnorms(vnorms)
+    if len(domains) < len(widths) - 1:
+        raise ValueError(f"vnorms {vnorms!r} has norms for {len(domains)} layers, the MLP has {len(widths) - 1}")
+    options = dict(neumann_grad=False, grad_in_forward=False) | block_options
+    blocks = [ActNorm1d(2)] if actnorm else []
+    for _ in range(n_blocks):
+        layers = []
+        for a, b, dom, cod in zip(widths[:-1], widths[1:], domains, codomains):
+            layers += [ACT_FNS[activation_fn](False),
+                       get_linear(a, b, coeff=coeff, n_iterations=n_lipschitz_iters, atol=atol, rtol=rtol, domain=dom,
+                                  codomain=cod, zero_init=b == 2)]
+        blocks.append(iResBlock(nn.Sequential(*layers), n_dist=n_dist, n_power_series=n_power_series,
+                                exact_trace=exact_trace, brute_force=brute_force, n_samples=n_samples, **options))
+        if actnorm:
+            blocks.append(ActNorm1d(2))
+        if batchnorm:
+            blocks.append(MovingBatchNorm1d(2))
+    return SequentialFlow(blocks)
+
+
+__all__ = ["ACT_FNS", "FCNet", "FCWrapper", "ResidualFlow", "StackediResBlocks", "parse_vnorms",
+           "standard_normal_logprob", "toy_model"]

@@ -1,0 +1,318 @@
+"""The flow layers around the residual blocks of Residual Flows, with the reference semantics
+(residual-flows ``resflows/layers``: act_norm, squeeze, elemwise, container, glow, normalization).
+
+Every layer is invertible and follows one calling convention: ``forward(x, logpx=None)`` returns
+``y``, or ``(y, logpx - logdet)`` when ``logpx`` (shape ``(B, 1)``) is given; ``inverse(y,
+logpy=None)`` returns ``x`` or ``(x, logpy + logdet)``. Log-determinants are exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _with_logp(y: Tensor, logp: Tensor | None, delta: Tensor | None):
+    """y, or (y, logp + delta) when logp is given (delta None: no change)."""
+    if logp is None:
+        return y
+    return y, logp if delta is None else logp + delta
+
+
+class ActNormNd(nn.Module):
+    """Per-channel affine ``y = (x + bias) * exp(weight)`` initialised from the first batch:
+    ``bias = -mean``, ``weight = -log(max(var, 0.2)) / 2`` (unbiased variance, per channel over the
+    batch and positions), after which ``initialized`` (an int64 buffer) is 1. The log-det is
+    ``sum(weight)`` times the positions per channel.
+
+    Deliberate differences: ``weight`` and ``bias`` start at zero instead of uninitialised memory
+    (the data initialisation overwrites both either way), and whether the layer is initialised is
+    cached in Python after the first check, so a forward does not read the buffer from the device
+    (loading a state_dict clears the cache).
+    """
+
+    _view: tuple = ()
+
+    def __init__(self, num_features: int, eps: float = 1e-12) -> None:
+        super().__init__()
+        if not isinstance(num_features, int) or num_features <= 0:
+            raise ValueError(f"ActNorm: expected num_features to be a positive int, but got {num_features!r}")
+        self.num_features = num_features
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("initialized", torch.tensor(0))
+        self._known_initialized = False
+
+    def _check(self, x: Tensor) -> None:
+        if x.dim() != len(self._view) or x.shape[1] != self.num_features:
+            raise ValueError(f"{type(self).__name__}: expected input of {len(self._view)} dims with "
+                             f"{self.num_features} channels in dim 1, but got shape {tuple(x.shape)}")
+
+    def _is_initialized(self) -> bool:
+        if not self._known_initialized:
+            self._known_initialized = bool(self.initialized)
+        return self._known_initialized
+
+    def forward(self, x: Tensor, logpx: Tensor | None = None):
+        self._check(x)
+        if not self._is_initialized():
+            with torch.no_grad():
+                flat = x.transpose(0, 1).reshape(self.num_features, -1)
+                var = torch.var(flat, dim=1).clamp(min=0.2)
+                self.bias.copy_(-flat.mean(dim=1))
+                self.weight.copy_(-0.5 * torch.log(var))
+                self.initialized.fill_(1)
+            self._known_initialized = True
+        y = (x + self.bias.view(self._view)) * torch.exp(self.weight.view(self._view))
+        return _with_logp(y, logpx, None if logpx is None else -self._logdet(x))
+
+    def inverse(self, y: Tensor, logpy: Tensor | None = None):
+        self._check(y)
+        if not self._is_initialized():
+            raise RuntimeError(f"{type(self).__name__}.inverse: the layer is not initialised; run a forward pass on "
+                               "data (or load a state_dict) first")
+        x = y * torch.exp(-self.weight.view(self._view)) - self.bias.view(self._view)
+        return _with_logp(x, logpy, None if logpy is None else self._logdet(x))
+
+    def _logdet(self, x: Tensor) -> Tensor:
+        positions = x[0, 0].numel()
+        return (self.weight.sum() * positions).expand(x.shape[0], 1)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._known_initialized = False
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return str(self.num_features)
+
+
+class ActNorm1d(ActNormNd):
+    """ActNorm on ``(B, C)`` inputs (see :class:`ActNormNd`)."""
+
+    _view = (1, -1)
+
+
+class ActNorm2d(ActNormNd):
+    """ActNorm on ``(B, C, H, W)`` inputs (see :class:`ActNormNd`)."""
+
+    _view = (1, -1, 1, 1)
+
+
+class SqueezeLayer(nn.Module):
+    """``(B, C, H·r, W·r) -> (B, C·r², H, W)``, output channel ``c·r² + i·r + j`` (the reference's
+    reshape and permute, which is ``pixel_unshuffle``); log-det 0."""
+
+    def __init__(self, downscale_factor: int) -> None:
+        super().__init__()
+        self.downscale_factor = downscale_factor
+
+    def forward(self, x: Tensor, logpx: Tensor | None = None):
+        r = self.downscale_factor
+        if x.dim() != 4 or x.shape[2] % r or x.shape[3] % r:
+            raise ValueError(f"SqueezeLayer: expected a 4-D input with H and W divisible by {r}, "
+                             f"but got shape {tuple(x.shape)}")
+        return _with_logp(F.pixel_unshuffle(x, r), logpx, None)
+
+    def inverse(self, y: Tensor, logpy: Tensor | None = None):
+        return _with_logp(F.pixel_shuffle(y, self.downscale_factor), logpy, None)
+
+    def extra_repr(self) -> str:
+        return str(self.downscale_factor)
+
+
+class LogitTransform(nn.Module):
+    """``y = logit(alpha + (1 - 2 alpha) x)`` for data in [0, 1] (Real NVP's preprocessing);
+    log-det ``sum(log(1 - 2 alpha) - log(s - s²))`` with ``s = alpha + (1 - 2 alpha) x``."""
+
+    def __init__(self, alpha: float = 1e-6) -> None:
+        super().__init__()
+        self.alpha = alpha
+
+    def _logdet(self, x: Tensor) -> Tensor:
+        s = self.alpha + (1 - 2 * self.alpha) * x
+        return (math.log(1 - 2 * self.alpha) - torch.log(s - s * s)).reshape(x.shape[0], -1).sum(1, keepdim=True)
+
+    def forward(self, x: Tensor, logpx: Tensor | None = None):
+        s = self.alpha + (1 - 2 * self.alpha) * x
+        y = torch.log(s) - torch.log(1 - s)
+        return _with_logp(y, logpx, None if logpx is None else -self._logdet(x))
+
+    def inverse(self, y: Tensor, logpy: Tensor | None = None):
+        x = (torch.sigmoid(y) - self.alpha) / (1 - 2 * self.alpha)
+        return _with_logp(x, logpy, None if logpy is None else self._logdet(x))
+
+    def extra_repr(self) -> str:
+        return str(self.alpha)
+
+
+class Normalize(nn.Module):
+    """``y[:, c] = (x[:, c] - mean[c]) / std[c]`` for the first ``len(mean)`` channels of an image
+    batch (float32 buffers ``mean`` and ``std``); log-det ``-H·W·sum(log|std|)``."""
+
+    def __init__(self, mean, std) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
+
+    def _logdet(self, x: Tensor) -> Tensor:
+        return (-self.std.abs().log().sum() * x.shape[2] * x.shape[3]).expand(x.shape[0], 1)
+
+    def forward(self, x: Tensor, logpx: Tensor | None = None):
+        c = len(self.mean)
+        y = x.clone()
+        y[:, :c] = (x[:, :c] - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+        return _with_logp(y, logpx, None if logpx is None else -self._logdet(x))
+
+    def inverse(self, y: Tensor, logpy: Tensor | None = None):
+        c = len(self.mean)
+        x = y.clone()
+        x[:, :c] = y[:, :c] * self.std.view(1, -1, 1, 1) + self.mean.view(1, -1, 1, 1)
+        return _with_logp(x, logpy, None if logpy is None else self._logdet(x))
+
+
+class ZeroMeanTransform(nn.Module):
+    """``y = x - 0.5``; log-det 0."""
+
+    def forward(self, x: Tensor, logpx: Tensor | None = None):
+        return _with_logp(x - 0.5, logpx, None)
+
+    def inverse(self, y: Tensor, logpy: Tensor | None = None):
+        return _with_logp(y + 0.5, logpy, None)
+
+
+class SequentialFlow(nn.Module):
+    """A chain of flow layers (attribute ``chain``, so state_dict keys are ``chain.{i}.…``):
+    forward through the chain, inverse backwards."""
+
+    def __init__(self, layersList) -> None:
+        super().__init__()
+        self.chain = nn.ModuleList(layersList)
+
+    def forward(self, x: Tensor, logpx: Tensor | None = None):
+        for layer in self.chain:
+            if logpx is None:
+                x = layer(x)
+            else:
+                x, logpx = layer(x, logpx)
+        return _with_logp(x, logpx, None)
+
+    def inverse(self, y: Tensor, logpy: Tensor | None = None):
+        for layer in reversed(self.chain):
+            if logpy is None:
+                y = layer.inverse(y)
+            else:
+                y, logpy = layer.inverse(y, logpy)
+        return _with_logp(y, logpy, None)
+
+
+class Inverse(nn.Module):
+    """The inverse of a flow: forward is ``flow.inverse`` and inverse is ``flow.forward``."""
+
+    def __init__(self, flow: nn.Module) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x: Tensor, logpx: Tensor | None = None):
+        return self.flow.inverse(x, logpx)
+
+    def inverse(self, y: Tensor, logpy: Tensor | None = None):
+        return self.flow.forward(y, logpy)
+
+
+class _InvertibleMatrix(nn.Module):
+    """A learnable invertible ``dim × dim`` matrix, initialised to a random permutation (torch's
+    global RNG, as the reference); log|det W| per application."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.weight = nn.Parameter(torch.eye(dim)[torch.randperm(dim)])
+
+    @property
+    def _logdetgrad(self) -> Tensor:
+        return torch.linalg.slogdet(self.weight)[1]
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class InvertibleLinear(_InvertibleMatrix):
+    """``y = x Wᵀ`` on ``(B, dim)``; log-det ``log|det W|``."""
+
+    def forward(self, x: Tensor, logpx: Tensor | None = None):
+        return _with_logp(F.linear(x, self.weight), logpx, None if logpx is None else -self._logdetgrad)
+
+    def inverse(self, y: Tensor, logpy: Tensor | None = None):
+        return _with_logp(F.linear(y, torch.linalg.inv(self.weight)), logpy,
+                          None if logpy is None else self._logdetgrad)
+
+
+class InvertibleConv2d(_InvertibleMatrix):
+    """Glow's invertible 1×1 convolution on ``(B, dim, H, W)``; log-det ``H·W·log|det W|``."""
+
+    def forward(self, x: Tensor, logpx: Tensor | None = None):
+        y = F.conv2d(x, self.weight.view(self.dim, self.dim, 1, 1))
+        delta = None if logpx is None else -self._logdetgrad * (x.shape[2] * x.shape[3])
+        return _with_logp(y, logpx, delta)
+
+    def inverse(self, y: Tensor, logpy: Tensor | None = None):
+        x = F.conv2d(y, torch.linalg.inv(self.weight).view(self.dim, self.dim, 1, 1))
+        delta = None if logpy is None else self._logdetgrad * (x.shape[2] * x.shape[3])
+        return _with_logp(x, logpy, delta)
+
+
+class MovingBatchNormNd(nn.Module):
+    """Mean-only batch normalisation, as the reference: ``y = x - m + bias`` where ``m`` is the
+    running mean before this batch's update (with ``bn_lag > 0``, a bias-corrected lagged mean
+    that includes the batch mean); in training the running mean then moves toward the batch mean
+    by ``decay`` and ``step`` is incremented. Log-det 0, as in the reference. ``eps`` is unused,
+    kept for the signature."""
+
+    _view: tuple = ()
+
+    def __init__(self, num_features: int, eps: float = 1e-4, decay: float = 0.1, bn_lag: float = 0.0,
+                 affine: bool = True) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.affine = affine
+        self.eps = eps
+        self.decay = decay
+        self.bn_lag = bn_lag
+        self.register_buffer("step", torch.zeros(1))
+        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
+        self.register_buffer("running_mean", torch.zeros(num_features))
+
+    def forward(self, x: Tensor, logpx: Tensor | None = None):
+        used_mean = self.running_mean.clone()
+        if self.training:
+            batch_mean = x.transpose(0, 1).reshape(x.shape[1], -1).mean(dim=1)
+            if self.bn_lag > 0:
+                used_mean = batch_mean - (1 - self.bn_lag) * (batch_mean - used_mean)
+                used_mean = used_mean / (1.0 - self.bn_lag ** (self.step[0] + 1))
+            with torch.no_grad():
+                self.running_mean -= self.decay * (self.running_mean - batch_mean)
+                self.step += 1
+        y = x - used_mean.view(self._view)
+        if self.affine:
+            y = y + self.bias.view(self._view)
+        return _with_logp(y, logpx, None)
+
+    def inverse(self, y: Tensor, logpy: Tensor | None = None):
+        if self.affine:
+            y = y - self.bias.view(self._view)
+        return _with_logp(y + self.running_mean.view(self._view), logpy, None)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, decay={self.decay}, bn_lag={self.bn_lag}, affine={self.affine}"
+
+
+class MovingBatchNorm1d(MovingBatchNormNd):
+    _view = (1, -1)
+
+
+class MovingBatchNorm2d(MovingBatchNormNd):
+    _view = (1, -1, 1, 1)

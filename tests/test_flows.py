@@ -1,0 +1,135 @@
+"""resflow_cuda.nn.flows: every layer against the formulas of the reference (reference.md §1.5),
+its exact log-det against a brute-force Jacobian, inverse round trips, state and errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from jacobians import brute_logdet
+
+from resflow_cuda.nn import flows
+
+
+def _check_flow(layer, x, atol=1e-9):
+    """forward's log-det = brute force, inverse undoes forward and returns the log-density back."""
+    logp = torch.randn(x.shape[0], 1, dtype=x.dtype)
+    y, logpy = layer(x, logp)
+    torch.testing.assert_close(layer(x), y)
+    torch.testing.assert_close(logp - logpy, brute_logdet(layer, x), atol=atol, rtol=1e-7)
+    x2, logp2 = layer.inverse(y, logpy)
+    torch.testing.assert_close(x2, x, atol=atol, rtol=1e-7)
+    torch.testing.assert_close(logp2, logp, atol=atol, rtol=1e-7)
+    torch.testing.assert_close(layer.inverse(y), x2)
+
+
+def test_actnorm_initialises_from_the_first_batch_and_then_is_a_fixed_affine_map():
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 4, 5, dtype=torch.float64) * torch.tensor([0.1, 2.0, 5.0]).view(1, 3, 1, 1) + 3
+    layer = flows.ActNorm2d(3).double()
+    assert layer.initialized.dtype == torch.int64 and int(layer.initialized) == 0
+    with pytest.raises(RuntimeError, match="not initialised"):
+        layer.inverse(x)
+    y = layer(x)
+    flat = x.transpose(0, 1).reshape(3, -1)
+    var = flat.var(dim=1)  # unbiased, as the reference
+    torch.testing.assert_close(layer.bias.detach(), -flat.mean(1))
+    torch.testing.assert_close(layer.weight.detach(), -0.5 * torch.log(torch.clamp(var, min=0.2)))
+    assert int(layer.initialized) == 1
+    assert y[:, 1:].transpose(0, 1).reshape(2, -1).std(1).sub(1).abs().max() < 1e-6  # var > 0.2: unit variance
+    _check_flow(layer, torch.randn(3, 3, 2, 2, dtype=torch.float64))  # no re-initialisation on later batches
+    torch.testing.assert_close(layer.bias.detach(), -flat.mean(1))
+    assert list(layer.state_dict()) == ["weight", "bias", "initialized"]
+
+
+def test_actnorm_logdet_is_the_weight_sum_per_position_and_load_resets_the_cache():
+    layer = flows.ActNorm1d(4).double()
+    _check_flow(layer, torch.randn(5, 4, dtype=torch.float64) * 3)
+    fresh = flows.ActNorm1d(4).double()
+    fresh(torch.randn(7, 4, dtype=torch.float64))  # initialised from other data
+    fresh.load_state_dict({**layer.state_dict(), "initialized": torch.tensor(0)})
+    x = torch.randn(9, 4, dtype=torch.float64) + 5
+    fresh(x)  # not initialised after loading 0: initialises from x
+    torch.testing.assert_close(fresh.bias.detach(), -x.mean(0))
+    with pytest.raises(ValueError, match="4 channels"):
+        layer(torch.randn(2, 3, dtype=torch.float64))
+
+
+def test_squeeze_is_the_reference_reshape_permute_and_pixel_shuffle_inverts_it():
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64)
+    layer = flows.SqueezeLayer(2)
+    expected = x.reshape(2, 3, 2, 2, 3, 2).permute(0, 1, 3, 5, 2, 4).reshape(2, 12, 2, 3)
+    torch.testing.assert_close(layer(x), expected)
+    _check_flow(layer, x[:, :, :2, :2])
+    with pytest.raises(ValueError, match="divisible by 2"):
+        layer(torch.randn(1, 1, 3, 4))
+
+
+def test_logit_transform_normalize_zero_mean_and_invertible_matrices():
+    torch.manual_seed(0)
+    u = torch.rand(3, 2, 2, 2, dtype=torch.float64)
+    layer = flows.LogitTransform(0.05)
+    s = 0.05 + 0.9 * u
+    torch.testing.assert_close(layer(u), torch.log(s / (1 - s)))
+    _check_flow(layer, u)
+    assert flows.Normalize([0.5], [0.3]).std.dtype == torch.float32  # float32 buffers, as the reference
+    norm = flows.Normalize([0.5, 0.2], [0.3, 2.0]).double()
+    x = torch.randn(2, 3, 2, 2, dtype=torch.float64)
+    y = norm(x)
+    torch.testing.assert_close(y[:, 2], x[:, 2])
+    torch.testing.assert_close(y[:, 1], (x[:, 1] - 0.2) / 2.0)
+    _check_flow(norm, x)
+    _check_flow(flows.ZeroMeanTransform(), x)
+    conv = flows.InvertibleConv2d(3).double()
+    assert sorted(conv.weight.detach().sum(0).tolist()) == [1.0, 1.0, 1.0]  # a permutation at init
+    with torch.no_grad():
+        conv.weight.add_(0.3 * torch.randn(3, 3, dtype=torch.float64))
+    _check_flow(conv, x)
+    lin = flows.InvertibleLinear(4).double()
+    with torch.no_grad():
+        lin.weight.add_(0.3 * torch.randn(4, 4, dtype=torch.float64))
+    _check_flow(lin, torch.randn(3, 4, dtype=torch.float64))
+
+
+def test_moving_batch_norm_subtracts_the_running_mean_before_its_update():
+    layer = flows.MovingBatchNorm1d(2).double()
+    with torch.no_grad():
+        layer.bias.copy_(torch.tensor([0.5, -1.0]))
+    x = torch.randn(8, 2, dtype=torch.float64) + 4
+    y, logp = layer(x, torch.zeros(8, 1, dtype=torch.float64))
+    torch.testing.assert_close(y, x + layer.bias.detach())  # running mean was 0 before this batch
+    torch.testing.assert_close(layer.running_mean, 0.1 * x.mean(0))
+    assert float(layer.step) == 1.0 and torch.equal(logp, torch.zeros(8, 1, dtype=torch.float64))
+    layer.eval()
+    torch.testing.assert_close(layer.inverse(layer(x)), x)
+    assert list(layer.state_dict()) == ["bias", "step", "running_mean"]
+
+
+def test_sequential_flow_and_inverse_compose_log_dets():
+    torch.manual_seed(1)
+    chain = flows.SequentialFlow([flows.ActNorm2d(2), flows.SqueezeLayer(2), flows.InvertibleConv2d(8),
+                                  flows.ActNorm2d(8)]).double()
+    x = torch.randn(4, 2, 2, 2, dtype=torch.float64)
+    chain(x)  # data initialisation of both ActNorms
+    with torch.no_grad():
+        chain.chain[2].weight.add_(0.2 * torch.randn(8, 8, dtype=torch.float64))
+    _check_flow(chain, torch.randn(2, 2, 2, 2, dtype=torch.float64))
+    assert [k.split(".")[1] for k in chain.state_dict()] == ["0", "0", "0", "2", "3", "3", "3"]
+    inv = flows.Inverse(chain)
+    y = chain(x)
+    torch.testing.assert_close(inv(y), x)
+    z, logp = inv(y, torch.zeros(4, 1, dtype=torch.float64))
+    torch.testing.assert_close(z, x)
+    torch.testing.assert_close(logp, chain(x, torch.zeros(4, 1, dtype=torch.float64))[1].neg())
+
+
+def test_logdet_sign_convention_matches_a_known_scaling():
+    # y = 2x in d dims: log|det| = d log 2, returned as logpx - d log 2
+    layer = flows.ActNorm1d(3)
+    layer.initialized.fill_(1)
+    with torch.no_grad():
+        layer.weight.fill_(math.log(2.0))
+    y, logp = layer(torch.ones(2, 3), torch.zeros(2, 1))
+    torch.testing.assert_close(y, torch.full((2, 3), 2.0))
+    torch.testing.assert_close(logp, torch.full((2, 1), -3 * math.log(2.0)))

@@ -1,0 +1,154 @@
+"""resflow_cuda.models: the ResidualFlow and the toy model against the reference's structure
+(reference.md §1.6, §1.8), exact log-dets, inverses, sampling, bits/dim and errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from jacobians import brute_logdet
+
+import resflow_cuda
+from resflow_cuda import models
+from resflow_cuda.nn import InducedNormConv2d, InducedNormLinear, LipSwish, iResBlock
+from resflow_cuda.nn.flows import ActNorm1d, ActNorm2d, LogitTransform, SqueezeLayer
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*did not converge")
+
+
+def _cifar_like(**kwargs):
+    """The shape of the reference CIFAR-10 model (train_img.py defaults), at a toy size."""
+    torch.manual_seed(0)
+    options = dict(n_blocks=[2, 2], intermediate_dim=8, factor_out=False, actnorm=True, preact=True,
+                   first_resblock=True, init_layer=LogitTransform(0.05), fc_end=True, fc_idim=8, kernels="3-1-3",
+                   vnorms="2222", activation_fn="swish", coeff=0.98, n_lipschitz_iters=5, n_exact_terms=2,
+                   n_dist="poisson", grad_in_forward=True)
+    options.update(kwargs)
+    return models.ResidualFlow((2, 3, 8, 8), **options)
+
+
+def test_resflow_module_order_and_state_dict_keys_follow_the_reference():
+    model = _cifar_like()
+    assert model.n_scale == 2 and model.dims == [(12, 4, 4)]
+    scale0, scale1 = (list(s.chain) for s in model.transforms)
+    assert [type(m) for m in scale0] == [LogitTransform, ActNorm2d, iResBlock, ActNorm2d, iResBlock, ActNorm2d,
+                                        SqueezeLayer]
+    assert [type(m).__name__ for m in scale1] == ["iResBlock", "ActNorm2d", "iResBlock", "ActNorm2d"] + \
+        ["iResBlock", "FCWrapper"] * 4
+    # first block of scale 0: no pre-activation on raw data; the others: act before every conv
+    assert [type(m) for m in scale0[2].nnet] == [InducedNormConv2d, LipSwish, InducedNormConv2d, LipSwish,
+                                                 InducedNormConv2d]
+    assert [type(m) for m in scale0[4].nnet] == [LipSwish, InducedNormConv2d, LipSwish, InducedNormConv2d,
+                                                 LipSwish, InducedNormConv2d]
+    convs = [m for m in scale1[0].nnet if isinstance(m, InducedNormConv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(12, 8, (3, 3)), (8, 8, (1, 1)),
+                                                                              (8, 12, (3, 3))]
+    keys = set(model.state_dict())
+    # reference key layout: transforms.{scale}.chain.{j}.nnet.{k}..., FC blocks nnet.nnet.{k}, FCWrapper fc_module
+    assert {"transforms.0.chain.1.weight", "transforms.0.chain.1.initialized", "transforms.0.chain.2.nnet.0.weight",
+            "transforms.0.chain.4.nnet.0.beta", "transforms.1.chain.4.nnet.nnet.0.beta",
+            "transforms.1.chain.4.nnet.nnet.1.weight", "transforms.1.chain.5.fc_module.weight"} <= keys
+    fc = scale1[4].nnet
+    assert [type(m) for m in fc.nnet] == [LipSwish, InducedNormLinear, LipSwish, InducedNormLinear, LipSwish,
+                                          InducedNormLinear]
+    assert [(m.in_features, m.out_features) for m in fc.nnet if isinstance(m, InducedNormLinear)] == \
+        [(192, 8), (8, 8), (8, 192)]
+    assert scale0[2].n_exact_terms == 2 and scale0[2].n_dist == "poisson" and scale0[2].grad_in_forward
+
+
+@pytest.mark.parametrize("factor_out", [True, False])
+def test_resflow_log_det_is_unbiased_for_the_exact_one_and_inverse_round_trips(factor_out):
+    torch.manual_seed(0)
+    model = models.ResidualFlow((2, 1, 8, 8), n_blocks=[1, 1], intermediate_dim=6, factor_out=factor_out,
+                                actnorm=True, fc_end=True, fc_idim=6, coeff=0.5, n_lipschitz_iters=20,
+                                n_power_series=None, activation_fn="elu").double()
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    model(x)  # ActNorm data initialisation (training mode)
+    model.eval()
+    zero = torch.zeros(3, 1, dtype=torch.float64)
+    z, delta = model(x, zero)
+    assert z.shape == (3, 64)
+    # eval: 20 exact terms plus the roulette's with one Hutchinson probe per block, so each call is
+    # an unbiased estimate: the mean of independent calls is within 4 standard errors of the exact value
+    draws = torch.stack([-model(x, zero)[1] for _ in range(200)])
+    mean, se = draws.mean(0), draws.std(0) / math.sqrt(len(draws))
+    exact = brute_logdet(model, x)
+    assert ((mean - exact).abs() <= 4 * se + 1e-9).all(), (mean, exact, se)
+    for block in model.modules():
+        if isinstance(block, iResBlock):
+            block.inverse_atol = block.inverse_rtol = 1e-12
+    x2, logp = model.inverse(z, zero)
+    torch.testing.assert_close(x2, x, atol=1e-7, rtol=0)
+    assert logp.shape == (3, 1) and torch.isfinite(logp).all()  # a fresh estimate of the same log-det
+    torch.testing.assert_close(model(z, inverse=True), x2)
+
+
+def test_sampling_log_prob_and_bits_per_dim():
+    torch.manual_seed(0)
+    model = models.ResidualFlow((2, 1, 8, 8), n_blocks=[1, 1], intermediate_dim=6, init_layer=LogitTransform(1e-6),
+                                fc_end=False, n_lipschitz_iters=5)
+    x = torch.randint(0, 256, (4, 1, 8, 8)).float() / 255
+    model.eval()
+    model(x)  # the convolutions' lazy u / v initialisation draws from the RNG: not inside the pair below
+    np.random.seed(0)  # the same roulette draws and probes for both calls
+    torch.manual_seed(0)
+    lp = model.log_prob(x)
+    assert lp.shape == (4,) and torch.isfinite(lp).all()
+    np.random.seed(0)
+    torch.manual_seed(0)
+    bpd = model.bits_per_dim(x, dequantize=False)
+    torch.testing.assert_close(bpd, -(lp - 64 * math.log(256)) / 64 / math.log(2))
+    noisy = model.bits_per_dim(x)
+    assert noisy.shape == (4,) and not torch.equal(noisy, bpd)
+    samples = model.sample(5, temperature=0.5, generator=torch.Generator().manual_seed(1))
+    assert samples.shape == (5, 1, 8, 8) and torch.isfinite(samples).all()
+    assert ((samples > 0) & (samples < 1)).all()  # through the inverse of the logit transform
+
+
+def test_training_step_with_lipschitz_update_and_classifier_head():
+    model = _cifar_like(classification=True, n_classes=4, factor_out=True, fc_end=False)
+    x = torch.rand(2, 3, 8, 8)
+    (z, delta), logits = model(x, torch.zeros(2, 1), classify=True)
+    assert z.shape == (2, 192) and logits.shape == (2, 4)
+    loss = -(models.standard_normal_logprob(z).sum(1) - delta.squeeze(1)).mean() + logits.logsumexp(1).mean()
+    loss.backward()
+    # every parameter but the blocks' geom_p / lamb (parameters in the reference too, never in a loss)
+    grads = {n: p.grad for n, p in model.named_parameters() if not n.endswith(("geom_p", "lamb"))}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    resflow_cuda.update_lipschitz(model)
+    assert {"classification_heads.0.0.weight", "logit_layer.weight"} <= set(model.state_dict())
+
+
+def test_toy_model_is_the_reference_toy_stack():
+    torch.manual_seed(0)
+    model = models.toy_model(n_blocks=3, dims=(16, 16), actnorm=True, vnorms="2222")
+    assert [type(m) for m in model.chain] == [ActNorm1d] + [iResBlock, ActNorm1d] * 3
+    block = model.chain[1]
+    assert [type(m) for m in block.nnet] == [LipSwish, InducedNormLinear] * 3
+    assert not block.neumann_grad and not block.grad_in_forward
+    first = block.nnet[1].weight.detach().abs().max()
+    assert block.nnet[-1].weight.detach().abs().max() < first / 100  # zero_init (W / 1000) on the 2-D output
+    x = torch.randn(10, 2)
+    z, delta = model(x, torch.zeros(10, 1))
+    torch.testing.assert_close(z, model.chain[-1](model.chain[0](x)) * 0 + z)
+    assert z.shape == (10, 2) and torch.isfinite(delta).all()
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="vnorms"):
+        models.ResidualFlow((1, 3, 8, 8), vnorms="22", kernels="3-1-3")
+    with pytest.raises(ValueError, match="activation_fn"):
+        models.ResidualFlow((1, 3, 8, 8), activation_fn="tanh")
+    with pytest.raises(ValueError, match="at least 4"):
+        models.ResidualFlow((1, 3, 2, 2))
+    with pytest.raises(ValueError, match="input_size"):
+        models.ResidualFlow((3, 8, 8))
+    model = models.ResidualFlow((1, 1, 4, 4), n_blocks=[1], intermediate_dim=4, fc_end=False, n_lipschitz_iters=2)
+    with pytest.raises(ValueError, match=r"shape \(B, 1, 4, 4\)"):
+        model(torch.zeros(1, 2, 4, 4))
+    with pytest.raises(ValueError, match="classification=True"):
+        model(torch.zeros(1, 1, 4, 4), classify=True)
+    assert isinstance(model.transforms[0].chain[0].nnet[1], nn.ELU)
