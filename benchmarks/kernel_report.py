@@ -290,9 +290,35 @@ def launch_plans(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
+def render_summary(report: dict) -> list[str]:
+    """The float32 instantiations, one row per kernel and arch (the widest pack where there are two)."""
+    rows = {}
+    for k in report["kernels"]:
+        args = _template_args(k)
+        if args[:1] != ["float"] or (len(args) >= 4 and args[3] == "false" and _base(k) == "lipswish_forward_kernel"):
+            continue
+        key = (_base(k), k["arch"])
+        if key not in rows or _wide(k):
+            rows[key] = k
+    lines = ["| kernel (float32) | arch | regs | spills | local mem | LDG / STG bits | largest launch at the benchmark sizes"
+             " | occupancy | budgets |", "|---|---|---:|---:|---:|---|---|---:|---|"]
+    for (base, arch), k in sorted(rows.items()):
+        p = max(k["launches"], key=lambda p: p["blocks"] * p["threads"] + p["dynamic_shared_bytes"], default=None)
+        launch = "–" if p is None else f"{p['size']}: {p['blocks']}×{p['threads']}" + (
+            f" + {p['dynamic_shared_bytes']} B shared" if p["dynamic_shared_bytes"] else "")
+        met = sum(k["budgets"].values())
+        lines.append(f"| `{base}` | sm_{arch} | {k['registers']} | {k['spill_store_bytes'] + k['spill_load_bytes']} | "
+                     f"{k['stack_frame_bytes'] + k['local_memory_instructions']} | "
+                     f"{','.join(map(str, k['global_load_bits']))} / {','.join(map(str, k['global_store_bits']))} | "
+                     f"{launch} | {'–' if p is None else format(p['occupancy'], '.0%')} | {met}/{len(k['budgets'])} met |")
+    return lines
+
+
 def render(report: dict) -> str:
     lines = ["# CUDA kernel report", "",
              f"nvcc {report['nvcc']}, cuobjdump {report['cuobjdump']}; flags: `{' '.join(report['flags'])}`", "",
+             f"{len(report['kernels'])} kernel instantiations, {len(report['failures'])} budget failure(s).", "",
+             "## Summary", ""] + render_summary(report) + ["", "## Every instantiation", "",
              "Per kernel instantiation and arch: registers per thread, spill stores/loads and stack frame (bytes),"
              " static shared memory (bytes), barriers; from the SASS the global load/store widths (bits), local"
              " memory instructions and the innermost loop's instruction count; the launch our launcher picks at the"

@@ -33,7 +33,8 @@ from .timing import environment, first_call_seconds, measure, steady_state_alloc
 
 
 def _max_abs_err(outputs, expected) -> float:
-    return max(float((a.double() - b.double()).abs().max()) if a.numel() else 0.0 for a, b in zip(outputs, expected))
+    return max(float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
+               for a, b in zip(outputs, expected))
 
 
 def _check(outputs, expected, tol) -> str | None:
