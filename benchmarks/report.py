@@ -71,7 +71,7 @@ def render(data: dict) -> str:
                     + f"{_fmt(r.get('peak_mib'), '.1f')} | {status} |")
             rotated = {r["label"]: r["rotation"] for r in rows if r["config"]["mode"] == mode and "rotation" in r}
             if rotated:
-                lines += ["", "Inputs rotated over " + ", ".join(f"{k} copies ({label})" for label, k in rotated.items())
+                lines += ["", "Inputs rotated over " + ", ".join(f"{k} cop{'y' if k == 1 else 'ies'} ({label})" for label, k in rotated.items())
                           + " so that they come from memory, not from the cache."]
             lines.append("")
         if memory:
