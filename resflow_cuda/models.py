@@ -386,5 +386,53 @@ def toy_model(n_blocks: int = 100, dims=(128, 128, 128, 128), activation_fn: str
     return SequentialFlow(blocks)
 
 
-__all__ = ["ACT_FNS", "FCNet", "FCWrapper", "ResidualFlow", "StackediResBlocks", "parse_vnorms",
+class ExponentialMovingAverage:
+    """The reference training script's EMA of a module's parameters (same attributes and methods:
+    ``shadow_params`` keyed by parameter name, ``apply()`` after each step, the first call copying
+    the parameters so that data-dependent initialisation is included, ``swap()`` /
+    ``replace_with_ema()`` for evaluation, ``set(other)`` to copy another EMA's shadow, including one
+    unpickled from a reference checkpoint)."""
+
+    def __init__(self, module: nn.Module, decay: float = 0.999) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"ExponentialMovingAverage: expected 0 <= decay <= 1, but got {decay}")
+        self.module = module
+        self.decay = decay
+        self.shadow_params: dict[str, Tensor] = {}
+        self.nparams = sum(p.numel() for p in module.parameters())
+
+    def init(self) -> None:
+        self.shadow_params = {name: p.detach().clone() for name, p in self.module.named_parameters()}
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        if not self.shadow_params:
+            self.init()
+            return
+        for name, p in self.module.named_parameters():
+            self.shadow_params[name] -= (1 - self.decay) * (self.shadow_params[name] - p)
+
+    @torch.no_grad()
+    def set(self, other) -> None:
+        self.init()
+        for name, value in other.shadow_params.items():
+            self.shadow_params[name].copy_(value)
+
+    @torch.no_grad()
+    def replace_with_ema(self) -> None:
+        for name, p in self.module.named_parameters():
+            p.copy_(self.shadow_params[name])
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        for name, p in self.module.named_parameters():
+            saved = self.shadow_params[name].clone()
+            self.shadow_params[name].copy_(p)
+            p.copy_(saved)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(decay={self.decay}, module={type(self.module).__name__}, nparams={self.nparams})"
+
+
+__all__ = ["ACT_FNS", "ExponentialMovingAverage", "FCNet", "FCWrapper", "ResidualFlow", "StackediResBlocks", "parse_vnorms",
            "standard_normal_logprob", "toy_model"]

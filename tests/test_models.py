@@ -152,3 +152,26 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="classification=True"):
         model(torch.zeros(1, 1, 4, 4), classify=True)
     assert isinstance(model.transforms[0].chain[0].nnet[1], nn.ELU)
+
+
+def test_ema_follows_the_reference_update_rule():
+    layer = nn.Linear(3, 2)
+    ema = models.ExponentialMovingAverage(layer, decay=0.9)
+    assert ema.nparams == 8 and ema.shadow_params == {}
+    ema.apply()  # the first apply copies
+    start = {k: v.clone() for k, v in ema.shadow_params.items()}
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    ema.apply()
+    torch.testing.assert_close(ema.shadow_params["weight"], start["weight"] + 0.1)
+    current = layer.weight.detach().clone()
+    ema.swap()
+    torch.testing.assert_close(layer.weight.detach(), start["weight"] + 0.1)
+    torch.testing.assert_close(ema.shadow_params["weight"], current)
+    other = models.ExponentialMovingAverage(layer)
+    other.set(ema)
+    torch.testing.assert_close(other.shadow_params["weight"], current)
+    other.replace_with_ema()
+    torch.testing.assert_close(layer.weight.detach(), current)
+    with pytest.raises(ValueError, match="decay"):
+        models.ExponentialMovingAverage(layer, decay=1.5)

@@ -1,0 +1,94 @@
+"""normflows' residual flow API on this library's layers: swap one import.
+
+    from resflow_cuda.integrations.normflows import LipschitzMLP, Residual   # was: normflows.nets / .flows
+
+``Residual`` is a ``normflows.flows.Flow`` with normflows' signature and conventions (``reverse``: the
+map x + g(x) runs in ``inverse``; ``reduce_memory``: Neumann gradient with backward-in-forward;
+``forward`` and ``inverse`` return ``(z, log_det)`` with ``log_det`` of shape ``(B,)``), backed by
+:class:`resflow_cuda.nn.iResBlock`. ``LipschitzMLP`` / ``LipschitzCNN`` have normflows' signatures,
+defaults and state_dict keys (``net.{i}.…``) with the fused LipSwish and our InducedNorm layers, so
+their fast path and ``resflow_cuda.update_lipschitz`` apply. Needs normflows installed.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+try:
+    from normflows.flows.base import Flow
+except ImportError as exc:  # pragma: no cover - exercised only without normflows
+    raise ImportError("resflow_cuda.integrations.normflows needs normflows (pip install normflows)") from exc
+
+from ..nn import InducedNormConv2d, InducedNormLinear, iResBlock, LipSwish
+
+
+class Residual(Flow):
+    """normflows' ``Residual`` flow (same arguments and defaults) on :class:`resflow_cuda.nn.iResBlock`."""
+
+    def __init__(self, net, reverse=True, reduce_memory=True, geom_p=0.5, lamb=2.0, n_power_series=None,
+                 exact_trace=False, brute_force=False, n_samples=1, n_exact_terms=2, n_dist="geometric"):
+        super().__init__()
+        self.reverse = reverse
+        self.iresblock = iResBlock(net, n_samples=n_samples, n_exact_terms=n_exact_terms, neumann_grad=reduce_memory,
+                                   grad_in_forward=reduce_memory, exact_trace=exact_trace, geom_p=geom_p, lamb=lamb,
+                                   n_power_series=n_power_series, brute_force=brute_force, n_dist=n_dist)
+
+    def _run(self, z, through_block: bool):
+        z, neg_log_det = self.iresblock.forward(z, 0) if through_block else self.iresblock.inverse(z, 0)
+        return z, -neg_log_det.view(-1)
+
+    def forward(self, z):
+        return self._run(z, not self.reverse)
+
+    def inverse(self, z):
+        return self._run(z, self.reverse)
+
+
+class LipschitzMLP(nn.Module):
+    """normflows' ``LipschitzMLP``: (LipSwish, InducedNormLinear) per layer, the last one initialised
+    near zero with ``init_zeros``."""
+
+    def __init__(self, channels, lipschitz_const=0.97, max_lipschitz_iter=5, lipschitz_tolerance=None,
+                 init_zeros=True):
+        super().__init__()
+        self.n_layers = len(channels) - 1
+        self.channels = channels
+        self.lipschitz_const = lipschitz_const
+        self.max_lipschitz_iter = max_lipschitz_iter
+        self.lipschitz_tolerance = lipschitz_tolerance
+        self.init_zeros = init_zeros
+        layers = []
+        for i in range(self.n_layers):
+            layers += [LipSwish(), InducedNormLinear(
+                channels[i], channels[i + 1], coeff=lipschitz_const, domain=2, codomain=2,
+                n_iterations=max_lipschitz_iter, atol=lipschitz_tolerance, rtol=lipschitz_tolerance,
+                zero_init=init_zeros and i == self.n_layers - 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class LipschitzCNN(nn.Module):
+    """normflows' ``LipschitzCNN``: (LipSwish, InducedNormConv2d with 'same' padding) per layer."""
+
+    def __init__(self, channels, kernel_size, lipschitz_const=0.97, max_lipschitz_iter=5, lipschitz_tolerance=None,
+                 init_zeros=True):
+        super().__init__()
+        self.n_layers = len(kernel_size)
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.lipschitz_const = lipschitz_const
+        self.max_lipschitz_iter = max_lipschitz_iter
+        self.lipschitz_tolerance = lipschitz_tolerance
+        self.init_zeros = init_zeros
+        layers = []
+        for i in range(self.n_layers):
+            layers += [LipSwish(), InducedNormConv2d(
+                channels[i], channels[i + 1], kernel_size[i], 1, kernel_size[i] // 2, bias=True,
+                coeff=lipschitz_const, domain=2, codomain=2, n_iterations=max_lipschitz_iter,
+                atol=lipschitz_tolerance, rtol=lipschitz_tolerance, zero_init=init_zeros and i == self.n_layers - 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
