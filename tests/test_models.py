@@ -175,3 +175,26 @@ def test_ema_follows_the_reference_update_rule():
     torch.testing.assert_close(layer.weight.detach(), current)
     with pytest.raises(ValueError, match="decay"):
         models.ExponentialMovingAverage(layer, decay=1.5)
+
+
+def test_checkpoint_round_trip_needs_no_dummy_forward(tmp_path):
+    """A state_dict saved after training (convolutions' u / v sized at the first forward) loads into a
+    freshly built model, which has never seen an input, and gives the same outputs."""
+    trained = _cifar_like(n_blocks=[1, 1])
+    x = torch.rand(2, 3, 8, 8)
+    trained(x, torch.zeros(2, 1))[1].mean().backward()
+    resflow_cuda.update_lipschitz(trained)
+    torch.save(trained.state_dict(), tmp_path / "model.pt")
+    fresh = _cifar_like(n_blocks=[1, 1])
+    conv = fresh.transforms[0].chain[2].nnet[0]
+    assert conv.u.shape != trained.transforms[0].chain[2].nnet[0].u.shape  # not initialised yet
+    fresh.load_state_dict(torch.load(tmp_path / "model.pt"))
+    for model in (trained, fresh):
+        model.eval()
+    outs = []
+    for model in (trained, fresh):
+        np.random.seed(3)
+        torch.manual_seed(3)
+        outs.append(model(x, torch.zeros(2, 1)))
+    torch.testing.assert_close(outs[1][0], outs[0][0])
+    torch.testing.assert_close(outs[1][1], outs[0][1])

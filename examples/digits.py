@@ -1,0 +1,134 @@
+"""Density estimation on scikit-learn's 8×8 digits (bundled, no download) with a small multi-scale
+Residual Flow, in a few minutes on a laptop CPU.
+
+The pixels take 17 levels (0..16); each image is dequantised with uniform noise, ``y = (k + u) / 17``,
+mapped through the logit transform and the flow. Bits per dimension of the discrete data are
+``-(log p(y) - D log 17) / (D log 2)``, reported on a held-out split with the unbiased eval-mode
+log-det estimator (20 exact terms plus the Russian roulette's). Writes a PNG grid of samples:
+
+    python examples/digits.py                 # about 2 minutes on 2 cores
+    python examples/digits.py --epochs 50 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import resflow_cuda
+from resflow_cuda import models
+from resflow_cuda.nn import LogitTransform
+
+LEVELS = 17
+
+
+def load_digits(seed: int, test_fraction: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer pixel levels (N, 1, 8, 8) of the train and held-out splits."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    images = sklearn_digits().images.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(images))
+    split = int(len(images) * (1 - test_fraction))
+    as_tensor = lambda idx: torch.from_numpy(images[idx]).unsqueeze(1)  # noqa: E731
+    return as_tensor(order[:split]), as_tensor(order[split:])
+
+
+def bits_per_dim(model, levels: torch.Tensor) -> torch.Tensor:
+    """Per-image bits/dim of integer images under the model, with uniform dequantisation."""
+    y = (levels.float() + torch.rand(levels.shape, device=levels.device)) / LEVELS
+    dims = levels[0].numel()
+    return -(model.log_prob(y) - dims * math.log(LEVELS)) / dims / math.log(2)
+
+
+@torch.no_grad()
+def evaluate(model, levels: torch.Tensor, batch: int = 256) -> float:
+    model.eval()
+    resflow_cuda.update_lipschitz(model, n_iterations=50)
+    value = torch.cat([bits_per_dim(model, chunk) for chunk in levels.split(batch)]).mean().item()
+    model.train()
+    return value
+
+
+@torch.no_grad()
+def save_samples(model, path: Path, n: int = 64, temperature: float = 0.8) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model.eval()
+    images = model.sample(n, temperature=temperature).clamp(0, 1).cpu().squeeze(1).numpy()
+    model.train()
+    side = int(math.ceil(math.sqrt(n)))
+    fig, axes = plt.subplots(side, side, figsize=(side, side))
+    for ax, image in zip(axes.flat, list(images) + [None] * (side * side - n)):
+        ax.axis("off")
+        if image is not None:
+            ax.imshow(image, cmap="gray_r", vmin=0, vmax=1)
+    fig.suptitle(f"samples at temperature {temperature}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--nblocks", default="2-2", help="blocks per scale")
+    parser.add_argument("--idim", type=int, default=32, help="width of the convolutional branches")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--out", default="examples/out", help="directory for the PNG")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from tqdm import tqdm
+
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)  # the roulette's draws (NumPy's global RNG, as the reference)
+    train, test = (t.to(device) for t in load_digits(args.seed))
+    model = models.ResidualFlow(
+        (args.batch_size, 1, 8, 8), n_blocks=[int(b) for b in args.nblocks.split("-")], intermediate_dim=args.idim,
+        factor_out=False, actnorm=True, init_layer=LogitTransform(0.05), fc_end=True, fc_idim=64, vnorms="2222",
+        activation_fn="swish", preact=True, first_resblock=True, coeff=0.98, n_lipschitz_iters=5,
+        n_power_series=None, n_dist="poisson", n_exact_terms=2, grad_in_forward=True).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.99))
+    start, history = time.time(), []
+    with torch.no_grad():
+        model(train[:256].float().div(LEVELS))  # ActNorm's data initialisation
+    history.append((0, evaluate(model, test)))
+    print(f"before training: held-out {history[0][1]:.3f} bits/dim")
+    steps = math.ceil(len(train) / args.batch_size)
+    for epoch in range(1, args.epochs + 1):
+        order = torch.randperm(len(train), device=device)
+        bar = tqdm(order.split(args.batch_size), total=steps, desc=f"epoch {epoch}/{args.epochs}", mininterval=1.0,
+                   leave=False)
+        for idx in bar:
+            loss = bits_per_dim(model, train[idx]).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            resflow_cuda.update_lipschitz(model)
+            bar.set_postfix(bpd=f"{loss.item():.3f}")
+        held_out = evaluate(model, test)
+        history.append((epoch, held_out))
+        tqdm.write(f"epoch {epoch:3d}  train {loss.item():.3f}  held-out {held_out:.3f} bits/dim  "
+                   f"({time.time() - start:.0f} s)")
+    path = Path(args.out) / "digits-samples.png"
+    save_samples(model, path)
+    final = history[-1][1]
+    print(f"digits: held-out {final:.3f} bits/dim after {args.epochs} epochs ({time.time() - start:.0f} s); "
+          f"wrote {path}")
+    return {"test_bpd": final, "history": history, "png": path}
+
+
+if __name__ == "__main__":
+    main()
