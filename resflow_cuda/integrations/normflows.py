@@ -44,51 +44,45 @@ class Residual(Flow):
         return self._run(z, self.reverse)
 
 
-class LipschitzMLP(nn.Module):
+class _LipschitzNet(nn.Module):
+    """normflows' attributes of a Lipschitz net and the (LipSwish, layer) pairs in ``net``."""
+
+    def __init__(self, channels, lipschitz_const, max_lipschitz_iter, lipschitz_tolerance, init_zeros, n_layers,
+                 layer):
+        super().__init__()
+        self.n_layers = n_layers
+        self.channels = channels
+        self.lipschitz_const = lipschitz_const
+        self.max_lipschitz_iter = max_lipschitz_iter
+        self.lipschitz_tolerance = lipschitz_tolerance
+        self.init_zeros = init_zeros
+        options = dict(coeff=lipschitz_const, domain=2, codomain=2, n_iterations=max_lipschitz_iter,
+                       atol=lipschitz_tolerance, rtol=lipschitz_tolerance)
+        layers = []
+        for i in range(n_layers):
+            layers += [LipSwish(), layer(i, zero_init=init_zeros and i == n_layers - 1, **options)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class LipschitzMLP(_LipschitzNet):
     """normflows' ``LipschitzMLP``: (LipSwish, InducedNormLinear) per layer, the last one initialised
     near zero with ``init_zeros``."""
 
     def __init__(self, channels, lipschitz_const=0.97, max_lipschitz_iter=5, lipschitz_tolerance=None,
                  init_zeros=True):
-        super().__init__()
-        self.n_layers = len(channels) - 1
-        self.channels = channels
-        self.lipschitz_const = lipschitz_const
-        self.max_lipschitz_iter = max_lipschitz_iter
-        self.lipschitz_tolerance = lipschitz_tolerance
-        self.init_zeros = init_zeros
-        layers = []
-        for i in range(self.n_layers):
-            layers += [LipSwish(), InducedNormLinear(
-                channels[i], channels[i + 1], coeff=lipschitz_const, domain=2, codomain=2,
-                n_iterations=max_lipschitz_iter, atol=lipschitz_tolerance, rtol=lipschitz_tolerance,
-                zero_init=init_zeros and i == self.n_layers - 1)]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.net(x)
+        super().__init__(channels, lipschitz_const, max_lipschitz_iter, lipschitz_tolerance, init_zeros,
+                         len(channels) - 1, lambda i, **kw: InducedNormLinear(channels[i], channels[i + 1], **kw))
 
 
-class LipschitzCNN(nn.Module):
+class LipschitzCNN(_LipschitzNet):
     """normflows' ``LipschitzCNN``: (LipSwish, InducedNormConv2d with 'same' padding) per layer."""
 
     def __init__(self, channels, kernel_size, lipschitz_const=0.97, max_lipschitz_iter=5, lipschitz_tolerance=None,
                  init_zeros=True):
-        super().__init__()
-        self.n_layers = len(kernel_size)
-        self.channels = channels
+        super().__init__(channels, lipschitz_const, max_lipschitz_iter, lipschitz_tolerance, init_zeros,
+                         len(kernel_size), lambda i, **kw: InducedNormConv2d(
+                             channels[i], channels[i + 1], kernel_size[i], 1, kernel_size[i] // 2, bias=True, **kw))
         self.kernel_size = kernel_size
-        self.lipschitz_const = lipschitz_const
-        self.max_lipschitz_iter = max_lipschitz_iter
-        self.lipschitz_tolerance = lipschitz_tolerance
-        self.init_zeros = init_zeros
-        layers = []
-        for i in range(self.n_layers):
-            layers += [LipSwish(), InducedNormConv2d(
-                channels[i], channels[i + 1], kernel_size[i], 1, kernel_size[i] // 2, bias=True,
-                coeff=lipschitz_const, domain=2, codomain=2, n_iterations=max_lipschitz_iter,
-                atol=lipschitz_tolerance, rtol=lipschitz_tolerance, zero_init=init_zeros and i == self.n_layers - 1)]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.net(x)
