@@ -7,7 +7,7 @@
 import torch  # noqa: F401  (loads libtorch and, in CUDA builds, the CUDA runtime before _C)
 
 from ._build import __version__, build_info, has_cuda_kernels
-from . import ops, reference, functional, estimators, nn, models
+from . import ops, reference, functional, estimators, solvers, nn, models
 from .functional import lipswish
 from .nn.iresblock import logdet_exact
 from .nn.lipschitz import lipschitz_report, update_lipschitz
@@ -25,5 +25,6 @@ __all__ = [
     "nn",
     "ops",
     "reference",
+    "solvers",
     "update_lipschitz",
 ]

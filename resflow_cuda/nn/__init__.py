@@ -3,6 +3,7 @@
 from .activations import LipschitzCube, LipSwish, Swish
 from .flows import (ActNorm1d, ActNorm2d, Inverse, InvertibleConv2d, InvertibleLinear, LogitTransform, MovingBatchNorm1d,
                     MovingBatchNorm2d, Normalize, SequentialFlow, SqueezeLayer, ZeroMeanTransform)
+from .implicit import ImplicitBlock
 from .iresblock import InverseReport, iResBlock, logdet_exact
 from .lipschitz import (
     InducedNormConv2d,
@@ -20,6 +21,6 @@ from .lipschitz import (
 __all__ = [
     "ActNorm1d", "ActNorm2d", "Inverse", "InvertibleConv2d", "InvertibleLinear", "LipschitzCube", "LogitTransform",
     "MovingBatchNorm1d", "MovingBatchNorm2d", "Normalize", "SequentialFlow", "SqueezeLayer", "ZeroMeanTransform",
-    "InducedNormConv2d", "InducedNormLinear", "InverseReport", "iResBlock", "logdet_exact", "LipSwish", "LopConv2d", "LopLinear", "SpectralNormConv2d",
+    "ImplicitBlock", "InducedNormConv2d", "InducedNormLinear", "InverseReport", "iResBlock", "logdet_exact", "LipSwish", "LopConv2d", "LopLinear", "SpectralNormConv2d",
     "SpectralNormLinear", "Swish", "get_conv2d", "get_linear", "lipschitz_report", "update_lipschitz",
 ]

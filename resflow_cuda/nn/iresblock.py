@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .. import estimators as est
 from ..linearize import linearize
 
-__all__ = ["iResBlock", "InverseReport", "logdet_exact"]
+__all__ = ["iResBlock", "InverseReport", "logdet_exact", "series_plan", "exact_trace_logdet", "branch_estimate"]
 
 logger = logging.getLogger(__name__)
 
@@ -225,73 +225,96 @@ class iResBlock(nn.Module):  # noqa: N801 (the reference's name)
             return g, value.view(-1, 1)
 
     def _plan(self, x: Tensor) -> est.SeriesPlan:
-        if self.training and self.n_power_series is not None:
-            return est.truncated_plan(self.n_power_series)
         offset = self.n_exact_terms if self.training else EVAL_EXACT_TERMS
-        if self.n_dist == "geometric":
-            p = torch.sigmoid(self.geom_p).item()
-            samples = est.draw_terms("geometric", p, math.nan, self.n_samples, self.rng, x.device)
-            return est.roulette_plan(samples, offset, lambda j: est.geometric_survival(p, j))
-        lamb = self.lamb.item()
-        samples = est.draw_terms("poisson", math.nan, lamb, self.n_samples, self.rng, x.device)
-        return est.roulette_plan(samples, offset, lambda j: est.poisson_survival(lamb, j))
+        return series_plan(self.training, self.n_power_series, offset, self.n_dist, self.geom_p, self.lamb,
+                           self.n_samples, self.rng, x.device)
 
     def _exact_trace(self, x: Tensor, plan: est.SeriesPlan) -> tuple[Tensor, Tensor]:
         if x.dim() != 2:
             raise ValueError(f"iResBlock(exact_trace=True): needs inputs of shape (B, D), but got {list(x.shape)}")
-        x = x.requires_grad_(True)
-        g = self.nnet(x)
-        jac = est.batch_jacobian(g, x)
-        logdet = est.batch_trace(jac)
-        jac_k = jac
-        for k in range(2, plan.n_terms + 1):
-            jac_k = torch.bmm(jac, jac_k)
-            logdet = logdet + plan.logdet_coeff(k) * est.batch_trace(jac_k)
-        return g, logdet
+        return exact_trace_logdet(self.nnet, x, plan)
 
     def _estimate(self, x: Tensor, eps: Tensor, plan: est.SeriesPlan) -> tuple[Tensor, Tensor, Tensor]:
-        """(g, value, estimate) by the basic or Neumann estimator, with or without backward-in-forward."""
-        neumann = self.training and self.neumann_grad
-
-        def branch(x_in: Tensor, create_graph: bool):
-            fast = linearize(self.nnet) if self.fast_path and (neumann or not create_graph) else None
-            if fast is not None:
-                return fast(x_in)
-            g = self.nnet(x_in)
-            return g, est.AutogradVJP(g, x_in)
-
-        if self.training and self.grad_in_forward:
-            params = list(self.nnet.parameters())
-
-            def run(x_leaf: Tensor):
-                g, source = branch(x_leaf, True)
-                trainable = [p for p in params if p.requires_grad]
-                if neumann:
-                    logdet, w_tilde = source.series(eps, plan, neumann=True, surrogate=False)
-                    value, grads = source.surrogate_and_grads(w_tilde, eps, trainable)
-                else:
-                    value = est.basic_estimator(source, eps, plan, create_graph=True)
-                    logdet = value.detach()
-                    grads = torch.autograd.grad(value.sum(), [x_leaf, *trainable], retain_graph=True,
-                                                allow_unused=True)
-                grads = iter(grads)
-                grad_x = next(grads)
-                grad_x = torch.zeros_like(x_leaf) if grad_x is None else grad_x
-                return g, value, logdet, grad_x, [next(grads) if p.requires_grad else None for p in params]
-
-            return est.MemoryEfficientLogDet.apply(run, x, *params)
-        x = x.requires_grad_(True)
-        g, source = branch(x, self.training)
-        if neumann:
-            value, logdet = est.neumann_estimator(source, eps, plan)
-        else:
-            value = est.basic_estimator(source, eps, plan, self.training)
-            logdet = value.detach()
-        return g, value, logdet
+        return branch_estimate(self.nnet, x, eps, plan, training=self.training, neumann_grad=self.neumann_grad,
+                               grad_in_forward=self.grad_in_forward, fast_path=self.fast_path)
 
     def extra_repr(self) -> str:
         return (f"dist={self.n_dist}, n_samples={self.n_samples}, n_power_series={self.n_power_series}, "
                 f"neumann_grad={self.neumann_grad}, exact_trace={self.exact_trace}, brute_force={self.brute_force}")
+
+
+def series_plan(training: bool, n_power_series: int | None, offset: int, n_dist: str, geom_p: Tensor, lamb: Tensor,
+                n_samples: int, rng: str, device: torch.device) -> est.SeriesPlan:
+    """The terms of one estimate per the reference's decision tree: the truncated series in training
+    with ``n_power_series``, otherwise Russian roulette with ``offset`` exact terms (``geom_p`` is a
+    logit; only the parameter of ``n_dist`` is read, with one host sync)."""
+    if training and n_power_series is not None:
+        return est.truncated_plan(n_power_series)
+    if n_dist == "geometric":
+        p = torch.sigmoid(geom_p).item()
+        samples = est.draw_terms("geometric", p, math.nan, n_samples, rng, device)
+        return est.roulette_plan(samples, offset, lambda j: est.geometric_survival(p, j))
+    rate = lamb.item()
+    samples = est.draw_terms("poisson", math.nan, rate, n_samples, rng, device)
+    return est.roulette_plan(samples, offset, lambda j: est.poisson_survival(rate, j))
+
+
+def exact_trace_logdet(nnet: nn.Module, x: Tensor, plan: est.SeriesPlan) -> tuple[Tensor, Tensor]:
+    """(g, sum_k (-1)^(k+1)/k c_k tr(J^k)) from the full Jacobian of ``nnet`` at x (B, D), with graph."""
+    x = x.requires_grad_(True)
+    g = nnet(x)
+    jac = est.batch_jacobian(g, x)
+    logdet = est.batch_trace(jac)
+    jac_k = jac
+    for k in range(2, plan.n_terms + 1):
+        jac_k = torch.bmm(jac, jac_k)
+        logdet = logdet + plan.logdet_coeff(k) * est.batch_trace(jac_k)
+    return g, logdet
+
+
+def branch_estimate(nnet: nn.Module, x: Tensor, eps: Tensor, plan: est.SeriesPlan, *, training: bool,
+                    neumann_grad: bool, grad_in_forward: bool, fast_path: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(g, value, estimate) of log det(I + J_g(x)) for the branch ``nnet`` with probe ``eps``: the basic
+    or (in training with ``neumann_grad``) the Neumann estimator, with or without backward-in-forward;
+    on the linearized fast path when ``fast_path`` and the branch qualifies. ``value`` carries the
+    gradient (the Neumann surrogate in training), ``estimate`` is the log-det estimate (no graph)."""
+    neumann = training and neumann_grad
+
+    def branch(x_in: Tensor, create_graph: bool):
+        fast = linearize(nnet) if fast_path and (neumann or not create_graph) else None
+        if fast is not None:
+            return fast(x_in)
+        g = nnet(x_in)
+        return g, est.AutogradVJP(g, x_in)
+
+    if training and grad_in_forward:
+        params = list(nnet.parameters())
+
+        def run(x_leaf: Tensor):
+            g, source = branch(x_leaf, True)
+            trainable = [p for p in params if p.requires_grad]
+            if neumann:
+                logdet, w_tilde = source.series(eps, plan, neumann=True, surrogate=False)
+                value, grads = source.surrogate_and_grads(w_tilde, eps, trainable)
+            else:
+                value = est.basic_estimator(source, eps, plan, create_graph=True)
+                logdet = value.detach()
+                grads = torch.autograd.grad(value.sum(), [x_leaf, *trainable], retain_graph=True,
+                                            allow_unused=True)
+            grads = iter(grads)
+            grad_x = next(grads)
+            grad_x = torch.zeros_like(x_leaf) if grad_x is None else grad_x
+            return g, value, logdet, grad_x, [next(grads) if p.requires_grad else None for p in params]
+
+        return est.MemoryEfficientLogDet.apply(run, x, *params)
+    x = x.requires_grad_(True)
+    g, source = branch(x, training)
+    if neumann:
+        value, logdet = est.neumann_estimator(source, eps, plan)
+    else:
+        value = est.basic_estimator(source, eps, plan, training)
+        logdet = value.detach()
+    return g, value, logdet
 
 
 def _max_or_zero(t: Tensor) -> float:

@@ -1,0 +1,284 @@
+"""The implicit block of ImpFlow (Lu et al., ICLR 2021): z + g_z(z) = x + g_x(x)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from .. import estimators as est
+from ..solvers import RootReport, find_root
+from .iresblock import branch_estimate, exact_trace_logdet, series_plan
+
+__all__ = ["ImplicitBlock"]
+
+logger = logging.getLogger(__name__)
+
+BRUTE_FORCE_MAX_DIM = 10
+
+
+class ImplicitBlock(nn.Module):
+    """Implicit invertible block: ``forward(x)`` returns the z with
+    F(z, x) = g_x(x) - g_z(z) + x - z = 0, for two branches with Lip(g_x), Lip(g_z) < 1.
+
+    Drop-in for ImpFlow's ``imBlock`` (thu-ml/implicit-normalizing-flows,
+    ``lib/layers/implicit_block.py``): the same constructor arguments and defaults, attributes
+    ``nnet_x``, ``nnet_z``, parameter ``lamb`` (float32) and buffers ``last_n_samples``, ``last_firmom``,
+    ``last_secmom`` (``geom_p`` is a plain float32 logit outside the state_dict, as there), the same random draws
+    in the same order (NumPy's global RNG for the number of terms, then Rademacher probes for x and
+    for z from torch's RNG) and calling conventions:
+    ``forward(x, logpx=None)`` -> ``z`` or ``(z, logpx - logdet)``, ``inverse(z, logpz=None)`` -> ``x`` or
+    ``(x, logpz + logdet)``, with logdet = log det(I + J_gx(x)) - log det(I + J_gz(z)) of shape (B, 1).
+
+    Solves: forward z from x + g_x(x) = z + g_z(z) by Broyden's method from zeros, at most
+    ``threshold`` steps, stopping when ||F|| over the batch is below ``eps_forward * sqrt(numel)``;
+    when Broyden diverges, fixed-point iteration z <- x + g_x(x) - g_z(z) (at most 1000 steps).
+    The inverse solves the same equation for x with ``eps_sample``. One differentiable evaluation
+    z = (g_x(x) - g_z(z*)) + x at the root (x detached) carries the parameter gradients, and the
+    gradient is implicit: backward solves u^T (I + J_gz(z)) = grad with the same solver
+    (``eps_backward``), passes u to the parameters and u^T (I + J_gx(x)) to x. Memory does not grow
+    with the solver's steps (no graph is kept through them). See :mod:`resflow_cuda.solvers`.
+
+    Log-det: the same decision tree as the reference: in eval (or with ``brute_force``) and inputs
+    (B, D) with D <= 10, ``torch.logdet`` of the full Jacobians; otherwise the truncated series
+    (``n_power_series`` in training) or Russian roulette with ``n_exact_terms`` (training) or
+    ``n_exact_terms_test`` (eval) exact terms, the basic or Neumann estimator and backward-in-forward
+    (``grad_in_forward``, default True here) as in :class:`~resflow_cuda.nn.iResBlock`, whose estimator
+    code and linearized fast path both branches use.
+
+    Keyword-only additions:
+        rng: ``"numpy"`` (the reference's draws, probes drawn on the CPU) or ``"torch"`` (the number of
+            terms from torch's RNG and the probes drawn on x's device).
+        fast_path: as in iResBlock.
+        fallback_steps: step limit of the fixed-point fallback (1000, the reference's).
+
+    After every solve ``last_forward_report``, ``last_inverse_report`` or ``last_backward_report``
+    holds a :class:`~resflow_cuda.solvers.RootReport` with per-sample residuals and convergence; a
+    forward or inverse solve that did not converge warns (the reference logs only), the backward
+    solve logs at INFO level (``eps_backward = 1e-10`` is below float32 resolution by design).
+
+    Deliberate differences: no frozen copies ``nnet_x_copy`` / ``nnet_z_copy`` (the reference re-syncs
+    them every forward to run the backward's VJPs without touching parameter gradients; autograd.grad
+    with respect to inputs does that here); a reference state_dict loads, its copy entries are
+    dropped, and ours loads into the reference with ``strict=False``. The Broyden details of
+    :mod:`resflow_cuda.solvers` (first step, per-sample best iterate). The inverse is differentiable
+    (the same implicit gradient with the branches' roles swapped; the reference refuses). Bad
+    arguments raise ``ValueError``; non-finite inputs raise instead of running the solver to its limit.
+    Backward-in-forward uses the full upstream gradient per sample, as iResBlock.
+    """
+
+    def __init__(self, nnet_x: nn.Module, nnet_z: nn.Module, geom_p: float = 0.5, lamb: float = 2.,
+                 n_power_series: int | None = None, exact_trace: bool = False, brute_force: bool = False,
+                 n_samples: int = 1, n_exact_terms: int = 2, n_exact_terms_test: int = 20, n_dist: str = "geometric",
+                 neumann_grad: bool = True, grad_in_forward: bool = True, eps_forward: float = 1e-6,
+                 eps_backward: float = 1e-10, eps_sample: float = 1e-5, threshold: int = 30, *, rng: str = "numpy",
+                 fast_path: bool = True, fallback_steps: int = 1000) -> None:
+        super().__init__()
+        for name, net in (("nnet_x", nnet_x), ("nnet_z", nnet_z)):
+            if not isinstance(net, nn.Module):
+                raise TypeError(f"ImplicitBlock: expected {name} to be an nn.Module, but got {type(net).__name__}")
+        if nnet_x is nnet_z:
+            raise ValueError("ImplicitBlock: nnet_x and nnet_z must be two modules (got the same module twice); "
+                             "with g_x = g_z the block is the identity")
+        if not 0 < geom_p < 1:
+            raise ValueError(f"ImplicitBlock: expected geom_p in (0, 1), but got {geom_p}")
+        if not lamb > 0:
+            raise ValueError(f"ImplicitBlock: expected lamb > 0, but got {lamb}")
+        if n_dist not in est.DISTRIBUTIONS:
+            raise ValueError(f"ImplicitBlock: expected n_dist to be one of {est.DISTRIBUTIONS}, but got {n_dist!r}")
+        if rng not in est.RNGS:
+            raise ValueError(f"ImplicitBlock: expected rng to be one of {est.RNGS}, but got {rng!r}")
+        for name, value, least in (("n_samples", n_samples, 1), ("n_exact_terms", n_exact_terms, 0),
+                                   ("n_exact_terms_test", n_exact_terms_test, 0), ("threshold", threshold, 0),
+                                   ("fallback_steps", fallback_steps, 0)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+                raise ValueError(f"ImplicitBlock: expected {name} to be an integer >= {least}, but got {value!r}")
+        if n_power_series is not None and (not isinstance(n_power_series, (int, np.integer)) or n_power_series < 1):
+            raise ValueError(f"ImplicitBlock: expected n_power_series to be None or an integer >= 1, "
+                             f"but got {n_power_series!r}")
+        for name, value in (("eps_forward", eps_forward), ("eps_backward", eps_backward), ("eps_sample", eps_sample)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"ImplicitBlock: expected {name} to be a finite number > 0, but got {value!r}")
+        self.nnet_x = nnet_x
+        self.nnet_z = nnet_z
+        self.n_dist = n_dist
+        self.geom_p = torch.tensor(np.log(geom_p) - np.log(1. - geom_p)).float()
+        self.lamb = nn.Parameter(torch.tensor(lamb))
+        self.n_samples = n_samples
+        self.n_power_series = n_power_series
+        self.exact_trace = exact_trace
+        self.brute_force = brute_force
+        self.n_exact_terms = n_exact_terms
+        self.n_exact_terms_test = n_exact_terms_test
+        self.grad_in_forward = grad_in_forward
+        self.neumann_grad = neumann_grad
+        self.eps_forward = eps_forward
+        self.eps_backward = eps_backward
+        self.eps_sample = eps_sample
+        self.threshold = int(threshold)
+        self.rng = rng
+        self.fast_path = fast_path
+        self.fallback_steps = int(fallback_steps)
+        self.last_logdet_estimate: Tensor | None = None
+        self.last_forward_report: RootReport | None = None
+        self.last_inverse_report: RootReport | None = None
+        self.last_backward_report: RootReport | None = None
+        self.register_buffer("last_n_samples", torch.zeros(self.n_samples))
+        self.register_buffer("last_firmom", torch.zeros(1))
+        self.register_buffer("last_secmom", torch.zeros(1))
+
+    def forward(self, x: Tensor, logpx: Tensor | float | None = None, restore: bool = False):
+        """x -> z, or (z, logpx - logdet) with ``logpx``. ``restore`` is accepted for the reference's
+        calling convention and has no effect (there are no copies to initialise)."""
+        z = self._solve(x, self.nnet_x, self.nnet_z, self.eps_forward, "forward")
+        if logpx is None:
+            return z
+        return z, logpx - self._logdetgrad(x, z)
+
+    def inverse(self, z: Tensor, logpz: Tensor | float | None = None):
+        """z -> x, or (x, logpz + logdet)."""
+        x = self._solve(z, self.nnet_z, self.nnet_x, self.eps_sample, "inverse")
+        if logpz is None:
+            return x
+        return x, logpz + self._logdetgrad(x, z)
+
+    # -- solves ------------------------------------------------------------------------------
+
+    def _solve(self, given: Tensor, net_given: nn.Module, net_sought: nn.Module, eps: float, direction: str) -> Tensor:
+        """The s with s + net_sought(s) = given + net_given(given), differentiable implicitly."""
+        if not isinstance(given, Tensor) or given.dim() < 2:
+            raise ValueError(f"ImplicitBlock.{direction}: expected a tensor of shape (B, ...) with at least 2 "
+                             f"dimensions, but got {getattr(given, 'shape', type(given).__name__)}")
+        if not bool(torch.isfinite(given).all()):
+            raise ValueError(f"ImplicitBlock.{direction}: the input contains NaN or Inf; the root finder cannot "
+                             f"converge")
+        with torch.no_grad():
+            g_given = net_given(given)
+            target = given + g_given
+            root, report = find_root(lambda s: target - net_sought(s), given, self.threshold, eps,
+                                     self.fallback_steps)
+        self._report(direction, report)
+        if not torch.is_grad_enabled():
+            return (g_given - net_sought(root)) + given
+        fixed = given.detach()
+        out = (net_given(fixed) - net_sought(root)) + fixed
+        if not (out.requires_grad or given.requires_grad):
+            return out
+        return _ImplicitGradient.apply(out, given, root, self, net_given, net_sought)
+
+    def _report(self, direction: str, report: RootReport) -> None:
+        setattr(self, f"last_{direction}_report", report)
+        if report.converged:
+            return
+        message = (f"ImplicitBlock {direction} solve did not converge: {report.method}, {report.iterations} steps, "
+                   f"residual {report.residual:.3g} (tolerance {report.tolerance:.3g}), "
+                   f"{int((~report.sample_converged).sum())} of {report.sample_converged.numel()} samples above it. "
+                   f"Raise threshold or eps, or check that both branches are contractive "
+                   f"(resflow_cuda.lipschitz_report(block)).")
+        logger.info(message)
+        if direction != "backward":
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    # -- log-det -----------------------------------------------------------------------------
+
+    def _logdetgrad(self, x: Tensor, z: Tensor) -> Tensor:
+        """log|det dz/dx| per sample, shape (B, 1) (class docstring)."""
+        with torch.enable_grad():
+            small = x.dim() == 2 and x.shape[1] <= BRUTE_FORCE_MAX_DIM
+            if (self.brute_force or not self.training) and small:
+                return (_logdet_full(self.nnet_x, x) - _logdet_full(self.nnet_z, z)).view(-1, 1)
+            if self.brute_force:
+                raise ValueError(f"ImplicitBlock(brute_force=True): the exact determinant needs inputs of shape "
+                                 f"(B, D) with D <= {BRUTE_FORCE_MAX_DIM}, but got {list(x.shape)}")
+            offset = self.n_exact_terms if self.training else self.n_exact_terms_test
+            plan = series_plan(self.training, self.n_power_series, offset, self.n_dist, self.geom_p, self.lamb,
+                               self.n_samples, self.rng, x.device)
+            if self.exact_trace:
+                if x.dim() != 2:
+                    raise ValueError(f"ImplicitBlock(exact_trace=True): needs inputs of shape (B, D), "
+                                     f"but got {list(x.shape)}")
+                value = exact_trace_logdet(self.nnet_x, x, plan)[1] - exact_trace_logdet(self.nnet_z, z, plan)[1]
+                estimate = value.detach()
+            else:
+                eps_x, eps_z = self._probe(x), self._probe(z)
+                options = dict(training=self.training, neumann_grad=self.neumann_grad,
+                               grad_in_forward=self.grad_in_forward, fast_path=self.fast_path)
+                _, value_x, estimate_x = branch_estimate(self.nnet_x, x, eps_x, plan, **options)
+                _, value_z, estimate_z = branch_estimate(self.nnet_z, z, eps_z, plan, **options)
+                value, estimate = value_x - value_z, estimate_x - estimate_z
+            self.last_logdet_estimate = estimate.detach().view(-1, 1)
+            if self.training and self.n_power_series is None:
+                self.last_n_samples.copy_(torch.as_tensor(plan.samples).to(self.last_n_samples))
+                detached = value.detach()
+                self.last_firmom.copy_(torch.mean(detached).to(self.last_firmom))
+                self.last_secmom.copy_(torch.mean(detached ** 2).to(self.last_secmom))
+            return value.view(-1, 1)
+
+    def _probe(self, like: Tensor) -> Tensor:
+        """A Rademacher probe: the reference's draw (Bernoulli(0.5) on the CPU) or, with rng="torch",
+        drawn on like's device."""
+        if self.rng == "numpy":
+            draw = torch.bernoulli(torch.tensor([0.5]).expand(*like.shape, 1)).reshape(like.shape)
+            return draw.to(like) * 2 - 1
+        return torch.randint(0, 2, like.shape, device=like.device).to(like.dtype) * 2 - 1
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for copy in ("nnet_x_copy.", "nnet_z_copy."):
+            for key in [k for k in state_dict if k.startswith(prefix + copy)]:
+                del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f"dist={self.n_dist}, n_samples={self.n_samples}, n_power_series={self.n_power_series}, "
+                f"neumann_grad={self.neumann_grad}, exact_trace={self.exact_trace}, brute_force={self.brute_force}, "
+                f"grad_in_forward={self.grad_in_forward}, threshold={self.threshold}")
+
+
+def _logdet_full(nnet: nn.Module, x: Tensor) -> Tensor:
+    """log det(I + J_g(x)) per sample from the full Jacobian of ``nnet`` at x (B, D), with graph
+    (``torch.logdet``: NaN for a negative determinant, as the reference)."""
+    x = x.requires_grad_(True)
+    jac = est.batch_jacobian(nnet(x), x)
+    return torch.logdet(jac + torch.eye(x.shape[1], dtype=jac.dtype, device=jac.device))
+
+
+class _ImplicitGradient(torch.autograd.Function):
+    """forward(out, given, root, block, net_given, net_sought) -> out (the value at the root, whose
+    graph reaches the parameters). backward: u solving u^T (I + J_sought(root)) = grad by the block's
+    solver; u goes to ``out`` (parameters get u^T d(g_given - g_sought)/dtheta) and
+    u^T (I + J_given(given)) to ``given``."""
+
+    @staticmethod
+    def forward(ctx, out, given, root, block, net_given, net_sought):
+        ctx.save_for_backward(given, root)
+        ctx.block, ctx.net_given, ctx.net_sought = block, net_given, net_sought
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        given, root = ctx.saved_tensors
+        block = ctx.block
+        with torch.enable_grad():
+            leaf = root.detach().requires_grad_(True)
+            g_root = ctx.net_sought(leaf)
+
+        def adjoint_map(w: Tensor) -> Tensor:
+            return grad - torch.autograd.grad(g_root, leaf, w, retain_graph=True)[0]
+
+        u, report = find_root(adjoint_map, grad, block.threshold, block.eps_backward, block.fallback_steps)
+        block._report("backward", report)
+        grad_given = None
+        if ctx.needs_input_grad[1]:
+            with torch.enable_grad():
+                leaf_given = given.detach().requires_grad_(True)
+                g_given = ctx.net_given(leaf_given)
+            grad_given = u + torch.autograd.grad(g_given, leaf_given, u)[0]
+        return u, grad_given, None, None, None, None
