@@ -42,3 +42,13 @@ def test_digits_learns_and_writes_samples(tmp_path):
     assert (start, epoch) == (0, 1) and after < before - 1.0  # held-out bits/dim fall within one epoch
     assert 0 < after < 8  # the dequantised 17-level data: log2(17) = 4.09 bits for a uniform model
     assert result["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_impflow_1d_implicit_block_fits_a_slope_two_residual_blocks_cannot(tmp_path):
+    impflow = runpy.run_path(str(EXAMPLES / "impflow_1d.py"))
+    result = impflow["main"](["--niters", "400", "--log-every", "200", "--out", str(tmp_path)])
+    implicit, residual = result["summary"]["implicit"], result["summary"]["residual"]
+    bound = (1 + impflow["LIP"]) ** 2
+    assert residual["max_slope"] <= bound  # the Lipschitz layers keep two residual blocks below (1 + L)^2
+    assert implicit["max_slope"] > bound and implicit["mse"] < residual["mse"] / 3
+    assert result["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
