@@ -1,6 +1,7 @@
-"""Whole models: the multi-scale ``ResidualFlow`` of the reference image experiments and the
-stack of residual blocks of its 2-D toy script, built from this library's layers with the
-reference's module order, so that state_dict keys (and a reference checkpoint) carry over.
+"""Whole models: the multi-scale ``ResidualFlow`` of the reference image experiments (with
+residual or, as its coupling baseline, coupling blocks) and the stack of residual blocks of its
+2-D toy script, built from this library's layers with the reference's module order, so that
+state_dict keys (and a reference checkpoint) carry over.
 
 Reference: residual-flows ``resflows/resflow.py`` and ``train_toy.py``.
 """
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from .nn import iResBlock
 from .nn.activations import LipSwish, LipschitzCube
+from .nn.coupling import ChannelCouplingBlock, CouplingBlock, MaskedCouplingBlock
 from .nn.flows import (ActNorm1d, ActNorm2d, InvertibleConv2d, InvertibleLinear, MovingBatchNorm1d,
                        MovingBatchNorm2d, SequentialFlow, SqueezeLayer)
 from .nn.lipschitz import get_conv2d, get_linear
@@ -73,7 +75,9 @@ class FCWrapper(nn.Module):
 class FCNet(nn.Module):
     """The fully connected residual branch on ``(B, C, H, W)``: flatten, ``[act if preact]``,
     ``nhidden`` × (Lipschitz linear to ``idim``, act), ``[Dropout]``, Lipschitz linear back to
-    ``C·H·W``, reshape (attribute ``nnet``, as the reference)."""
+    ``C·H·W``, reshape (attribute ``nnet``, as the reference). With ``lipschitz_layer=nn.Linear``
+    the layers are plain linear ones, and ``div_in=2`` makes the input half as wide (the coupling
+    baseline's conditioner, which sees half of the channels). Dropout is not in place."""
 
     def __init__(self, input_shape, idim: int, lipschitz_layer, nhidden: int, coeff: float, domains, codomains,
                  n_iterations, activation_fn: str, preact: bool, dropout: float, sn_atol, sn_rtol, learn_p: bool = False,
@@ -100,7 +104,9 @@ class FCNet(nn.Module):
             layers += [lip(last, idim, i), ACT_FNS[activation_fn](True)]
             last = idim
         if dropout:
-            layers.append(nn.Dropout(dropout, inplace=True))
+            # Not in place (the reference's is): the in-place activation before it (ELU, ReLU) needs its
+            # output in backward. Same values and random draws.
+            layers.append(nn.Dropout(dropout))
         layers.append(lip(last, dim, -1))
         self.nnet = nn.Sequential(*layers)
 
@@ -190,10 +196,116 @@ class StackediResBlocks(SequentialFlow):
         super().__init__(chain)
 
 
+class StackedCouplingBlocks(SequentialFlow):
+    """One scale of ``ResidualFlow(block_type='coupling')``, the reference's coupling baseline (a
+    SequentialFlow; keys ``chain.{j}.…``), with the module order of :class:`StackediResBlocks`
+    and coupling layers in place of the residual blocks:
+
+    - image blocks: :class:`~resflow_cuda.nn.ChannelCouplingBlock` (``mask_type`` ``channel0/1``,
+      the network sees half of the ``c`` channels and returns ``c``) when ``init_layer`` is
+      ``None``, else :class:`~resflow_cuda.nn.MaskedCouplingBlock` (``checkerboard0/1``, the
+      network sees all ``c`` channels and returns ``2c``). The network is plain ``nn.Conv2d``
+      layers with the kernels of ``kernels``: ``[BN, act if preact and not the first block]``,
+      conv to ``idim``, ``[BN]``, act, (conv ``idim`` → ``idim``, ``[BN]``, act) per middle kernel,
+      ``[Dropout2d]``, conv to the output, ``[BN]`` (BN = ``MovingBatchNorm2d`` if ``batchnorm``);
+    - FC end blocks (last scale, ``fc_end``) and all blocks with ``fc=True``:
+      :class:`~resflow_cuda.nn.CouplingBlock` ``(c, FCNet(..., lipschitz_layer=nn.Linear,
+      div_in=2))``, i.e. a channel split with an MLP over the flattened half;
+    - the mask alternates ``…0``, ``…1``, ``…0``… over the coupling layers of the scale (image and
+      FC ones counted together), starting with ``…0``.
+
+    The Lipschitz, series and estimator arguments are accepted and ignored, as in the reference.
+    Deliberate difference: the ``MovingBatchNorm2d`` layers have the channel count of the tensor
+    they see (the reference gives the pre-activation one ``c`` channels where the network's input
+    has ``c/2``, and the last one ``c`` where a checkerboard network returns ``2c``, so those
+    configurations fail there), and dropout is not in place (the reference's in-place dropout after
+    an in-place ELU or ReLU breaks backward). An odd channel count with a channel split raises
+    ``ValueError``.
+    """
+
+    def __init__(self, initial_size, idim, squeeze=True, init_layer=None, n_blocks=1, quadratic=False, actnorm=False,
+                 fc_actnorm=False, batchnorm=False, dropout=0, fc=False, coeff=0.9, vnorms="122f",
+                 n_lipschitz_iters=None, sn_atol=None, sn_rtol=None, n_power_series=5, n_dist="geometric",
+                 n_samples=1, kernels="3-1-3", activation_fn="elu", fc_end=True, fc_nblocks=4, fc_idim=128,
+                 n_exact_terms=0, preact=False, neumann_grad=True, grad_in_forward=False, first_resblock=False,
+                 learn_p=False) -> None:
+        _check_activation(activation_fn)
+        ks = [int(k) for k in kernels.split("-")]
+        c, h, w = initial_size
+        n_coupling = 0  # the reference's shared ``swap`` flag: odd-numbered coupling layers use mask ...1
+
+        def next_parity() -> int:
+            nonlocal n_coupling
+            n_coupling += 1
+            return (n_coupling - 1) % 2
+
+        def actnorm_layer(fc_layer):
+            return FCWrapper(ActNorm1d(c * h * w)) if fc_layer else ActNorm2d(c)
+
+        def quadratic_layer(fc_layer):
+            return FCWrapper(InvertibleLinear(c * h * w)) if fc_layer else InvertibleConv2d(c)
+
+        def coupling(fc_layer, width=idim, first=False):
+            parity = next_parity()
+            if fc_layer:
+                net = FCNet(initial_size, width, nn.Linear, len(ks) - 1, None, None, None, None, activation_fn,
+                            preact, dropout, None, None, False, div_in=2)
+                return CouplingBlock(c, net, swap=bool(parity))
+            if init_layer is None:
+                block, mask, c_in, c_out = ChannelCouplingBlock, "channel", c // 2, c
+            else:
+                block, mask, c_in, c_out = MaskedCouplingBlock, "checkerboard", c, 2 * c
+            if mask == "channel" and c % 2:
+                raise ValueError(f"initial_size {tuple(initial_size)}: channel coupling (used without an init_layer) "
+                                 f"expects an even number of channels, but got {c}")
+            layers = []
+            if not first and preact:
+                if batchnorm:
+                    layers.append(MovingBatchNorm2d(c_in))
+                layers.append(ACT_FNS[activation_fn](False))
+            specs = [(c_in, width, ks[0])] + [(width, width, k) for k in ks[1:-1]] + [(width, c_out, ks[-1])]
+            for j, (a, b, k) in enumerate(specs):
+                layers.append(nn.Conv2d(a, b, k, 1, k // 2))
+                if batchnorm:
+                    layers.append(MovingBatchNorm2d(b))
+                if j < len(specs) - 1:
+                    layers.append(ACT_FNS[activation_fn](True))
+                if j == len(specs) - 2 and dropout:
+                    layers.append(nn.Dropout2d(dropout))  # not in place, as FCNet's
+            return block(c, nn.Sequential(*layers), mask_type=f"{mask}{parity}")
+
+        chain = []
+        if init_layer is not None:
+            chain.append(init_layer)
+        if first_resblock and actnorm:
+            chain.append(actnorm_layer(fc))
+        if first_resblock and fc_actnorm:
+            chain.append(actnorm_layer(True))
+        for i in range(n_blocks):
+            if quadratic:
+                chain.append(quadratic_layer(fc))
+            chain.append(coupling(fc, first=squeeze and first_resblock and i == 0))
+            if actnorm:
+                chain.append(actnorm_layer(fc))
+            if fc_actnorm:
+                chain.append(actnorm_layer(True))
+        if squeeze:
+            chain.append(SqueezeLayer(2))
+        elif fc_end:
+            for _ in range(fc_nblocks):
+                chain.append(coupling(True, fc_idim))
+                if actnorm or fc_actnorm:
+                    chain.append(actnorm_layer(True))
+        super().__init__(chain)
+
+
 class ResidualFlow(nn.Module):
     """The multi-scale Residual Flow (Chen et al., 2019) with the reference constructor, defaults,
     module order and state_dict keys (``transforms.{scale}.chain.{j}.…``; ``classification_heads``
-    and ``logit_layer`` with ``classification=True``).
+    and ``logit_layer`` with ``classification=True``). Each scale is a :class:`StackediResBlocks`
+    with ``block_type='resblock'`` (default), or a :class:`StackedCouplingBlocks` with
+    ``block_type='coupling'``, the reference's coupling baseline (affine coupling layers, exact
+    log-det; the Lipschitz and estimator arguments are then unused).
 
     ``forward(x, logpx=None, inverse=False, classify=False)`` maps ``(B, C, H, W)`` to ``z`` of shape
     ``(B, C·H·W)`` (the factored-out parts of every scale, flattened, then the last scale), and
@@ -201,9 +313,10 @@ class ResidualFlow(nn.Module):
     ``inverse(z, logpz=None)`` runs the scales backwards. Extras: :meth:`sample`,
     :meth:`log_prob` and :meth:`bits_per_dim`.
 
-    Deliberate differences: bad arguments raise ``ValueError`` naming them (the reference asserts);
-    the blocks are this library's iResBlock (fast path, backward-in-forward semantics as documented
-    there).
+    Deliberate differences: bad arguments raise ``ValueError`` naming them (the reference asserts),
+    including a ``block_type`` other than ``'resblock'`` or ``'coupling'`` (the reference builds
+    coupling blocks for any other value); the residual blocks are this library's iResBlock (fast
+    path, backward-in-forward semantics as documented there).
     """
 
     def __init__(self, input_size, n_blocks=(16, 16), intermediate_dim=64, factor_out=True, quadratic=False,
@@ -216,8 +329,8 @@ class ResidualFlow(nn.Module):
         super().__init__()
         if len(input_size) != 4:
             raise ValueError(f"input_size: expected (N, C, H, W), but got {tuple(input_size)!r}")
-        if block_type != "resblock":
-            raise ValueError(f"block_type: only 'resblock' is implemented, got {block_type!r}")
+        if block_type not in ("resblock", "coupling"):
+            raise ValueError(f"block_type: expected 'resblock' or 'coupling', but got {block_type!r}")
         n_blocks = list(n_blocks)
         self.n_scale = min(len(n_blocks), self._calc_n_scale(input_size))
         if self.n_scale <= 0:
@@ -227,11 +340,13 @@ class ResidualFlow(nn.Module):
         self.classification = classification
         self.classification_hdim = classification_hdim
         self.n_classes = n_classes
+        self.block_type = block_type
         self.input_size = tuple(input_size)
         _, c, h, w = input_size
+        stack = StackediResBlocks if block_type == "resblock" else StackedCouplingBlocks
         scales = []
         for i in range(self.n_scale):
-            scales.append(StackediResBlocks(
+            scales.append(stack(
                 (c, h, w), intermediate_dim, squeeze=i < self.n_scale - 1, init_layer=init_layer if i == 0 else None,
                 n_blocks=n_blocks[i], quadratic=quadratic, actnorm=actnorm, fc_actnorm=fc_actnorm,
                 batchnorm=batchnorm, dropout=dropout, fc=fc, coeff=coeff, vnorms=vnorms,
@@ -329,8 +444,9 @@ class ResidualFlow(nn.Module):
         return x if logpz is None else (x, logpz)
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """log p(x) per sample, shape (B,), under a standard normal base (the log-det is the model's
-        estimate in training mode, exact terms plus the roulette's tail in eval mode)."""
+        """log p(x) per sample, shape (B,), under a standard normal base (with residual blocks the
+        log-det is the model's estimate in training mode, exact terms plus the roulette's tail in
+        eval mode; with coupling blocks it is exact)."""
         z, delta = self(x, x.new_zeros(x.shape[0], 1))
         return (standard_normal_logprob(z).sum(1, keepdim=True) - delta).squeeze(1)
 
@@ -434,5 +550,5 @@ class ExponentialMovingAverage:
         return f"{type(self).__name__}(decay={self.decay}, module={type(self.module).__name__}, nparams={self.nparams})"
 
 
-__all__ = ["ACT_FNS", "ExponentialMovingAverage", "FCNet", "FCWrapper", "ResidualFlow", "StackediResBlocks", "parse_vnorms",
-           "standard_normal_logprob", "toy_model"]
+__all__ = ["ACT_FNS", "ExponentialMovingAverage", "FCNet", "FCWrapper", "ResidualFlow", "StackedCouplingBlocks",
+           "StackediResBlocks", "parse_vnorms", "standard_normal_logprob", "toy_model"]

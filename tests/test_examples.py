@@ -52,3 +52,14 @@ def test_impflow_1d_implicit_block_fits_a_slope_two_residual_blocks_cannot(tmp_p
     assert residual["max_slope"] <= bound  # the Lipschitz layers keep two residual blocks below (1 + L)^2
     assert implicit["max_slope"] > bound and implicit["mse"] < residual["mse"] / 3
     assert result["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_coupling_vs_residual_trains_both_with_equal_parameter_counts(tmp_path):
+    compare = runpy.run_path(str(EXAMPLES / "coupling_vs_residual.py"))
+    result = compare["main"](["--epochs", "1", "--nblocks", "1-1", "--out", str(tmp_path)])
+    residual, coupling = result["results"]["residual"], result["results"]["coupling"]
+    assert abs(coupling["parameters"] / residual["parameters"] - 1) < 0.05
+    for r in (residual, coupling):
+        (_, before), (_, after) = r["history"]
+        assert after < before - 1.0 and 0 < after < 8  # both learn within one epoch
+    assert result["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,6 +1,8 @@
 """Drop-in ``nn.Module`` layers with the reference implementations' names, parameters and buffers."""
 
 from .activations import LipschitzCube, LipSwish, Swish
+from .coupling import (AdditiveCoupling, AffineCoupling, ChannelCouplingBlock, CouplingBlock, InvertibleConv2dLU,
+                       MaskedCouplingBlock, coupling_mask)
 from .flows import (ActNorm1d, ActNorm2d, Inverse, InvertibleConv2d, InvertibleLinear, LogitTransform, MovingBatchNorm1d,
                     MovingBatchNorm2d, Normalize, SequentialFlow, SqueezeLayer, ZeroMeanTransform)
 from .implicit import ImplicitBlock
@@ -19,6 +21,8 @@ from .lipschitz import (
 )
 
 __all__ = [
+    "AdditiveCoupling", "AffineCoupling", "ChannelCouplingBlock", "CouplingBlock", "InvertibleConv2dLU",
+    "MaskedCouplingBlock", "coupling_mask",
     "ActNorm1d", "ActNorm2d", "Inverse", "InvertibleConv2d", "InvertibleLinear", "LipschitzCube", "LogitTransform",
     "MovingBatchNorm1d", "MovingBatchNorm2d", "Normalize", "SequentialFlow", "SqueezeLayer", "ZeroMeanTransform",
     "ImplicitBlock", "InducedNormConv2d", "InducedNormLinear", "InverseReport", "iResBlock", "logdet_exact", "LipSwish", "LopConv2d", "LopLinear", "SpectralNormConv2d",
