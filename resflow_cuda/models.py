@@ -168,7 +168,7 @@ class StackediResBlocks(SequentialFlow):
                 if j < len(specs) - 1:
                     layers.append(ACT_FNS[activation_fn](True))
                 if j == len(specs) - 2 and dropout:
-                    layers.append(nn.Dropout2d(dropout, inplace=True))
+                    layers.append(nn.Dropout2d(dropout))  # not in place: the in-place activation before it
             return iResBlock(nn.Sequential(*layers), **block_options)
 
         chain = []

@@ -56,7 +56,7 @@ def test_impflow_1d_implicit_block_fits_a_slope_two_residual_blocks_cannot(tmp_p
 
 def test_coupling_vs_residual_trains_both_with_equal_parameter_counts(tmp_path):
     compare = runpy.run_path(str(EXAMPLES / "coupling_vs_residual.py"))
-    result = compare["main"](["--epochs", "1", "--nblocks", "1-1", "--out", str(tmp_path)])
+    result = compare["main"](["--epochs", "1", "--out", str(tmp_path)])
     residual, coupling = result["results"]["residual"], result["results"]["coupling"]
     assert abs(coupling["parameters"] / residual["parameters"] - 1) < 0.05
     for r in (residual, coupling):

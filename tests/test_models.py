@@ -198,3 +198,14 @@ def test_checkpoint_round_trip_needs_no_dummy_forward(tmp_path):
         outs.append(model(x, torch.zeros(2, 1)))
     torch.testing.assert_close(outs[1][0], outs[0][0])
     torch.testing.assert_close(outs[1][1], outs[0][1])
+
+
+def test_dropout_after_an_in_place_activation_backpropagates():
+    """The reference puts an in-place Dropout2d after an in-place ELU, which breaks backward; ours is
+    not in place, so a model with dropout trains."""
+    model = models.ResidualFlow((4, 3, 8, 8), n_blocks=[1, 1], intermediate_dim=8, dropout=0.3, activation_fn="elu",
+                                fc_end=False, n_lipschitz_iters=2)
+    z, logpz = model(torch.rand(4, 3, 8, 8), torch.zeros(4, 1))
+    (z.square().sum() - logpz.sum()).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
