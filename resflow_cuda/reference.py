@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules.utils import _pair
 
 LIPSWISH_DIVISOR = 1.1
 
@@ -113,10 +114,11 @@ def power_iteration(weight: Tensor, u: Tensor, v: Tensor, max_iterations: int, a
 
 def conv_operator(weight: Tensor, input_hw, stride, padding):
     """(matvec, rmatvec) of the convolution x -> conv2d(x, weight) on a 1 x C x H x W input, on
-    flattened vectors: conv2d and conv_transpose2d as in the reference's k x k power iteration."""
-    c = weight.shape[1]
-    h, w = input_hw
-    out_shape = F.conv2d(weight.new_zeros(1, c, h, w), weight, stride=stride, padding=padding).shape
+    flattened vectors: conv2d and conv_transpose2d as in the reference's k x k power iteration (the
+    output shape from the convolution arithmetic: no extra convolution, as there)."""
+    c, (h, w) = weight.shape[1], input_hw
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
+    out_shape = (1, weight.shape[0], (h + 2 * ph - weight.shape[2]) // sh + 1, (w + 2 * pw - weight.shape[3]) // sw + 1)
 
     def matvec(x):
         return F.conv2d(x.view(1, c, h, w), weight, stride=stride, padding=padding).reshape(-1)
