@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .nn import iResBlock
+from .nn import ImplicitBlock, iResBlock
 from .nn.activations import LipSwish, LipschitzCube
 from .nn.coupling import ChannelCouplingBlock, CouplingBlock, MaskedCouplingBlock
 from .nn.flows import (ActNorm1d, ActNorm2d, InvertibleConv2d, InvertibleLinear, MovingBatchNorm1d,
@@ -474,27 +474,42 @@ class ResidualFlow(nn.Module):
 def toy_model(n_blocks: int = 100, dims=(128, 128, 128, 128), activation_fn: str = "swish", coeff: float = 0.9,
               vnorms: str = "222222", n_lipschitz_iters: int | None = 5, atol=None, rtol=None, actnorm: bool = False,
               batchnorm: bool = False, n_dist: str = "geometric", n_power_series=None, exact_trace: bool = False,
-              brute_force: bool = False, n_samples: int = 1, **block_options) -> SequentialFlow:
+              brute_force: bool = False, n_samples: int = 1, arch: str = "iresnet", **block_options) -> SequentialFlow:
     """The 2-D model of the reference's ``train_toy.py`` (``--arch iresnet``): ``[ActNorm1d(2)]``
     then ``n_blocks`` × (iResBlock over a pre-activation Lipschitz MLP 2→dims→2, ``[ActNorm1d(2)]``,
     ``[MovingBatchNorm1d(2)]``). The MLP is (act, linear) per layer, InducedNormLinear with
     ``zero_init`` on the output layer; the blocks use the basic estimator
-    (``neumann_grad=False, grad_in_forward=False``) unless ``block_options`` say otherwise."""
+    (``neumann_grad=False, grad_in_forward=False``) unless ``block_options`` say otherwise.
+
+    ``arch="implicit"`` builds ImpFlow's toy model (its ``train_toy.py --arch implicit``) instead: the same
+    chain with an :class:`~resflow_cuda.nn.ImplicitBlock` per block over two MLPs built as ImpFlow builds
+    them (linear, then (act, linear) per further layer: no pre-activation)."""
     _check_activation(activation_fn)
+    if arch not in ("iresnet", "implicit"):
+        raise ValueError(f"arch: expected 'iresnet' or 'implicit', but got {arch!r}")
     widths = [2, *dims, 2]
     domains, codomains = parse_vnorms(vnorms)
     if len(domains) < len(widths) - 1:
         raise ValueError(f"vnorms {vnorms!r} has norms for {len(domains)} layers, the MLP has {len(widths) - 1}")
     options = dict(neumann_grad=False, grad_in_forward=False) | block_options
     blocks = [ActNorm1d(2)] if actnorm else []
-    for _ in range(n_blocks):
+    estimator = dict(n_dist=n_dist, n_power_series=n_power_series, exact_trace=exact_trace, brute_force=brute_force,
+                     n_samples=n_samples, **options)
+
+    def mlp(preact: bool) -> nn.Sequential:
         layers = []
-        for a, b, dom, cod in zip(widths[:-1], widths[1:], domains, codomains):
-            layers += [ACT_FNS[activation_fn](False),
-                       get_linear(a, b, coeff=coeff, n_iterations=n_lipschitz_iters, atol=atol, rtol=rtol, domain=dom,
-                                  codomain=cod, zero_init=b == 2)]
-        blocks.append(iResBlock(nn.Sequential(*layers), n_dist=n_dist, n_power_series=n_power_series,
-                                exact_trace=exact_trace, brute_force=brute_force, n_samples=n_samples, **options))
+        for i, (a, b, dom, cod) in enumerate(zip(widths[:-1], widths[1:], domains, codomains)):
+            if preact or i > 0:
+                layers.append(ACT_FNS[activation_fn](False))
+            layers.append(get_linear(a, b, coeff=coeff, n_iterations=n_lipschitz_iters, atol=atol, rtol=rtol,
+                                     domain=dom, codomain=cod, zero_init=b == 2))
+        return nn.Sequential(*layers)
+
+    for _ in range(n_blocks):
+        if arch == "implicit":
+            blocks.append(ImplicitBlock(mlp(False), mlp(False), **estimator))
+        else:
+            blocks.append(iResBlock(mlp(True), **estimator))
         if actnorm:
             blocks.append(ActNorm1d(2))
         if batchnorm:

@@ -13,7 +13,7 @@ from jacobians import brute_logdet
 
 import resflow_cuda
 from resflow_cuda import models
-from resflow_cuda.nn import InducedNormConv2d, InducedNormLinear, LipSwish, iResBlock
+from resflow_cuda.nn import ImplicitBlock, InducedNormConv2d, InducedNormLinear, LipSwish, iResBlock
 from resflow_cuda.nn.flows import ActNorm1d, ActNorm2d, LogitTransform, SqueezeLayer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*did not converge")
@@ -136,6 +136,28 @@ def test_toy_model_is_the_reference_toy_stack():
     torch.testing.assert_close(z, model.chain[-1](model.chain[0](x)) * 0 + z)
     assert z.shape == (10, 2) and torch.isfinite(delta).all()
 
+
+
+def test_toy_model_implicit_arch_is_impflows_toy_stack():
+    torch.manual_seed(0)
+    model = models.toy_model(n_blocks=2, dims=(16, 16), actnorm=True, vnorms="2222", arch="implicit").double()
+    assert [type(m) for m in model.chain] == [ActNorm1d] + [ImplicitBlock, ActNorm1d] * 2
+    block = model.chain[1]
+    for net in (block.nnet_x, block.nnet_z):  # ImpFlow's build_nnet: no pre-activation
+        assert [type(m) for m in net] == [InducedNormLinear, LipSwish, InducedNormLinear, LipSwish, InducedNormLinear]
+    assert not block.neumann_grad and not block.grad_in_forward
+    x = torch.randn(6, 2, dtype=torch.float64)
+    model(x)  # ActNorm's data initialisation
+    with torch.no_grad():  # away from the zero-initialised output layers: a log-det far from 0
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    resflow_cuda.update_lipschitz(model, n_iterations=50)
+    model.eval()
+    z, logpz = model(x, torch.zeros(6, 1, dtype=torch.float64))
+    assert logpz.abs().min() > 0.05
+    torch.testing.assert_close(-logpz, brute_logdet(lambda v: model(v), x), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="arch"):
+        models.toy_model(n_blocks=1, arch="realnvp")
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="vnorms"):
