@@ -115,6 +115,45 @@ class FCNet(nn.Module):
         return y.view(y.shape[0], *self.input_shape)
 
 
+def _scale_chain(initial_size, block, squeeze, init_layer, n_blocks, quadratic, actnorm, fc_actnorm, fc, fc_end,
+                 fc_nblocks, fc_idim, first_resblock) -> list[nn.Module]:
+    """The module order of one scale, shared by the residual and the coupling model:
+    ``[init_layer]``, ``[ActNorm]`` before the first block, ``n_blocks`` × ([invertible linear map],
+    ``block(fc_layer, first=...)``, [ActNorm], [FC ActNorm]), then a squeeze or, for the last scale,
+    ``fc_nblocks`` FC end blocks ``block(True, fc_idim)`` each with an optional FC ActNorm."""
+    c, h, w = initial_size
+
+    def actnorm_layer(fc_layer):
+        return FCWrapper(ActNorm1d(c * h * w)) if fc_layer else ActNorm2d(c)
+
+    def quadratic_layer(fc_layer):
+        return FCWrapper(InvertibleLinear(c * h * w)) if fc_layer else InvertibleConv2d(c)
+
+    chain = []
+    if init_layer is not None:
+        chain.append(init_layer)
+    if first_resblock and actnorm:
+        chain.append(actnorm_layer(fc))
+    if first_resblock and fc_actnorm:
+        chain.append(actnorm_layer(True))
+    for i in range(n_blocks):
+        if quadratic:
+            chain.append(quadratic_layer(fc))
+        chain.append(block(fc, first=squeeze and first_resblock and i == 0))
+        if actnorm:
+            chain.append(actnorm_layer(fc))
+        if fc_actnorm:
+            chain.append(actnorm_layer(True))
+    if squeeze:
+        chain.append(SqueezeLayer(2))
+    elif fc_end:
+        for _ in range(fc_nblocks):
+            chain.append(block(True, fc_idim))
+            if actnorm or fc_actnorm:
+                chain.append(actnorm_layer(True))
+    return chain
+
+
 class StackediResBlocks(SequentialFlow):
     """One scale of the ResidualFlow (a SequentialFlow; keys ``chain.{j}.…``): optional init layer
     and ActNorm, ``n_blocks`` × ([InvertibleConv2d], iResBlock, [ActNorm2d], [FC ActNorm1d]), then a
@@ -132,15 +171,9 @@ class StackediResBlocks(SequentialFlow):
         if len(domains) != len(ks):
             raise ValueError(f"vnorms {vnorms!r} gives {len(domains)} domains but kernels {kernels!r} has "
                              f"{len(ks)} layers: expected len(vnorms) == len(kernels) + 1")
-        c, h, w = initial_size
+        c = initial_size[0]
         block_options = dict(n_power_series=n_power_series, n_dist=n_dist, n_samples=n_samples,
                              n_exact_terms=n_exact_terms, neumann_grad=neumann_grad, grad_in_forward=grad_in_forward)
-
-        def actnorm_layer(fc_layer):
-            return FCWrapper(ActNorm1d(c * h * w)) if fc_layer else ActNorm2d(c)
-
-        def quadratic_layer(fc_layer):
-            return FCWrapper(InvertibleLinear(c * h * w)) if fc_layer else InvertibleConv2d(c)
 
         def resblock(fc_layer, width=idim, first=False):
             if fc_layer:
@@ -171,29 +204,8 @@ class StackediResBlocks(SequentialFlow):
                     layers.append(nn.Dropout2d(dropout))  # not in place: the in-place activation before it
             return iResBlock(nn.Sequential(*layers), **block_options)
 
-        chain = []
-        if init_layer is not None:
-            chain.append(init_layer)
-        if first_resblock and actnorm:
-            chain.append(actnorm_layer(fc))
-        if first_resblock and fc_actnorm:
-            chain.append(actnorm_layer(True))
-        for i in range(n_blocks):
-            if quadratic:
-                chain.append(quadratic_layer(fc))
-            chain.append(resblock(fc, first=squeeze and first_resblock and i == 0))
-            if actnorm:
-                chain.append(actnorm_layer(fc))
-            if fc_actnorm:
-                chain.append(actnorm_layer(True))
-        if squeeze:
-            chain.append(SqueezeLayer(2))
-        elif fc_end:
-            for _ in range(fc_nblocks):
-                chain.append(resblock(True, fc_idim))
-                if actnorm or fc_actnorm:
-                    chain.append(actnorm_layer(True))
-        super().__init__(chain)
+        super().__init__(_scale_chain(initial_size, resblock, squeeze, init_layer, n_blocks, quadratic, actnorm,
+                                      fc_actnorm, fc, fc_end, fc_nblocks, fc_idim, first_resblock))
 
 
 class StackedCouplingBlocks(SequentialFlow):
@@ -231,19 +243,13 @@ class StackedCouplingBlocks(SequentialFlow):
                  learn_p=False) -> None:
         _check_activation(activation_fn)
         ks = [int(k) for k in kernels.split("-")]
-        c, h, w = initial_size
+        c = initial_size[0]
         n_coupling = 0  # the reference's shared ``swap`` flag: odd-numbered coupling layers use mask ...1
 
         def next_parity() -> int:
             nonlocal n_coupling
             n_coupling += 1
             return (n_coupling - 1) % 2
-
-        def actnorm_layer(fc_layer):
-            return FCWrapper(ActNorm1d(c * h * w)) if fc_layer else ActNorm2d(c)
-
-        def quadratic_layer(fc_layer):
-            return FCWrapper(InvertibleLinear(c * h * w)) if fc_layer else InvertibleConv2d(c)
 
         def coupling(fc_layer, width=idim, first=False):
             parity = next_parity()
@@ -274,29 +280,8 @@ class StackedCouplingBlocks(SequentialFlow):
                     layers.append(nn.Dropout2d(dropout))  # not in place, as FCNet's
             return block(c, nn.Sequential(*layers), mask_type=f"{mask}{parity}")
 
-        chain = []
-        if init_layer is not None:
-            chain.append(init_layer)
-        if first_resblock and actnorm:
-            chain.append(actnorm_layer(fc))
-        if first_resblock and fc_actnorm:
-            chain.append(actnorm_layer(True))
-        for i in range(n_blocks):
-            if quadratic:
-                chain.append(quadratic_layer(fc))
-            chain.append(coupling(fc, first=squeeze and first_resblock and i == 0))
-            if actnorm:
-                chain.append(actnorm_layer(fc))
-            if fc_actnorm:
-                chain.append(actnorm_layer(True))
-        if squeeze:
-            chain.append(SqueezeLayer(2))
-        elif fc_end:
-            for _ in range(fc_nblocks):
-                chain.append(coupling(True, fc_idim))
-                if actnorm or fc_actnorm:
-                    chain.append(actnorm_layer(True))
-        super().__init__(chain)
+        super().__init__(_scale_chain(initial_size, coupling, squeeze, init_layer, n_blocks, quadratic, actnorm,
+                                      fc_actnorm, fc, fc_end, fc_nblocks, fc_idim, first_resblock))
 
 
 class ResidualFlow(nn.Module):
