@@ -532,6 +532,34 @@ def _reference_update(model) -> list[int]:
     return iterations
 
 
+def _training_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], tuple]:
+    """One training step of ``model`` as a benchmark step: back to the initial state (parameters,
+    buffers, a fresh Adam), seeded draws, ``loss_fn()``, backward, Adam (lr 1e-3, every parameter but
+    the roulette's ``geom_p`` / ``lamb``) and update_lipschitz; returns the loss and the gradients."""
+    import numpy as np
+
+    params = [p for n, p in model.named_parameters() if not n.endswith(("geom_p", "lamb"))]
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    live = list(model.state_dict().values())
+    snapshot = [t.clone() for t in live]
+
+    def step():
+        with torch.no_grad():
+            torch._foreach_copy_(live, snapshot)  # every call starts from the same state
+        optimizer.state.clear()
+        np.random.seed(0)
+        torch.manual_seed(0)
+        loss = loss_fn()
+        optimizer.zero_grad()
+        loss.backward()
+        grads = [p.grad.detach().clone() for p in params if p.grad is not None]
+        optimizer.step()
+        resflow_cuda.update_lipschitz(model, n_iterations=5)
+        return (loss.detach(), *grads)
+
+    return step
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     model: str  # "toy" or "digits"
@@ -625,8 +653,6 @@ class ModelStepCase:
         return model
 
     def runner(self, provider: str, inputs: dict, config: ModelConfig) -> Callable[[], tuple]:
-        import numpy as np
-
         from resflow_cuda import models
 
         x, state = inputs["x"], inputs["state"]
@@ -650,26 +676,7 @@ class ModelStepCase:
                 z, delta = model(x, x.new_zeros(x.shape[0], 1))
                 return -(models.standard_normal_logprob(z).sum(1) - delta.squeeze(1)).mean()
 
-        params = [p for n, p in model.named_parameters() if not n.endswith(("geom_p", "lamb"))]
-        optimizer = torch.optim.Adam(params, lr=1e-3)
-        live = list(model.state_dict().values())
-        snapshot = [t.clone() for t in live]
-
-        def step():
-            with torch.no_grad():
-                torch._foreach_copy_(live, snapshot)  # every call starts from the same state
-            optimizer.state.clear()
-            np.random.seed(0)
-            torch.manual_seed(0)
-            loss = loss_fn()
-            optimizer.zero_grad()
-            loss.backward()
-            grads = [p.grad.detach().clone() for p in params if p.grad is not None]
-            optimizer.step()
-            resflow_cuda.update_lipschitz(model, n_iterations=5)
-            return (loss.detach(), *grads)
-
-        return step
+        return _training_step(model, loss_fn)
 
     def _counts(self, config: ModelConfig) -> tuple[float, float]:
         """(FLOPs, bytes) of a step: per block, passes of its branch as in IResBlockCase (forward,
@@ -840,8 +847,6 @@ class FamilyStepCase:
         return {"x": x.to(device), "state": model.state_dict()}
 
     def runner(self, provider: str, inputs: dict, config: FamilyConfig) -> Callable[[], tuple]:
-        import numpy as np
-
         from resflow_cuda import models
 
         x = inputs["x"]
@@ -850,27 +855,12 @@ class FamilyStepCase:
         for m in model.modules():
             if hasattr(m, "fast_path"):
                 m.fast_path = provider == "fast"
-        params = [p for n, p in model.named_parameters() if not n.endswith(("geom_p", "lamb"))]
-        optimizer = torch.optim.Adam(params, lr=1e-3)
-        live = list(model.state_dict().values())
-        snapshot = [t.clone() for t in live]
 
-        def step():
-            with torch.no_grad():
-                torch._foreach_copy_(live, snapshot)  # every call starts from the same state
-            optimizer.state.clear()
-            np.random.seed(0)
-            torch.manual_seed(0)
+        def loss_fn():
             z, delta = model(x, x.new_zeros(x.shape[0], 1))
-            loss = -(models.standard_normal_logprob(z).flatten(1).sum(1) - delta.view(-1)).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            grads = [p.grad.detach().clone() for p in params if p.grad is not None]
-            optimizer.step()
-            resflow_cuda.update_lipschitz(model, n_iterations=5)
-            return (loss.detach(), *grads)
+            return -(models.standard_normal_logprob(z).flatten(1).sum(1) - delta.view(-1)).mean()
 
-        return step
+        return _training_step(model, loss_fn)
 
     @functools.lru_cache(maxsize=None)
     def _counts(self, config: FamilyConfig) -> tuple[float, float]:
