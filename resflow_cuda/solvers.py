@@ -141,15 +141,14 @@ def fixed_point(map_fn: Callable[[Tensor], Tensor], x0: Tensor, max_steps: int, 
     steps = 0
     while True:
         ratio = ((x - x_prev) ** 2 / tol).reshape(batch, -1)
-        done = bool(torch.all(ratio < 1))
-        if done or steps >= max_steps or not bool(torch.isfinite(ratio).all()):
+        done, finite = bool(torch.all(ratio < 1)), bool(torch.isfinite(ratio).all())
+        if done or steps >= max_steps or not finite:
             break
         x_prev, x = x, map_fn(x)
         steps += 1
     step_norms = (x - x_prev).reshape(batch, -1).norm(dim=1)
-    report = RootReport("fixed_point", steps, done, float(step_norms.norm()), eps, step_norms,
-                        (ratio < 1).all(1) if ratio.shape[1] else torch.ones_like(step_norms, dtype=torch.bool),
-                        not bool(torch.isfinite(ratio).all()))
+    report = RootReport("fixed_point", steps, done, float(step_norms.norm()), eps, step_norms, (ratio < 1).all(1),
+                        not finite)
     return x, report
 
 

@@ -13,7 +13,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import estimators as est
 from ..solvers import RootReport, find_root
-from .iresblock import branch_estimate, exact_trace_logdet, series_plan
+from .iresblock import branch_estimate, check_estimator_args, exact_trace_logdet, series_plan
 
 __all__ = ["ImplicitBlock"]
 
@@ -85,22 +85,10 @@ class ImplicitBlock(nn.Module):
         if nnet_x is nnet_z:
             raise ValueError("ImplicitBlock: nnet_x and nnet_z must be two modules (got the same module twice); "
                              "with g_x = g_z the block is the identity")
-        if not 0 < geom_p < 1:
-            raise ValueError(f"ImplicitBlock: expected geom_p in (0, 1), but got {geom_p}")
-        if not lamb > 0:
-            raise ValueError(f"ImplicitBlock: expected lamb > 0, but got {lamb}")
-        if n_dist not in est.DISTRIBUTIONS:
-            raise ValueError(f"ImplicitBlock: expected n_dist to be one of {est.DISTRIBUTIONS}, but got {n_dist!r}")
-        if rng not in est.RNGS:
-            raise ValueError(f"ImplicitBlock: expected rng to be one of {est.RNGS}, but got {rng!r}")
-        for name, value, least in (("n_samples", n_samples, 1), ("n_exact_terms", n_exact_terms, 0),
-                                   ("n_exact_terms_test", n_exact_terms_test, 0), ("threshold", threshold, 0),
-                                   ("fallback_steps", fallback_steps, 0)):
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
-                raise ValueError(f"ImplicitBlock: expected {name} to be an integer >= {least}, but got {value!r}")
-        if n_power_series is not None and (not isinstance(n_power_series, (int, np.integer)) or n_power_series < 1):
-            raise ValueError(f"ImplicitBlock: expected n_power_series to be None or an integer >= 1, "
-                             f"but got {n_power_series!r}")
+        check_estimator_args("ImplicitBlock", geom_p, lamb, n_dist, rng, n_power_series,
+                             (("n_samples", n_samples, 1), ("n_exact_terms", n_exact_terms, 0),
+                              ("n_exact_terms_test", n_exact_terms_test, 0), ("threshold", threshold, 0),
+                              ("fallback_steps", fallback_steps, 0)))
         for name, value in (("eps_forward", eps_forward), ("eps_backward", eps_backward), ("eps_sample", eps_sample)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"ImplicitBlock: expected {name} to be a finite number > 0, but got {value!r}")

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from .. import estimators as est
 from ..linearize import linearize
 
-__all__ = ["iResBlock", "InverseReport", "logdet_exact", "series_plan", "exact_trace_logdet", "branch_estimate"]
+__all__ = ["iResBlock", "InverseReport", "logdet_exact", "check_estimator_args", "series_plan",
+           "exact_trace_logdet", "branch_estimate"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,21 +87,9 @@ class iResBlock(nn.Module):  # noqa: N801 (the reference's name)
         super().__init__()
         if not isinstance(nnet, nn.Module):
             raise TypeError(f"iResBlock: expected nnet to be an nn.Module, but got {type(nnet).__name__}")
-        if not 0 < geom_p < 1:
-            raise ValueError(f"iResBlock: expected geom_p in (0, 1), but got {geom_p}")
-        if not lamb > 0:
-            raise ValueError(f"iResBlock: expected lamb > 0, but got {lamb}")
-        if n_dist not in est.DISTRIBUTIONS:
-            raise ValueError(f"iResBlock: expected n_dist to be one of {est.DISTRIBUTIONS}, but got {n_dist!r}")
-        if rng not in est.RNGS:
-            raise ValueError(f"iResBlock: expected rng to be one of {est.RNGS}, but got {rng!r}")
-        for name, value, least in (("n_samples", n_samples, 1), ("n_exact_terms", n_exact_terms, 0),
-                                   ("inverse_max_iterations", inverse_max_iterations, 0)):
-            if not isinstance(value, (int, np.integer)) or value < least:
-                raise ValueError(f"iResBlock: expected {name} to be an integer >= {least}, but got {value!r}")
-        if n_power_series is not None and (not isinstance(n_power_series, (int, np.integer)) or n_power_series < 1):
-            raise ValueError(f"iResBlock: expected n_power_series to be None or an integer >= 1, "
-                             f"but got {n_power_series!r}")
+        check_estimator_args("iResBlock", geom_p, lamb, n_dist, rng, n_power_series,
+                             (("n_samples", n_samples, 1), ("n_exact_terms", n_exact_terms, 0),
+                              ("inverse_max_iterations", inverse_max_iterations, 0)))
         self.nnet = nnet
         self.n_dist = n_dist
         self.geom_p = nn.Parameter(torch.tensor(np.log(geom_p) - np.log(1. - geom_p)))
@@ -241,6 +230,25 @@ class iResBlock(nn.Module):  # noqa: N801 (the reference's name)
     def extra_repr(self) -> str:
         return (f"dist={self.n_dist}, n_samples={self.n_samples}, n_power_series={self.n_power_series}, "
                 f"neumann_grad={self.neumann_grad}, exact_trace={self.exact_trace}, brute_force={self.brute_force}")
+
+
+def check_estimator_args(owner: str, geom_p: float, lamb: float, n_dist: str, rng: str, n_power_series,
+                         integers) -> None:
+    """The argument checks of the log-det estimator that iResBlock and ImplicitBlock share; ``integers``
+    holds (name, value, least) for the block's integer arguments (bools are refused)."""
+    if not 0 < geom_p < 1:
+        raise ValueError(f"{owner}: expected geom_p in (0, 1), but got {geom_p}")
+    if not lamb > 0:
+        raise ValueError(f"{owner}: expected lamb > 0, but got {lamb}")
+    if n_dist not in est.DISTRIBUTIONS:
+        raise ValueError(f"{owner}: expected n_dist to be one of {est.DISTRIBUTIONS}, but got {n_dist!r}")
+    if rng not in est.RNGS:
+        raise ValueError(f"{owner}: expected rng to be one of {est.RNGS}, but got {rng!r}")
+    for name, value, least in integers:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{owner}: expected {name} to be an integer >= {least}, but got {value!r}")
+    if n_power_series is not None and (not isinstance(n_power_series, (int, np.integer)) or n_power_series < 1):
+        raise ValueError(f"{owner}: expected n_power_series to be None or an integer >= 1, but got {n_power_series!r}")
 
 
 def series_plan(training: bool, n_power_series: int | None, offset: int, n_dist: str, geom_p: Tensor, lamb: Tensor,
