@@ -32,7 +32,7 @@ from torch import Tensor
 from . import ops
 
 __all__ = [
-    "SeriesPlan", "AutogradVJP", "geometric_survival", "poisson_survival", "draw_terms", "roulette_plan",
+    "SeriesPlan", "AutogradVJP", "JacobianVJP", "geometric_survival", "poisson_survival", "draw_terms", "roulette_plan",
     "truncated_plan", "series_terms", "basic_estimator", "neumann_estimator", "MemoryEfficientLogDet",
     "batch_jacobian", "batch_trace",
 ]
@@ -141,6 +141,20 @@ class AutogradVJP:
         value = self.surrogate(w_tilde, eps)
         grads = torch.autograd.grad(value.sum(), [self.x, *params], retain_graph=True, allow_unused=True)
         return value.detach(), list(grads)
+
+
+class JacobianVJP(AutogradVJP):
+    """VJPs from the explicit Jacobians J (B, D, D) of g at x (B, D): w -> w^T J as one batched
+    product, differentiable through J when ``create_graph``. For small D, where J is cheaper to
+    build (forward mode, :meth:`resflow_cuda.linearize.LinearizedBranch.jacobian`) than n VJPs."""
+
+    def __init__(self, g: Tensor, x: Tensor, jac: Tensor) -> None:
+        super().__init__(g, x)
+        self.jac = jac
+
+    def vjp(self, w: Tensor, create_graph: bool = False) -> Tensor:
+        jac = self.jac if create_graph else self.jac.detach()
+        return torch.bmm(w.unsqueeze(1), jac).squeeze(1)
 
 
 def _per_sample_dot(a: Tensor, b: Tensor) -> Tensor:

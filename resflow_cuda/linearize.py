@@ -11,7 +11,9 @@ no dilation or groups). That covers the reference's pre-activation MLPs and its 
 runs the same forward as the branch (same layer side effects, an ordinary autograd graph for g)
 and keeps, per step, the normalized weight, the activation's input and output and phi'. The log-det
 series then runs in one op call (``ops.linearized_logdet_series``) and the Neumann gradient in
-another (``ops.linearized_neumann_gradient``) instead of one autograd pass per term.
+another (``ops.linearized_neumann_gradient``) instead of one autograd pass per term. For dense
+branches on inputs (B, D) with small D, :meth:`LinearizedBranch.jacobian` builds the full Jacobians
+in forward mode instead (the basic estimator's differentiable terms and exact determinants).
 """
 
 from __future__ import annotations
@@ -61,22 +63,22 @@ class _Step:
     stride: tuple[int, int]
     padding: tuple[int, int]
 
-    def activate(self, h: Tensor) -> tuple[Tensor, Tensor | None]:
-        """phi(h) with its autograd graph, and phi'(h) without one."""
+    def activate(self, h: Tensor, slope_graph: bool = False) -> tuple[Tensor, Tensor | None]:
+        """phi(h) with its autograd graph, and phi'(h) (with a graph only if ``slope_graph``)."""
         if self.activation == IDENTITY:
             return h, None
         if self.activation == LIPSWISH:
             beta = self.act_module.beta
             a, slope = ops.lipswish_with_derivative(h, beta.to(h.dtype))
-            return a, slope.detach()
+            return a, slope if slope_graph else slope.detach()
         if self.activation == ELU:
             alpha = self.act_params[0]
             a = F.elu(h, alpha)
-            with torch.no_grad():
+            with torch.set_grad_enabled(slope_graph and torch.is_grad_enabled()):
                 return a, torch.where(h > 0, torch.ones_like(h), a + alpha)
         beta, threshold = self.act_params
         a = F.softplus(h, beta, threshold)
-        with torch.no_grad():
+        with torch.set_grad_enabled(slope_graph and torch.is_grad_enabled()):
             z = h * beta
             return a, torch.where(z > threshold, torch.ones_like(h), torch.sigmoid(z))
 
@@ -171,6 +173,36 @@ class LinearizedBranch:
             cache.add(step, h, a, slope, weight)
             h = step.apply(a, weight)
         return h, LinearizedVJP(self, x, cache)
+
+
+    @property
+    def dense(self) -> bool:
+        """True when every linear map is a dense (non-convolutional) layer."""
+        return not any(step.conv for step in self.steps)
+
+    def jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(g, J)`` at x of shape (B, D) for a dense branch: g (B, E) as ``__call__`` computes it (same
+        layer side effects) and the Jacobians J (B, E, D), both with autograd graphs to x and the
+        parameters. Forward mode: the D input directions travel below the batch through every layer,
+        so each layer is one matrix product of (1 + D) B rows for g and J together. For small D this
+        is cheaper than D (or n) VJPs made with ``create_graph``, and J is differentiable as theirs are."""
+        if not self.dense or x.dim() != 2:
+            raise ValueError(f"LinearizedBranch.jacobian: needs a dense branch and x of shape (B, D), "
+                             f"but got {'a convolutional branch' if not self.dense else list(x.shape)}")
+        batch, dim = x.shape
+        h = x
+        tangents = torch.eye(dim, dtype=x.dtype, device=x.device).unsqueeze(1).expand(dim, batch, dim)
+        for step in self.steps:
+            a, slope = step.activate(h, slope_graph=True)
+            if slope is not None:
+                tangents = tangents * slope
+            weight = step.weight(a)
+            out = F.linear(torch.cat([a.unsqueeze(0), tangents]).reshape((1 + dim) * batch, -1), weight)
+            out = out.reshape(1 + dim, batch, -1)
+            h, tangents = out[0], out[1:]
+            if step.layer.bias is not None:
+                h = h + step.layer.bias
+        return h, tangents.permute(1, 2, 0)
 
 
 class _Cache:

@@ -366,3 +366,88 @@ def test_neumann_surrogate_gradcheck(name):
         return source.surrogate(w_tilde, eps)
 
     assert torch.autograd.gradcheck(surrogate, (x,))
+
+
+# -- forward-mode Jacobians of dense branches (the basic estimator and exact determinants at small D) --
+
+JACOBIAN_BRANCHES = {
+    "lipswish": lambda: _mlp([2, 16, 16, 2]),
+    "normflows-swish": lambda: _mlp([3, 9, 3], act=nf.nets.lipschitz.Swish),
+    "elu-nobias": lambda: _mlp([3, 7, 3], act=lambda: nn.ELU(0.6), bias=False),
+    "softplus": lambda: _mlp([2, 8, 2], act=lambda: nn.Softplus(2.0, threshold=1.0)),
+    "no-preact": lambda: nn.Sequential(nn.Linear(2, 6), LipSwish(), nn.Linear(6, 2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(JACOBIAN_BRANCHES))
+def test_forward_mode_jacobian_equals_autograd(name):
+    from resflow_cuda import estimators as est
+
+    net = _randomize_betas(JACOBIAN_BRANCHES[name]()).double()
+    dim = next(m for m in net.modules() if hasattr(m, "weight")).weight.shape[1]
+    x = 2 * torch.randn(6, dim, dtype=torch.float64)
+    x_fast, x_slow = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    g, jac = linearize(net).jacobian(x_fast)
+    g_ref = net(x_slow)
+    jac_ref = est.batch_jacobian(g_ref, x_slow)
+    torch.testing.assert_close(g, g_ref, **TOL[torch.float64])
+    torch.testing.assert_close(jac, jac_ref, **TOL[torch.float64])
+    weights = torch.randn_like(jac)  # a loss on J and g differentiates like autograd's double backward
+    params = list(net.parameters())
+    got = torch.autograd.grad((weights * jac).sum() + g.sum(), [x_fast, *params], allow_unused=True)
+    expected = torch.autograd.grad((weights * jac_ref).sum() + g_ref.sum(), [x_slow, *params], allow_unused=True)
+    for a, b in zip(got, expected):
+        if b is None:
+            assert a is None or not a.abs().max() > 0
+        else:
+            torch.testing.assert_close(a, b, **TOL[torch.float64])
+    assert torch.autograd.gradcheck(lambda v: linearize(net).jacobian(v)[1], (x[:3].clone().requires_grad_(True),))
+
+
+def test_forward_mode_jacobian_refuses_convolutions_and_images():
+    with pytest.raises(ValueError, match="dense branch.*convolutional"):
+        linearize(_conv()).jacobian(torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"x of shape \(B, D\).*\[2, 3, 1\]"):
+        linearize(_mlp([3, 4, 3])).jacobian(torch.randn(2, 3, 1))
+
+
+def _count_jacobians(monkeypatch):
+    from resflow_cuda.linearize import LinearizedBranch
+
+    calls = []
+    original = LinearizedBranch.jacobian
+
+    def counting(self, x):
+        calls.append(tuple(x.shape))
+        return original(self, x)
+
+    monkeypatch.setattr(LinearizedBranch, "jacobian", counting)
+    return calls
+
+
+@pytest.mark.parametrize("kwargs", [dict(n_dist="geometric"), dict(n_dist="poisson", n_samples=3),
+                                    dict(grad_in_forward=True), dict(n_power_series=4)],
+                         ids=["geometric", "poisson-3", "grad-in-forward", "truncated"])
+def test_low_dimensional_basic_estimator_takes_forward_mode(kwargs, monkeypatch):
+    calls = _count_jacobians(monkeypatch)
+    for dtype in (torch.float64, torch.float32):
+        _compare(_mlp([2, 16, 16, 2]), torch.randn(10, 2, dtype=dtype), neumann_grad=False, seeds=(1, 2, 3),
+                 **kwargs)
+    assert calls and all(shape == (10, 2) for shape in calls)
+
+
+def test_forward_mode_only_when_cheaper_than_the_series(monkeypatch):
+    calls = _count_jacobians(monkeypatch)
+    _compare(_mlp([3, 8, 3]), torch.randn(4, 3, dtype=torch.float64), neumann_grad=False, n_power_series=3)
+    assert not calls  # D = 3 is not fewer than the 3 terms: autograd VJPs
+    _compare(_mlp([3, 8, 3]), torch.randn(4, 3, dtype=torch.float64), neumann_grad=False, n_power_series=4)
+    assert calls
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(brute_force=True), dict(exact_trace=True, n_power_series=5)],
+                         ids=["eval-2d", "brute-force", "exact-trace"])
+def test_exact_jacobian_paths_take_forward_mode(kwargs, monkeypatch):
+    calls = _count_jacobians(monkeypatch)
+    _compare(_mlp([2, 12, 2]), torch.randn(7, 2, dtype=torch.float64), training="brute_force" in kwargs
+             or "exact_trace" in kwargs, **kwargs)
+    assert calls

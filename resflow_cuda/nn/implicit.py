@@ -11,9 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .. import estimators as est
 from ..solvers import RootReport, find_root
-from .iresblock import branch_estimate, check_estimator_args, exact_trace_logdet, series_plan
+from .iresblock import branch_estimate, branch_jacobian, check_estimator_args, exact_trace_logdet, series_plan
 
 __all__ = ["ImplicitBlock"]
 
@@ -179,7 +178,8 @@ class ImplicitBlock(nn.Module):
         with torch.enable_grad():
             small = x.dim() == 2 and x.shape[1] <= BRUTE_FORCE_MAX_DIM
             if (self.brute_force or not self.training) and small:
-                return (_logdet_full(self.nnet_x, x) - _logdet_full(self.nnet_z, z)).view(-1, 1)
+                return (_logdet_full(self.nnet_x, x, self.fast_path)
+                        - _logdet_full(self.nnet_z, z, self.fast_path)).view(-1, 1)
             if self.brute_force:
                 raise ValueError(f"ImplicitBlock(brute_force=True): the exact determinant needs inputs of shape "
                                  f"(B, D) with D <= {BRUTE_FORCE_MAX_DIM}, but got {list(x.shape)}")
@@ -190,7 +190,8 @@ class ImplicitBlock(nn.Module):
                 if x.dim() != 2:
                     raise ValueError(f"ImplicitBlock(exact_trace=True): needs inputs of shape (B, D), "
                                      f"but got {list(x.shape)}")
-                value = exact_trace_logdet(self.nnet_x, x, plan)[1] - exact_trace_logdet(self.nnet_z, z, plan)[1]
+                value = (exact_trace_logdet(self.nnet_x, x, plan, self.fast_path)[1]
+                         - exact_trace_logdet(self.nnet_z, z, plan, self.fast_path)[1])
                 estimate = value.detach()
             else:
                 eps_x, eps_z = self._probe(x), self._probe(z)
@@ -229,11 +230,10 @@ class ImplicitBlock(nn.Module):
                 f"grad_in_forward={self.grad_in_forward}, threshold={self.threshold}")
 
 
-def _logdet_full(nnet: nn.Module, x: Tensor) -> Tensor:
+def _logdet_full(nnet: nn.Module, x: Tensor, fast_path: bool) -> Tensor:
     """log det(I + J_g(x)) per sample from the full Jacobian of ``nnet`` at x (B, D), with graph
     (``torch.logdet``: NaN for a negative determinant, as the reference)."""
-    x = x.requires_grad_(True)
-    jac = est.batch_jacobian(nnet(x), x)
+    jac = branch_jacobian(nnet, x, fast_path)[1]
     return torch.logdet(jac + torch.eye(x.shape[1], dtype=jac.dtype, device=jac.device))
 
 

@@ -15,7 +15,7 @@ from .. import estimators as est
 from ..linearize import linearize
 
 __all__ = ["iResBlock", "InverseReport", "logdet_exact", "check_estimator_args", "series_plan",
-           "exact_trace_logdet", "branch_estimate"]
+           "branch_jacobian", "exact_trace_logdet", "branch_estimate"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,11 @@ class iResBlock(nn.Module):  # noqa: N801 (the reference's name)
         fast_path: when ``nnet`` is made of supported layers (:mod:`resflow_cuda.linearize`), run
             the series and the Neumann gradient over its cached linearization in two op calls
             instead of one autograd pass per term (same values to rounding). Used for the Neumann
-            estimator and for every estimate without graph (eval); the basic estimator in training
-            differentiates through every term and keeps autograd.
+            estimator and for every estimate without graph (eval). The basic estimator in training
+            differentiates through every term: for inputs (B, D) with D smaller than the number of
+            terms and a dense branch it builds the Jacobians in forward mode (one matrix product of
+            (1 + D) B rows per layer) and takes the terms from them, otherwise it keeps autograd;
+            exact 2-D determinants and ``exact_trace`` build their Jacobians the same way.
 
     Deliberate differences, all for inputs the reference mishandles:
         - backward-in-forward uses the full upstream gradient of the per-sample log-det for x (the
@@ -189,9 +192,7 @@ class iResBlock(nn.Module):  # noqa: N801 (the reference's name)
                 raise ValueError(f"iResBlock(brute_force=True): the exact determinant needs inputs of shape (B, 2), "
                                  f"but got {list(x.shape)}")
             if (self.brute_force or not self.training) and is_2d:
-                x = x.requires_grad_(True)
-                g = self.nnet(x)
-                jac = est.batch_jacobian(g, x)
+                g, jac = branch_jacobian(self.nnet, x, self.fast_path)
                 det = (jac[:, 0, 0] + 1) * (jac[:, 1, 1] + 1) - jac[:, 0, 1] * jac[:, 1, 0]
                 return g, torch.log(torch.abs(det)).view(-1, 1)
 
@@ -221,7 +222,7 @@ class iResBlock(nn.Module):  # noqa: N801 (the reference's name)
     def _exact_trace(self, x: Tensor, plan: est.SeriesPlan) -> tuple[Tensor, Tensor]:
         if x.dim() != 2:
             raise ValueError(f"iResBlock(exact_trace=True): needs inputs of shape (B, D), but got {list(x.shape)}")
-        return exact_trace_logdet(self.nnet, x, plan)
+        return exact_trace_logdet(self.nnet, x, plan, self.fast_path)
 
     def _estimate(self, x: Tensor, eps: Tensor, plan: est.SeriesPlan) -> tuple[Tensor, Tensor, Tensor]:
         return branch_estimate(self.nnet, x, eps, plan, training=self.training, neumann_grad=self.neumann_grad,
@@ -267,11 +268,21 @@ def series_plan(training: bool, n_power_series: int | None, offset: int, n_dist:
     return est.roulette_plan(samples, offset, lambda j: est.poisson_survival(rate, j))
 
 
-def exact_trace_logdet(nnet: nn.Module, x: Tensor, plan: est.SeriesPlan) -> tuple[Tensor, Tensor]:
-    """(g, sum_k (-1)^(k+1)/k c_k tr(J^k)) from the full Jacobian of ``nnet`` at x (B, D), with graph."""
+def branch_jacobian(nnet: nn.Module, x: Tensor, fast_path: bool) -> tuple[Tensor, Tensor]:
+    """(g, J): the branch's output at x (B, D) and its Jacobians (B, D, D), with graph; forward mode
+    through the linearized branch when ``fast_path`` and it is a dense one, else D autograd passes."""
     x = x.requires_grad_(True)
+    fast = linearize(nnet) if fast_path else None
+    if fast is not None and fast.dense:
+        return fast.jacobian(x)
     g = nnet(x)
-    jac = est.batch_jacobian(g, x)
+    return g, est.batch_jacobian(g, x)
+
+
+def exact_trace_logdet(nnet: nn.Module, x: Tensor, plan: est.SeriesPlan,
+                       fast_path: bool = True) -> tuple[Tensor, Tensor]:
+    """(g, sum_k (-1)^(k+1)/k c_k tr(J^k)) from the full Jacobian of ``nnet`` at x (B, D), with graph."""
+    g, jac = branch_jacobian(nnet, x, fast_path)
     logdet = est.batch_trace(jac)
     jac_k = jac
     for k in range(2, plan.n_terms + 1):
@@ -289,9 +300,12 @@ def branch_estimate(nnet: nn.Module, x: Tensor, eps: Tensor, plan: est.SeriesPla
     neumann = training and neumann_grad
 
     def branch(x_in: Tensor, create_graph: bool):
-        fast = linearize(nnet) if fast_path and (neumann or not create_graph) else None
-        if fast is not None:
+        fast = linearize(nnet) if fast_path else None
+        if fast is not None and (neumann or not create_graph):
             return fast(x_in)
+        if fast is not None and fast.dense and x_in.dim() == 2 and x_in.shape[1] < plan.n_terms:
+            g, jac = fast.jacobian(x_in)  # the basic estimator differentiated through every term
+            return g, est.JacobianVJP(g, x_in, jac)
         g = nnet(x_in)
         return g, est.AutogradVJP(g, x_in)
 
