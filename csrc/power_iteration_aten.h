@@ -93,6 +93,17 @@ struct PowerIterationOptions {
   bool tolerance() const { return atol.has_value() && rtol.has_value(); }
 };
 
+// sigma = u^T A v. `last` is the loop's final product, A^T u (u first) or A v (v first) of the
+// final u and v, when there was one: then sigma = <A^T u, v> or <u, A v> saves the operator
+// application the reference spends on it (the same number up to float rounding).
+inline at::Tensor power_iteration_sigma(const LinearOperator& op, const at::Tensor& u, const at::Tensor& v,
+                                        const at::Tensor& last, bool u_first) {
+  if (!last.defined()) {
+    return at::dot(u, op.matvec(v));
+  }
+  return u_first ? at::dot(last, v) : at::dot(u, last);
+}
+
 // The reference's loop: returns (u, v, sigma = u^T A v, iterations), iterations a 0-dim int64
 // tensor. The stopping test is read on the host after every step (CPU; on CUDA see
 // cuda/power_iteration_binding.h).
@@ -100,14 +111,17 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_power_iter
                                                                                       at::Tensor u, at::Tensor v,
                                                                                       const PowerIterationOptions& opt) {
   int64_t iterations = 0;
+  at::Tensor last;
   for (int64_t it = 0; it < opt.max_iterations; ++it) {
     at::Tensor u1, v1;
     if (opt.u_first) {
       u1 = normalize_u(op.matvec(v), opt.codomain);
-      v1 = normalize_v(op.rmatvec(u1), opt.domain);
+      last = op.rmatvec(u1);
+      v1 = normalize_v(last, opt.domain);
     } else {
       v1 = normalize_v(op.rmatvec(u), opt.domain);
-      u1 = normalize_u(op.matvec(v1), opt.codomain);
+      last = op.matvec(v1);
+      u1 = normalize_u(last, opt.codomain);
     }
     ++iterations;
     const bool converged = opt.tolerance() && step_converged(u1, u, *opt.atol, *opt.rtol).item<bool>() &&
@@ -118,7 +132,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_power_iter
       break;
     }
   }
-  const at::Tensor sigma = at::dot(u, op.matvec(v));
+  const at::Tensor sigma = power_iteration_sigma(op, u, v, last, opt.u_first);
   return {u, v, sigma, at::scalar_tensor(iterations, u.options().dtype(at::kLong))};
 }
 

@@ -210,7 +210,10 @@ def conv_power_iteration(weight: Tensor, u: Tensor, v: Tensor, input_size, strid
                          codomain: float = 2.0, u_first: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Power iteration for the convolution operator ``x -> conv2d(x, weight, stride, padding)`` on a
     ``1 x C x H x W`` input (``input_size = (H, W)``); u and v are flattened output and input.
-    Otherwise as :func:`power_iteration`."""
+    Otherwise as :func:`power_iteration`. u and v follow the reference's arithmetic; sigma is taken
+    from the last step's convolution (``<A^T u, v>``, or ``<u, A v>`` with ``u_first=False``)
+    where the reference convolves once more for ``u^T A v``: equal up to float rounding, one
+    convolution fewer per call (with a tolerance the layers often stop after one or two steps)."""
     return _OPS.conv_power_iteration.default(weight, u, v, list(input_size), list(stride), list(padding),
                                              max_iterations, atol, rtol, float(domain), float(codomain), u_first)
 

@@ -192,6 +192,31 @@ def test_update_lipschitz_batches_equal_shapes_with_per_layer_results():
     _same_state(layers, twins)
 
 
+@pytest.mark.parametrize("settings", [dict(n_iterations=3), dict(atol=1e-3, rtol=1e-3)], ids=["fixed", "tol"])
+def test_update_lipschitz_takes_conv_sigma_from_the_op(settings, monkeypatch):
+    """k x k convolutions: update_lipschitz writes the op's u, v and sigma (one convolution fewer than
+    compute_weight); the same u and v, and sigma up to rounding, as compute_weight(update=True)."""
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(rnn.InducedNormConv2d(3, 8, 3, 1, 1, **settings),
+                                 rnn.InducedNormConv2d(8, 3, 3, 1, 1, domain=1.5, codomain=3, **settings),
+                                 rnn.SpectralNormConv2d(3, 5, 3, 1, 1, **settings))
+    layers(torch.randn(2, 3, 6, 5))
+    with torch.no_grad():
+        for p in layers.parameters():
+            p.mul_(1.3)
+    twins = copy.deepcopy(layers)
+    with monkeypatch.context() as patched:
+        patched.setattr(type(layers[0]), "_sigma", lambda *args: pytest.fail("compute_weight's sigma was used"))
+        patched.setattr(type(layers[2]), "_sigma", lambda *args: pytest.fail("compute_weight's sigma was used"))
+        resflow_cuda.update_lipschitz(layers)
+    for layer in twins:
+        layer.compute_weight(update=True)
+    for ours, theirs in zip(layers, twins):
+        assert torch.equal(ours.u, theirs.u) and torch.equal(ours.v, theirs.v)
+        assert_close(ours.scale, theirs.scale, atol=0, rtol=1e-5)
+        assert not torch.equal(ours.scale, torch.zeros_like(ours.scale))
+
+
 def test_sigma_matches_exact_norms():
     torch.manual_seed(0)
     layer = rnn.InducedNormLinear(30, 20, n_iterations=2000)

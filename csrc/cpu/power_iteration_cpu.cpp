@@ -1,7 +1,8 @@
 // Power iteration for spectral and induced p->q norms, CPU. Dense matrices (one or a batch of
 // equal shape): the fused loop of vec/power_iteration_vec.cpp (per CPU capability), equal to the
 // reference up to float rounding. Convolution operators: the reference's loop in ATen ops
-// (power_iteration_aten.h), equal to it bit for bit, the convolutions dominating its cost.
+// (power_iteration_aten.h), u and v equal to it bit for bit and sigma up to rounding (from the
+// loop's last convolution, one fewer than the reference), the convolutions dominating its cost.
 // Contract: weight, u, v of one floating dtype; float16/bfloat16 compute in float32. Returns u and v
 // in that dtype, sigma in the compute dtype and the iteration count (int64), per matrix.
 #include <ATen/Dispatch.h>

@@ -54,6 +54,7 @@ PowerIterationResult power_iteration_on_device(const Backend& backend, const Lin
   at::Tensor v = v0.clone(at::MemoryFormat::Contiguous);
   at::Tensor done = at::zeros({}, u.options().dtype(at::kBool));
   at::Tensor iterations = at::zeros({}, u.options().dtype(at::kLong));
+  at::Tensor last;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "power_iteration_on_device", [&] {
     using acc_t = scalar_t;
     auto uw = vector_workspace<acc_t>(backend, u);
@@ -69,12 +70,15 @@ PowerIterationResult power_iteration_on_device(const Backend& backend, const Lin
       backend.check_launch();
     };
     for (int64_t it = 0; it < opt.max_iterations; ++it) {
+      // Once frozen, u and v stay put and `last` is recomputed from them: it stays A^T u (or A v).
       if (opt.u_first) {
         update(op.matvec(v), u, uw, u_map);
-        update(op.rmatvec(u), v, vw, v_map);
+        last = op.rmatvec(u);
+        update(last, v, vw, v_map);
       } else {
         update(op.rmatvec(u), v, vw, v_map);
-        update(op.matvec(v), u, uw, u_map);
+        last = op.matvec(v);
+        update(last, u, uw, u_map);
       }
       launch_convergence<acc_t>(uw.changes(u.numel()), vw.changes(v.numel()), opt.tolerance(),
                                 static_cast<acc_t>(opt.atol.value_or(0)), static_cast<acc_t>(opt.rtol.value_or(0)),
@@ -86,7 +90,7 @@ PowerIterationResult power_iteration_on_device(const Backend& backend, const Lin
       }
     }
   });
-  const at::Tensor sigma = at::dot(u, op.matvec(v));
+  const at::Tensor sigma = power_iteration_sigma(op, u, v, last, opt.u_first);
   return {u, v, sigma, iterations};
 }
 

@@ -7,8 +7,9 @@ copies of the InducedNorm* layers): the same constructor arguments and defaults,
 buffers with the same names, order and dtypes, the same random draws at construction, and the
 weight ``W / max(1, sigma / coeff)`` with ``sigma = u^T W v`` and the gradient flowing through sigma.
 The power iteration runs in one op call (``resflow_cuda.ops.power_iteration`` /
-``conv_power_iteration``) instead of a Python loop: for convolutions with the reference's results
-bit for bit on CPU, for matrices up to float rounding (a fused kernel).
+``conv_power_iteration``) instead of a Python loop: for convolutions with the reference's u and v
+bit for bit on CPU (the op's sigma, which update_lipschitz stores, up to float rounding: it comes
+from the loop's last convolution), for matrices up to float rounding (a fused kernel).
 
 Differences from the reference, each on purpose:
 
@@ -657,47 +658,55 @@ def get_conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=Tru
 _ITERATED = (SpectralNormLinear, SpectralNormConv2d, InducedNormLinear, InducedNormConv2d)
 
 
-def _matrix_update(m, n_iterations):
-    """(settings, matrix) when updating `m` is plain power iteration on a matrix whose results go
-    into its u, v and scale as they are (no learnable orders, no lazy initialisation pending, not
-    the reference's 1x1 projmax case that keeps stale buffers); None otherwise."""
+def _update_settings(m, n_iterations):
+    """The op settings (max_iterations, atol, rtol, domain, codomain, u_first) of updating `m` by plain
+    power iteration whose u, v and sigma go into its buffers as they are (no learnable orders, no lazy
+    initialisation pending, not the reference's 1x1 projmax case that keeps stale buffers); None otherwise."""
     if isinstance(m, (InducedNormLinear, InducedNormConv2d)):
-        pointwise = isinstance(m, InducedNormConv2d)
-        if m._learnable_norms() or (pointwise and (not m._initialized or not m._pointwise or m.domain == 1
-                                                   or m.codomain == INF)):
+        conv = isinstance(m, InducedNormConv2d)
+        if m._learnable_norms() or (conv and (not m._initialized or (m._pointwise and (m.domain == 1
+                                                                                        or m.codomain == INF)))):
             return None
         n_it, atol, rtol, max_it = m._iteration_settings(n_iterations, None, None, 200)
         tol = n_it is None
-        settings = (max_it, atol if tol else None, rtol if tol else None, float(m.domain), float(m.codomain), True)
-    elif isinstance(m, (SpectralNormLinear, SpectralNormConv2d)):
-        if isinstance(m, SpectralNormConv2d) and (not m.initialized or not m._pointwise):
+        return max_it, atol if tol else None, rtol if tol else None, float(m.domain), float(m.codomain), True
+    if isinstance(m, (SpectralNormLinear, SpectralNormConv2d)):
+        if isinstance(m, SpectralNormConv2d) and not m.initialized:
             return None
         _, atol, rtol, max_it = m._iteration_settings(n_iterations, None, None, 20000)
         tol = atol is not None and rtol is not None
-        settings = (max_it, atol if tol else None, rtol if tol else None, 2.0, 2.0, False)
-    else:
-        return None
-    weight = m.weight.detach()
-    matrix = weight if weight.dim() == 2 else m._matrix(weight)
-    return (settings, weight.device), matrix
+        return max_it, atol if tol else None, rtol if tol else None, 2.0, 2.0, False
+    return None
 
 
 def update_lipschitz(model: nn.Module, n_iterations: int | None = None) -> None:
     """``compute_weight(update=True, n_iterations=n_iterations)`` on every SpectralNorm* / InducedNorm*
     layer of ``model`` (the reference training loops' ``update_lipschitz``; with ``n_iterations=None``
-    each layer uses its own setting). All matrix layers (linear and 1x1 convolutions) with equal
-    settings share one op call that updates their u, v and scale in place; convolutions with larger
-    kernels run one op call each. Call it after every optimiser step and before evaluation."""
+    each layer uses its own setting), writing only what that leaves behind: u, v and ``scale``. All
+    matrix layers (linear and 1x1 convolutions) with equal settings share one op call that updates
+    them in place; convolutions with larger kernels run one op call each and take sigma from it
+    (equal to the reference's u^T A v up to float rounding, see ``ops.conv_power_iteration``), which
+    saves the convolution and the weight division of compute_weight. Call it after every optimiser
+    step and before evaluation."""
     groups: dict = {}
     with torch.no_grad():
         for m in model.modules():
             if not isinstance(m, _ITERATED):
                 continue
-            plan = _matrix_update(m, n_iterations)
-            if plan is None:
+            settings = _update_settings(m, n_iterations)
+            if settings is None:
                 m.compute_weight(update=True, n_iterations=n_iterations)
-            else:
-                groups.setdefault(plan[0], []).append((m, plan[1]))
+                continue
+            weight = m.weight.detach()
+            if weight.dim() == 4 and not m._pointwise:
+                u, v, sigma, _ = ops.conv_power_iteration(weight, m.u, m.v, m._input_hw, m.stride, m.padding,
+                                                          *settings)
+                m.u.copy_(u)
+                m.v.copy_(v)
+                m.scale.copy_(sigma.reshape(m.scale.shape))
+                continue
+            matrix = weight if weight.dim() == 2 else m._matrix(weight)
+            groups.setdefault((settings, weight.device), []).append((m, matrix))
         for (settings, _), members in groups.items():
             ops.power_iteration_update_([w for _, w in members], [m.u for m, _ in members],
                                         [m.v for m, _ in members], [m.scale for m, _ in members], *settings)
