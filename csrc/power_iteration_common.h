@@ -12,6 +12,7 @@
 #include <ATen/ops/stack.h>
 
 #include <cmath>
+#include <functional>
 #include <vector>
 
 #include "power_iteration_aten.h"
@@ -144,22 +145,32 @@ inline LinearOperator dense_operator(const at::Tensor& weight) {
           [weight](const at::Tensor& y) { return at::mv(weight.t(), y); }};
 }
 
+// How conv_operator convolves x with a kernel (stride, padding, no bias): ATen's conv2d by default.
+using Conv2dFn = std::function<at::Tensor(const at::Tensor& x, const at::Tensor& kernel, at::IntArrayRef stride,
+                                          at::IntArrayRef padding)>;
+
+inline at::Tensor aten_conv2d(const at::Tensor& x, const at::Tensor& kernel, at::IntArrayRef stride,
+                              at::IntArrayRef padding) {
+  return at::conv2d(x, kernel, {}, stride, padding);
+}
+
 // A^T of a stride-1 convolution is the convolution with the kernel transposed in its channels and
 // flipped in space, padded by k - 1 - p. Where A^T widens the channels (out_channels <
 // in_channels) conv_transpose2d is 2-30x slower than that conv2d on CPU (measured at the CIFAR-10
 // model's shapes: the same arithmetic, summed in another order); elsewhere both are as fast and
 // conv_transpose2d saves the flip. Other strides use conv_transpose2d.
-inline LinearOperator conv_operator(const at::Tensor& weight, const ConvGeometry& g) {
-  auto matvec = [weight, g](const at::Tensor& x) {
-    return at::conv2d(x.view(g.input_shape), weight, {}, g.stride, g.padding).reshape({-1});
+inline LinearOperator conv_operator(const at::Tensor& weight, const ConvGeometry& g,
+                                    const Conv2dFn& conv = aten_conv2d) {
+  auto matvec = [weight, g, conv](const at::Tensor& x) {
+    return conv(x.view(g.input_shape), weight, g.stride, g.padding).reshape({-1});
   };
   const int64_t kh = weight.size(2), kw = weight.size(3);
   if (g.stride == std::vector<int64_t>{1, 1} && g.padding[0] < kh && g.padding[1] < kw &&
       weight.size(0) < weight.size(1)) {
     const at::Tensor flipped = weight.transpose(0, 1).flip({2, 3}).contiguous();
     const std::vector<int64_t> padding{kh - 1 - g.padding[0], kw - 1 - g.padding[1]};
-    return {matvec, [flipped, g, padding](const at::Tensor& y) {
-              return at::conv2d(y.view(g.output_shape), flipped, {}, {1, 1}, padding).reshape({-1});
+    return {matvec, [flipped, g, padding, conv](const at::Tensor& y) {
+              return conv(y.view(g.output_shape), flipped, {1, 1}, padding).reshape({-1});
             }};
   }
   return {matvec, [weight, g](const at::Tensor& y) {

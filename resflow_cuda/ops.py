@@ -213,7 +213,9 @@ def conv_power_iteration(weight: Tensor, u: Tensor, v: Tensor, input_size, strid
     Otherwise as :func:`power_iteration`. u and v follow the reference's arithmetic; sigma is taken
     from the last step's convolution (``<A^T u, v>``, or ``<u, A v>`` with ``u_first=False``)
     where the reference convolves once more for ``u^T A v``: equal up to float rounding, one
-    convolution fewer per call (with a tolerance the layers often stop after one or two steps)."""
+    convolution fewer per call (with a tolerance the layers often stop after one or two steps). On
+    CPU, float32 convolutions call oneDNN directly (ATen's conv2d runs narrow batch-1 inputs in its
+    slower im2col kernel), so float32 u and v too match the reference up to rounding."""
     return _OPS.conv_power_iteration.default(weight, u, v, list(input_size), list(stride), list(padding),
                                              max_iterations, atol, rtol, float(domain), float(codomain), u_first)
 

@@ -120,19 +120,40 @@ CONVS = [(4, 3, 3, (6, 5), (1, 1), (1, 1)), (2, 5, 3, (6, 5), (1, 1), (1, 1)), (
          (3, 3, 1, (4, 4), (1, 1), (0, 0))]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("conv", CONVS, ids=["3x3", "3x3-narrowing", "3x3-stride2", "1x1"])
 @pytest.mark.parametrize("p,q", [(2, 2), (1, 2), (3, 1.5)], ids=["2->2", "1->2", "3->1.5"])
 @pytest.mark.parametrize("atol,rtol", TOLERANCES[:2], ids=["fixed", "tol1e-3"])
-def test_conv_equals_the_reference(conv, p, q, atol, rtol):
+def test_conv_equals_the_reference(conv, p, q, atol, rtol, dtype):
     # A^T of a stride-1 convolution that widens the channels runs as a conv2d with the flipped kernel
-    # (the same sums in another order); the others run the reference's conv_transpose2d, bit for bit.
+    # (the same sums in another order); the others run the reference's conv2d / conv_transpose2d, bit
+    # for bit in float64. float32 convolutions call oneDNN directly where ATen's conv2d picks its
+    # im2col kernel for some shapes: up to rounding.
     out_c, in_c, k, hw, stride, padding = conv
-    w, u, v = _conv_start(out_c, in_c, k, hw, stride, padding, p, q, 7)
+    w, u, v = _conv_start(out_c, in_c, k, hw, stride, padding, p, q, 7, dtype)
     matvec, rmatvec = R.conv_operator(w, hw, stride, padding)
-    compare = _assert_rounding_close if stride == (1, 1) and out_c < in_c else _assert_same
+    flipped = stride == (1, 1) and out_c < in_c
+    compare = _assert_rounding_close if flipped or dtype == torch.float32 else _assert_same
     for u_first in (True, False):
         got = ops.conv_power_iteration(w, u, v, hw, stride, padding, 40, atol, rtol, p, q, u_first)
         compare(got, R.power_iteration(w, u, v, 40, atol, rtol, p, q, u_first, matvec, rmatvec))
+
+
+def test_float32_conv_on_onednn_equals_the_aten_path():
+    """float32 convolutions call oneDNN directly (ATen's conv2d would run the narrow-input 6 -> 32
+    channel 3x3 convolution at 8x8 in its im2col kernel); with oneDNN switched off the op runs ATen's
+    conv2d: the same u, v and sigma up to rounding, also for a non-contiguous weight."""
+    w, u, v = _conv_start(32, 6, 3, (8, 8), (1, 1), (1, 1), 2, 2, 3)
+    strided = w.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not strided.is_contiguous()
+    for u_first in (True, False):
+        got = ops.conv_power_iteration(strided, u, v, (8, 8), (1, 1), (1, 1), 6, u_first=u_first)
+        torch.backends.mkldnn.enabled = False
+        try:
+            plain = ops.conv_power_iteration(w, u, v, (8, 8), (1, 1), (1, 1), 6, u_first=u_first)
+        finally:
+            torch.backends.mkldnn.enabled = True
+        _assert_rounding_close(got, plain)
 
 
 def test_conv_sigma_converges_to_the_operator_norm():

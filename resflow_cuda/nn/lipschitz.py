@@ -7,9 +7,10 @@ copies of the InducedNorm* layers): the same constructor arguments and defaults,
 buffers with the same names, order and dtypes, the same random draws at construction, and the
 weight ``W / max(1, sigma / coeff)`` with ``sigma = u^T W v`` and the gradient flowing through sigma.
 The power iteration runs in one op call (``resflow_cuda.ops.power_iteration`` /
-``conv_power_iteration``) instead of a Python loop: for convolutions with the reference's u and v
-bit for bit on CPU (the op's sigma, which update_lipschitz stores, up to float rounding: it comes
-from the loop's last convolution), for matrices up to float rounding (a fused kernel).
+``conv_power_iteration``) instead of a Python loop: for float64 convolutions with the reference's u
+and v bit for bit on CPU, for float32 ones (oneDNN called directly, where ATen's conv2d picks its
+im2col kernel for narrow inputs) and for the op's sigma, which update_lipschitz stores (it comes from
+the loop's last convolution), up to float rounding; for matrices up to float rounding (a fused kernel).
 
 Differences from the reference, each on purpose:
 
