@@ -109,8 +109,8 @@ PowerIterationResult conv_power_iteration_cpu(
   const ConvGeometry g = check_conv_power_iteration(op, weight, u, v, input_size, stride, padding);
   const auto opt = power_iteration_options(op, max_iterations, atol, rtol, domain, codomain, u_first);
   return power_iteration_in_compute_type(weight, u, v, [&](const at::Tensor& w, const at::Tensor& u0, const at::Tensor& v0) {
-    const LinearOperator op = use_onednn(w) ? conv_operator(w.contiguous(), g, onednn_conv2d) : conv_operator(w, g);
-    return run_power_iteration(op, u0, v0, opt);
+    const LinearOperator conv = use_onednn(w) ? conv_operator(w.contiguous(), g, onednn_conv2d) : conv_operator(w, g);
+    return run_power_iteration(conv, u0, v0, opt);
   });
 }
 

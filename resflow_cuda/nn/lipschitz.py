@@ -700,8 +700,7 @@ def update_lipschitz(model: nn.Module, n_iterations: int | None = None) -> None:
                 continue
             weight = m.weight.detach()
             if weight.dim() == 4 and not m._pointwise:
-                u, v, sigma, _ = ops.conv_power_iteration(weight, m.u, m.v, m._input_hw, m.stride, m.padding,
-                                                          *settings)
+                u, v, sigma, _ = m._power_iterate(weight, m.u, m.v, *settings)
                 m.u.copy_(u)
                 m.v.copy_(v)
                 m.scale.copy_(sigma.reshape(m.scale.shape))
