@@ -175,7 +175,8 @@ class BuildWithCpuCapabilities(BuildExtension):
 
 
 def extension():
-    sources = sorted(str(p.relative_to(ROOT)) for p in list(CSRC.glob("*.cpp")) + list((CSRC / "cpu").glob("*.cpp")))
+    sources = sorted(str(p.relative_to(ROOT)) for folder in (CSRC, CSRC / "composite", CSRC / "cpu")
+                     for p in folder.glob("*.cpp"))
     # setuptools rebuilds only when a source or a `depends` entry is newer than the extension, so
     # list every header and the per-capability sources; ninja then rebuilds what changed.
     depends = sorted(str(p.relative_to(ROOT)) for pattern in ("**/*.h", "**/*.cuh", "cpu/vec/*.cpp")
@@ -184,7 +185,8 @@ def extension():
         name="resflow_cuda._C",
         sources=sources,
         depends=depends,
-        include_dirs=[str(CSRC / "include")],
+        # csrc/include: the torch-free math headers; csrc: checks/, host/, composite/ by folder name.
+        include_dirs=[str(CSRC / "include"), str(CSRC)],
         extra_compile_args={"cxx": cxx_flags()},
         extra_link_args=["-fopenmp"],
     )

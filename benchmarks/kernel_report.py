@@ -104,7 +104,7 @@ def build_nvcc_flags() -> list[str]:
     flags += cpp_extension.COMMON_NVCC_FLAGS + ["-std=c++20", "-DTORCH_API_INCLUDE_EXTENSION_H",
                                                 "-DTORCH_EXTENSION_NAME=_C",
                                                 f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-    includes = [str(CSRC / "include")] + cpp_extension.include_paths("cpu")
+    includes = [str(CSRC / "include"), str(CSRC)] + cpp_extension.include_paths("cpu")
     return flags + [f"-I{p}" for p in includes]
 
 
@@ -284,7 +284,7 @@ def analyse(cubin: Path, arch: str, ptxas_log: str, cuobjdump: str, plans: list[
 
 def launch_plans(out_dir: Path) -> list[dict]:
     exe = out_dir / "kernel_plans"
-    subprocess.run(["c++", "-std=c++17", "-O1", f"-I{CSRC / 'include'}", f"-I{CSRC / 'cuda'}",
+    subprocess.run(["c++", "-std=c++17", "-O1", f"-I{CSRC / 'include'}", f"-I{CSRC}", f"-I{CSRC / 'cuda'}",
                     str(Path(__file__).with_name("kernel_plans.cpp")), "-o", str(exe)], check=True)
     out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]

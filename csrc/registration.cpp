@@ -20,7 +20,7 @@ constexpr const char* kKernelSchemas[] = {
     "lipswish_backward(Tensor grad, Tensor x, Tensor beta) -> (Tensor, Tensor)",
     "lipswish_double_backward(Tensor grad, Tensor gg_x, Tensor gg_beta, Tensor x, Tensor beta) "
     "-> (Tensor, Tensor, Tensor)",
-    // Power iteration for spectral / induced p->q norms (csrc/power_iteration_aten.h): returns
+    // Power iteration for spectral / induced p->q norms (csrc/host/power_iteration_host.h): returns
     // (u, v, sigma, iterations); a dense weight (out, in) or batch (B, out, in), or the convolution
     // operator of a (O, C, kh, kw) weight on a 1 x C x H x W input.
     "power_iteration(Tensor weight, Tensor u, Tensor v, int max_iterations, float? atol, float? rtol, "
@@ -40,7 +40,7 @@ constexpr const char* kKernelSchemas[] = {
 
 // Ops composed of ATen calls and the kernels above, one implementation for every device
 // (CompositeExplicitAutograd): the log-det series of a linearized residual branch
-// (csrc/linearized_chain.h).
+// (csrc/composite/linearized_chain.h).
 constexpr const char* kCompositeSchemas[] = {
     // All n terms: per-sample log-det terms, the Neumann vector and the Neumann surrogate.
     "linearized_logdet_series(Tensor eps, Tensor[] weights, int[] strides, int[] paddings, Tensor?[] derivs, "

@@ -440,7 +440,7 @@ def _compile_planted_race(tmp_path: Path, flags: list[str]) -> Path:
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     exe = tmp_path / "planted_race"
     subprocess.run([cxx, "-std=c++17", "-O1", "-g", *flags, "-Wno-unknown-pragmas", "-Wno-unused-function",
-                    f"-I{emulation.CSRC / 'include'}", f"-I{emulation.EMULATED}",
+                    f"-I{emulation.CSRC / 'include'}", f"-I{emulation.CSRC}", f"-I{emulation.EMULATED}",
                     str(emulation.EMULATED / "planted_race_main.cpp"), "-o", str(exe)], check=True)
     return exe
 

@@ -14,8 +14,8 @@
 #include <tuple>
 
 #include "parallel_chunks.h"
-#include "../lipswish_common.h"
-#include "resflow/checks.h"
+#include "checks/lipswish_checks.h"
+#include "checks/tensor_checks.h"
 #include "resflow/lipswish_math.h"
 #include "vec/lipswish_vec.h"
 

@@ -1,9 +1,9 @@
 // Power iteration for spectral and induced p->q norms, CPU. Dense matrices (one or a batch of
 // equal shape): the fused loop of vec/power_iteration_vec.cpp (per CPU capability), equal to the
 // reference up to float rounding. Convolution operators: the reference's loop in ATen ops
-// (power_iteration_aten.h), the convolutions dominating its cost: in float64 u and v equal to it bit
-// for bit, in float32 (oneDNN called directly, below) up to rounding; sigma up to rounding (from the
-// loop's last convolution, one fewer than the reference).
+// (host/power_iteration_host.h), the convolutions dominating its cost: in float64 u and v equal to
+// it bit for bit, in float32 (oneDNN called directly, below) up to rounding; sigma up to rounding
+// (from the loop's last convolution, one fewer than the reference).
 // Contract: weight, u, v of one floating dtype; float16/bfloat16 compute in float32. Returns u and v
 // in that dtype, sigma in the compute dtype and the iteration count (int64), per matrix.
 #include <ATen/Context.h>
@@ -15,7 +15,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "../power_iteration_common.h"
+#include "host/power_iteration_host.h"
 #include "vec/power_iteration_vec.h"
 
 namespace resflow_cuda::cpu {

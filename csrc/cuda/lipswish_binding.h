@@ -16,7 +16,7 @@
 #include <initializer_list>
 #include <tuple>
 
-#include "../lipswish_common.h"
+#include "checks/lipswish_checks.h"
 #include "lipswish_kernels.cuh"
 
 namespace resflow_cuda::cuda {

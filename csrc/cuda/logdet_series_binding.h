@@ -1,5 +1,5 @@
 // The tensor side of logdet_series_accumulate_ on CUDA: checks and layout
-// (../logdet_series_common.h), launch plan and dtype dispatch, written once for the CUDA backend
+// (checks/logdet_series_checks.h), launch plan and dtype dispatch, written once for the CUDA backend
 // (logdet_series_cuda.cu) and the emulated backend of the tests (see lipswish_binding.h for the
 // Backend interface). Kernel: logdet_series_kernels.cuh.
 #pragma once
@@ -10,7 +10,7 @@
 
 #include <optional>
 
-#include "../logdet_series_common.h"
+#include "checks/logdet_series_checks.h"
 #include "logdet_series_kernels.cuh"
 
 namespace resflow_cuda::cuda {

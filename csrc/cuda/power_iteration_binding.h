@@ -13,7 +13,7 @@
 
 #include <tuple>
 
-#include "../power_iteration_common.h"
+#include "host/power_iteration_host.h"
 #include "power_iteration_kernels.cuh"
 
 namespace resflow_cuda::cuda {

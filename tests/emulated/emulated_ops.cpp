@@ -1,5 +1,5 @@
 // resflow_emulated: the CUDA kernels of csrc/cuda run on CPU tensors under the CPU emulation of
-// the CUDA execution model (resflow/emulation/emulator.h), through the same tensor bindings,
+// the CUDA execution model (csrc/emulation/emulator.h), through the same tensor bindings,
 // launch plans and launchers as the CUDA ops; only the Backend differs (no device guard or stream,
 // and the SM count is an argument, so tests choose the grid). Also the probe kernels that test
 // the emulator itself. Test infrastructure: built by tests/emulation.py, never by setup.py.

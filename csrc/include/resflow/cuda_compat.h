@@ -11,7 +11,7 @@
 // Dynamic shared memory: `extern __shared__` here, a poisoned per-block buffer in the emulator.
 #define RESFLOW_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
 #else
-#include "resflow/emulation/emulator.h"
+#include "emulation/emulator.h"
 #define RESFLOW_LAUNCH(kernel, grid, block, shared_bytes, stream) \
   ::resflow_emu::launcher((kernel), (grid), (block), (shared_bytes), (stream), __FILE__, __LINE__)
 #define RESFLOW_DYNAMIC_SHARED(type, name) type* name = ::resflow_emu::dynamic_shared<type>()

@@ -1,7 +1,7 @@
 // The dual maps of power iteration for induced p->q norms (Residual Flows, Chen et al. 2019; the
 // QETLAB induced-matrix-norm method), as the CUDA kernels evaluate them from block reductions.
 // Torch-free, HOST_DEVICE. The CPU ops compute the same maps with ATen ops
-// (csrc/power_iteration_aten.h) to match the PyTorch reference bit for bit.
+// (csrc/host/power_iteration_host.h) to match the PyTorch reference bit for bit.
 //   domain p (applied to v):   p = 2: v/max(||v||, 1e-12); p = 1: one-hot at argmax|v|;
 //                              else sign(v) t / (sum t^p)^(1/p) with t = (|v|/max|v|)^(1/(p-1))
 //   codomain q (applied to u): q = 2: l2; q = inf: one-hot; else sign(u) t / (sum t^r)^(1/r),

@@ -13,7 +13,7 @@
 #include <optional>
 #include <vector>
 
-#include "resflow/checks.h"
+#include "checks/tensor_checks.h"
 
 namespace resflow_cuda {
 

@@ -1,36 +1,28 @@
-// Argument checks and operator construction of the power-iteration ops, shared by the CPU and
-// CUDA bindings so that both refuse the same inputs with the same messages.
+// Argument checks of the power-iteration ops (power_iteration, conv_power_iteration,
+// power_iteration_update_), shared by the CPU and CUDA bindings so that both refuse the same inputs
+// with the same messages; they return the validated options and convolution geometry that the host
+// loop (host/power_iteration_host.h) and the kernels run with.
 #pragma once
 
-#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/conv2d.h>
-#include <ATen/ops/conv_transpose2d.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/flip.h>
-#include <ATen/ops/mv.h>
-#include <ATen/ops/stack.h>
+#include <c10/util/Optional.h>
 
-#include <cmath>
-#include <functional>
+#include <string>
 #include <vector>
 
-#include "power_iteration_aten.h"
-#include "resflow/checks.h"
+#include "checks/tensor_checks.h"
 
 namespace resflow_cuda {
 
-using PowerIterationResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-// Runs fn on float32/float64 versions of the tensors (half types compute in float32) and casts u
-// and v back to their dtype; sigma stays in the compute dtype.
-template <class Fn>
-PowerIterationResult power_iteration_in_compute_type(const at::Tensor& weight, const at::Tensor& u,
-                                                     const at::Tensor& v, const Fn& fn) {
-  const at::ScalarType compute = at::toOpMathType(weight.scalar_type());
-  auto [u1, v1, sigma, iterations] = fn(weight.to(compute), u.to(compute), v.to(compute));
-  return {u1.to(u.scalar_type()), v1.to(v.scalar_type()), sigma, iterations};
-}
+struct PowerIterationOptions {
+  int64_t max_iterations;
+  c10::optional<double> atol;
+  c10::optional<double> rtol;
+  double domain;    // p, the norm on the input (v) side
+  double codomain;  // q, the norm on the output (u) side
+  bool u_first;     // InducedNorm* order (u then v); SpectralNorm* updates v first
+  bool tolerance() const { return atol.has_value() && rtol.has_value(); }
+};
 
 inline PowerIterationOptions power_iteration_options(const char* op, int64_t max_iterations,
                                                      c10::optional<double> atol, c10::optional<double> rtol,
@@ -125,79 +117,6 @@ inline void check_power_iteration_update(const char* op, at::TensorList weights,
     TORCH_CHECK(sigmas[i].numel() == 1, op, ": expected sigmas[", i, "] to have one element, but got shape ",
                 sigmas[i].sizes());
   }
-}
-
-// Runs `solve` (one matrix -> (u, v, sigma, iterations)) on every entry and writes the results
-// into the given u, v and sigma tensors.
-template <class Solve>
-void update_in_place(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList sigmas,
-                     const Solve& solve) {
-  for (size_t i = 0; i < weights.size(); ++i) {
-    auto [u, v, sigma, iterations] = solve(weights[i], us[i], vs[i]);
-    us[i].copy_(u);
-    vs[i].copy_(v);
-    sigmas[i].copy_(sigma.reshape(sigmas[i].sizes()));
-  }
-}
-
-inline LinearOperator dense_operator(const at::Tensor& weight) {
-  return {[weight](const at::Tensor& x) { return at::mv(weight, x); },
-          [weight](const at::Tensor& y) { return at::mv(weight.t(), y); }};
-}
-
-// How conv_operator convolves x with a kernel (stride, padding, no bias): ATen's conv2d by default.
-using Conv2dFn = std::function<at::Tensor(const at::Tensor& x, const at::Tensor& kernel, at::IntArrayRef stride,
-                                          at::IntArrayRef padding)>;
-
-inline at::Tensor aten_conv2d(const at::Tensor& x, const at::Tensor& kernel, at::IntArrayRef stride,
-                              at::IntArrayRef padding) {
-  return at::conv2d(x, kernel, {}, stride, padding);
-}
-
-// A^T of a stride-1 convolution is the convolution with the kernel transposed in its channels and
-// flipped in space, padded by k - 1 - p. Where A^T widens the channels (out_channels <
-// in_channels) conv_transpose2d is 2-30x slower than that conv2d on CPU (measured at the CIFAR-10
-// model's shapes: the same arithmetic, summed in another order); elsewhere both are as fast and
-// conv_transpose2d saves the flip. Other strides use conv_transpose2d.
-inline LinearOperator conv_operator(const at::Tensor& weight, const ConvGeometry& g,
-                                    const Conv2dFn& conv = aten_conv2d) {
-  auto matvec = [weight, g, conv](const at::Tensor& x) {
-    return conv(x.view(g.input_shape), weight, g.stride, g.padding).reshape({-1});
-  };
-  const int64_t kh = weight.size(2), kw = weight.size(3);
-  if (g.stride == std::vector<int64_t>{1, 1} && g.padding[0] < kh && g.padding[1] < kw &&
-      weight.size(0) < weight.size(1)) {
-    const at::Tensor flipped = weight.transpose(0, 1).flip({2, 3}).contiguous();
-    const std::vector<int64_t> padding{kh - 1 - g.padding[0], kw - 1 - g.padding[1]};
-    return {matvec, [flipped, g, padding, conv](const at::Tensor& y) {
-              return conv(y.view(g.output_shape), flipped, {1, 1}, padding).reshape({-1});
-            }};
-  }
-  return {matvec, [weight, g](const at::Tensor& y) {
-            return at::conv_transpose2d(y.view(g.output_shape), weight, {}, g.stride, g.padding).reshape({-1});
-          }};
-}
-
-// `solve(operator, u, v)` on every matrix of a dense batch (or the one matrix), results stacked.
-template <class Solve>
-PowerIterationResult per_matrix(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
-                                const Solve& solve) {
-  if (weight.dim() == 2) {
-    return solve(dense_operator(weight), u, v);
-  }
-  std::vector<at::Tensor> us, vs, sigmas, iterations;
-  for (int64_t b = 0; b < weight.size(0); ++b) {
-    auto [ub, vb, sb, ib] = solve(dense_operator(weight[b]), u[b], v[b]);
-    us.push_back(ub);
-    vs.push_back(vb);
-    sigmas.push_back(sb);
-    iterations.push_back(ib);
-  }
-  if (us.empty()) {
-    const auto opts = u.options();
-    return {u.clone(), v.clone(), at::empty({0}, opts), at::empty({0}, opts.dtype(at::kLong))};
-  }
-  return {at::stack(us), at::stack(vs), at::stack(sigmas), at::stack(iterations)};
 }
 
 }  // namespace resflow_cuda

@@ -2,7 +2,7 @@
 // the same inputs with the same messages.
 #pragma once
 
-#include "resflow/checks.h"
+#include "checks/tensor_checks.h"
 
 namespace resflow_cuda {
 

@@ -1,5 +1,5 @@
 // linearized_logdet_series: all n terms of the log-det power series of a linearized branch
-// (csrc/linearized_chain.h) in one call. w_k = w_{k-1}^T J from w_0 = eps; each term goes through
+// (csrc/composite/linearized_chain.h) in one call. w_k = w_{k-1}^T J from w_0 = eps; each term goes through
 // the fused accumulation op (logdet_series_accumulate_):
 //   logdet   = sum_k logdet_coeffs[k] <w_k, eps>          per sample
 //   neumann  = eps + sum_k neumann_coeffs[k] w_k          (when neumann_coeffs is not empty)

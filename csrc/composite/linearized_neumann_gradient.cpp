@@ -1,5 +1,5 @@
 // linearized_neumann_gradient: the gradient of the Neumann surrogate s = sum_b <w~_b^T J_b, eps_b>
-// of a linearized branch (csrc/linearized_chain.h) with respect to x, every weight, bias and
+// of a linearized branch (csrc/composite/linearized_chain.h) with respect to x, every weight, bias and
 // LipSwish beta, with w~ held constant, from the cached forward quantities: no autograd graph.
 //
 // With tangents t_0 = eps, u_i = phi_i'(h_{i-1}) t_{i-1}, t_i = W_i u_i, and co-tangents

@@ -1,0 +1,225 @@
+// Host side of the power iteration for spectral and induced p->q operator norms (Residual Flows,
+// Chen et al. 2019, after the QETLAB induced-matrix-norm method): the linear operators of a dense
+// matrix and of a convolution, the dual maps and the reference's loop, written with ATen ops in
+// exactly the reference's arithmetic (resflows/layers/base/mixed_lipschitz.py and lipschitz.py).
+// Used by the CPU convolution op and the CUDA bindings; the CPU dense kernel is
+// cpu/vec/power_iteration_vec.cpp, the CUDA kernels cuda/power_iteration_kernels.cuh.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/abs.h>
+#include <ATen/ops/argmax.h>
+#include <ATen/ops/conv2d.h>
+#include <ATen/ops/conv_transpose2d.h>
+#include <ATen/ops/dot.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/flip.h>
+#include <ATen/ops/isnan.h>
+#include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/max.h>
+#include <ATen/ops/mv.h>
+#include <ATen/ops/pow.h>
+#include <ATen/ops/scatter.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/util/Optional.h>
+
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "checks/power_iteration_checks.h"
+
+namespace resflow_cuda {
+
+constexpr double kNormalizeEps = 1e-12;  // F.normalize's default
+
+// A linear operator A on flattened vectors: matvec(v) = A v, rmatvec(u) = A^T u.
+struct LinearOperator {
+  std::function<at::Tensor(const at::Tensor&)> matvec;
+  std::function<at::Tensor(const at::Tensor&)> rmatvec;
+};
+
+// One-hot at the first index of max |x| (the reference's projmax_).
+inline at::Tensor projmax(const at::Tensor& x) {
+  return at::zeros_like(x).scatter_(0, at::argmax(at::abs(x)).reshape({1}), 1);
+}
+
+inline at::Tensor l2_normalize(const at::Tensor& x) {
+  return x / at::linalg_vector_norm(x, 2, {0}, /*keepdim=*/true).clamp_min(kNormalizeEps);
+}
+
+// sign(x) with 0 (and NaN) mapped to 1, then the Hoelder dual map (|x|/max|x|)^e / norm.
+inline at::Tensor hoelder_dual(const at::Tensor& x, double exponent, double dual_p) {
+  at::Tensor sign = x / at::abs(x);
+  sign.masked_fill_(at::isnan(sign), 1);
+  at::Tensor mag = at::abs(x);
+  mag = at::pow(mag / at::max(mag), exponent);
+  // The reference's vector_norm: (sum m^p)^(1/p), also for p = inf.
+  const at::Tensor norm = at::pow(at::sum(at::pow(mag, dual_p)), 1.0 / dual_p);
+  return sign * mag / norm;
+}
+
+// Dual map of the domain norm p for v.
+inline at::Tensor normalize_v(const at::Tensor& v, double p) {
+  if (p == 2) {
+    return l2_normalize(v);
+  }
+  if (p == 1) {
+    return projmax(v);
+  }
+  return hoelder_dual(v, 1.0 / (p - 1), p);
+}
+
+// Dual map of the codomain norm q for u.
+inline at::Tensor normalize_u(const at::Tensor& u, double q) {
+  if (q == 2) {
+    return l2_normalize(u);
+  }
+  if (std::isinf(q)) {
+    return projmax(u);
+  }
+  return hoelder_dual(u, q - 1, q == 1 ? std::numeric_limits<double>::infinity() : q / (q - 1));
+}
+
+// The reference's stopping test: ||x - x_old|| / sqrt(len) < atol + rtol * max(x), as a 0-dim bool.
+inline at::Tensor step_converged(const at::Tensor& x, const at::Tensor& x_old, double atol, double rtol) {
+  const at::Tensor err = at::linalg_vector_norm(x - x_old, 2) / std::sqrt(static_cast<double>(x.numel()));
+  return err < at::max(x) * rtol + atol;
+}
+
+// sigma = u^T A v. `last` is the loop's final product, A^T u (u first) or A v (v first) of the
+// final u and v, when there was one: then sigma = <A^T u, v> or <u, A v> saves the operator
+// application the reference spends on it (the same number up to float rounding).
+inline at::Tensor power_iteration_sigma(const LinearOperator& op, const at::Tensor& u, const at::Tensor& v,
+                                        const at::Tensor& last, bool u_first) {
+  if (!last.defined()) {
+    return at::dot(u, op.matvec(v));
+  }
+  return u_first ? at::dot(last, v) : at::dot(u, last);
+}
+
+// The reference's loop: returns (u, v, sigma = u^T A v, iterations), iterations a 0-dim int64
+// tensor. The stopping test is read on the host after every step (CPU; on CUDA see
+// cuda/power_iteration_binding.h).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_power_iteration(const LinearOperator& op,
+                                                                                      at::Tensor u, at::Tensor v,
+                                                                                      const PowerIterationOptions& opt) {
+  int64_t iterations = 0;
+  at::Tensor last;
+  for (int64_t it = 0; it < opt.max_iterations; ++it) {
+    at::Tensor u1, v1;
+    if (opt.u_first) {
+      u1 = normalize_u(op.matvec(v), opt.codomain);
+      last = op.rmatvec(u1);
+      v1 = normalize_v(last, opt.domain);
+    } else {
+      v1 = normalize_v(op.rmatvec(u), opt.domain);
+      last = op.matvec(v1);
+      u1 = normalize_u(last, opt.codomain);
+    }
+    ++iterations;
+    const bool converged = opt.tolerance() && step_converged(u1, u, *opt.atol, *opt.rtol).item<bool>() &&
+                           step_converged(v1, v, *opt.atol, *opt.rtol).item<bool>();
+    u = u1;
+    v = v1;
+    if (converged) {
+      break;
+    }
+  }
+  const at::Tensor sigma = power_iteration_sigma(op, u, v, last, opt.u_first);
+  return {u, v, sigma, at::scalar_tensor(iterations, u.options().dtype(at::kLong))};
+}
+
+using PowerIterationResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Runs fn on float32/float64 versions of the tensors (half types compute in float32) and casts u
+// and v back to their dtype; sigma stays in the compute dtype.
+template <class Fn>
+PowerIterationResult power_iteration_in_compute_type(const at::Tensor& weight, const at::Tensor& u,
+                                                     const at::Tensor& v, const Fn& fn) {
+  const at::ScalarType compute = at::toOpMathType(weight.scalar_type());
+  auto [u1, v1, sigma, iterations] = fn(weight.to(compute), u.to(compute), v.to(compute));
+  return {u1.to(u.scalar_type()), v1.to(v.scalar_type()), sigma, iterations};
+}
+
+// Runs `solve` (one matrix -> (u, v, sigma, iterations)) on every entry and writes the results
+// into the given u, v and sigma tensors.
+template <class Solve>
+void update_in_place(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList sigmas,
+                     const Solve& solve) {
+  for (size_t i = 0; i < weights.size(); ++i) {
+    auto [u, v, sigma, iterations] = solve(weights[i], us[i], vs[i]);
+    us[i].copy_(u);
+    vs[i].copy_(v);
+    sigmas[i].copy_(sigma.reshape(sigmas[i].sizes()));
+  }
+}
+
+inline LinearOperator dense_operator(const at::Tensor& weight) {
+  return {[weight](const at::Tensor& x) { return at::mv(weight, x); },
+          [weight](const at::Tensor& y) { return at::mv(weight.t(), y); }};
+}
+
+// How conv_operator convolves x with a kernel (stride, padding, no bias): ATen's conv2d by default.
+using Conv2dFn = std::function<at::Tensor(const at::Tensor& x, const at::Tensor& kernel, at::IntArrayRef stride,
+                                          at::IntArrayRef padding)>;
+
+inline at::Tensor aten_conv2d(const at::Tensor& x, const at::Tensor& kernel, at::IntArrayRef stride,
+                              at::IntArrayRef padding) {
+  return at::conv2d(x, kernel, {}, stride, padding);
+}
+
+// A^T of a stride-1 convolution is the convolution with the kernel transposed in its channels and
+// flipped in space, padded by k - 1 - p. Where A^T widens the channels (out_channels <
+// in_channels) conv_transpose2d is 2-30x slower than that conv2d on CPU (measured at the CIFAR-10
+// model's shapes: the same arithmetic, summed in another order); elsewhere both are as fast and
+// conv_transpose2d saves the flip. Other strides use conv_transpose2d.
+inline LinearOperator conv_operator(const at::Tensor& weight, const ConvGeometry& g,
+                                    const Conv2dFn& conv = aten_conv2d) {
+  auto matvec = [weight, g, conv](const at::Tensor& x) {
+    return conv(x.view(g.input_shape), weight, g.stride, g.padding).reshape({-1});
+  };
+  const int64_t kh = weight.size(2), kw = weight.size(3);
+  if (g.stride == std::vector<int64_t>{1, 1} && g.padding[0] < kh && g.padding[1] < kw &&
+      weight.size(0) < weight.size(1)) {
+    const at::Tensor flipped = weight.transpose(0, 1).flip({2, 3}).contiguous();
+    const std::vector<int64_t> padding{kh - 1 - g.padding[0], kw - 1 - g.padding[1]};
+    return {matvec, [flipped, g, padding, conv](const at::Tensor& y) {
+              return conv(y.view(g.output_shape), flipped, {1, 1}, padding).reshape({-1});
+            }};
+  }
+  return {matvec, [weight, g](const at::Tensor& y) {
+            return at::conv_transpose2d(y.view(g.output_shape), weight, {}, g.stride, g.padding).reshape({-1});
+          }};
+}
+
+// `solve(operator, u, v)` on every matrix of a dense batch (or the one matrix), results stacked.
+template <class Solve>
+PowerIterationResult per_matrix(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
+                                const Solve& solve) {
+  if (weight.dim() == 2) {
+    return solve(dense_operator(weight), u, v);
+  }
+  std::vector<at::Tensor> us, vs, sigmas, iterations;
+  for (int64_t b = 0; b < weight.size(0); ++b) {
+    auto [ub, vb, sb, ib] = solve(dense_operator(weight[b]), u[b], v[b]);
+    us.push_back(ub);
+    vs.push_back(vb);
+    sigmas.push_back(sb);
+    iterations.push_back(ib);
+  }
+  if (us.empty()) {
+    const auto opts = u.options();
+    return {u.clone(), v.clone(), at::empty({0}, opts), at::empty({0}, opts.dtype(at::kLong))};
+  }
+  return {at::stack(us), at::stack(vs), at::stack(sigmas), at::stack(iterations)};
+}
+
+}  // namespace resflow_cuda
