@@ -7,7 +7,7 @@ coupling FC end blocks; the widths are chosen so that both have nearly the same 
 parameters). Reports held-out bits/dim of both and writes a PNG with the learning curves and
 samples of each model:
 
-    python examples/coupling_vs_residual.py                 # about 3 minutes on 2 cores
+    python examples/coupling_vs_residual.py
     python examples/coupling_vs_residual.py --epochs 100 --device cuda
 """
 

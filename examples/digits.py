@@ -8,7 +8,7 @@ log-det estimator (20 exact terms plus the Russian roulette's). ``--block-type c
 reference's coupling ablation of the same model (affine coupling blocks instead of iResBlocks; see
 examples/coupling_vs_residual.py). Writes a PNG grid of samples:
 
-    python examples/digits.py                 # about 2 minutes on 2 cores
+    python examples/digits.py
     python examples/digits.py --epochs 50 --device cuda
 """
 

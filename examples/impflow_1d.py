@@ -9,7 +9,7 @@ block. The target f(x) = 4 tanh(1.5 x) on [-2, 2] has slope 6 at the origin. Bot
 least squares on the same points; the script reports the error and the steepest slope each reaches
 and writes a PNG of both fits and their slopes:
 
-    python examples/impflow_1d.py                 # about 15 s on 2 cores
+    python examples/impflow_1d.py
     python examples/impflow_1d.py --device cuda
 """
 

@@ -9,7 +9,7 @@ log-det; the test NLL uses the exact 2-D determinant (eval mode). ``--arch impli
 model instead (an ImplicitBlock over two MLPs per block, ImpFlow's ``train_toy.py --arch implicit``). Writes a
 PNG with the data, the learned density and samples:
 
-    python examples/toy2d.py --data pinwheel                # about 2 minutes on 2 cores
+    python examples/toy2d.py --data pinwheel
     python examples/toy2d.py --data pinwheel --arch implicit --nblocks 5
     python examples/toy2d.py --data checkerboard --niters 5000 --device cuda
 """
