@@ -7,29 +7,30 @@ coupling FC end blocks; the widths are chosen so that both have nearly the same 
 parameters). Reports held-out bits/dim of both and writes a PNG with the learning curves and
 samples of each model:
 
-    python examples/coupling_vs_residual.py                 # about 3 minutes on 2 cores
+    python examples/coupling_vs_residual.py
     python examples/coupling_vs_residual.py --epochs 100 --device cuda
 """
 
 from __future__ import annotations
 
-import argparse
 import runpy
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # _common.py beside this script, also under runpy.run_path
+    sys.path.insert(0, str(HERE))
+import _common  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _common.parser(__doc__)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--nblocks", default="2-2", help="blocks per scale (both models)")
     parser.add_argument("--idim", type=int, default=32, help="branch width of the residual model")
     parser.add_argument("--coupling-idim", type=int, default=51,
                         help="width of the coupling networks (51: as many parameters as the residual model)")
-    parser.add_argument("--out", default="docs/examples")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    _common.add_common(parser, out="docs/examples")
     args = parser.parse_args(argv)
     digits = runpy.run_path(str(HERE / "digits.py"))
     common = ["--epochs", str(args.epochs), "--nblocks", args.nblocks, "--out", args.out, "--device", args.device,
@@ -41,10 +42,8 @@ def main(argv=None) -> dict:
     for name, r in results.items():
         print(f"{name:>9}: {r['parameters']:6d} parameters, held-out {r['test_bpd']:.3f} bits/dim, {r['seconds']:.0f} s")
 
-    import matplotlib
-    matplotlib.use("Agg")
+    plt = _common.pyplot()
     import matplotlib.image as mpimg
-    import matplotlib.pyplot as plt
 
     fig = plt.figure(figsize=(12, 4))
     ax = fig.add_subplot(1, 3, 1)
@@ -61,9 +60,7 @@ def main(argv=None) -> dict:
         panel.set_title(f"{name} samples")
         panel.axis("off")
     fig.tight_layout()
-    png = Path(args.out) / "coupling-vs-residual.png"
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    png = _common.save(fig, Path(args.out) / "coupling-vs-residual.png", dpi=100)
     print(f"wrote {png}")
     return dict(results=results, png=png)
 

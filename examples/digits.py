@@ -8,14 +8,14 @@ log-det estimator (20 exact terms plus the Russian roulette's). ``--block-type c
 reference's coupling ablation of the same model (affine coupling blocks instead of iResBlocks; see
 examples/coupling_vs_residual.py). Writes a PNG grid of samples:
 
-    python examples/digits.py                 # about 2 minutes on 2 cores
+    python examples/digits.py
     python examples/digits.py --epochs 50 --device cuda
 """
 
 from __future__ import annotations
 
-import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +25,11 @@ import torch
 import resflow_cuda
 from resflow_cuda import models
 from resflow_cuda.nn import LogitTransform
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # _common.py beside this script, also under runpy.run_path
+    sys.path.insert(0, str(HERE))
+import _common  # noqa: E402
 
 LEVELS = 17
 
@@ -58,11 +63,7 @@ def evaluate(model, levels: torch.Tensor, batch: int = 256) -> float:
 
 @torch.no_grad()
 def save_samples(model, path: Path, n: int = 64, temperature: float = 0.8) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _common.pyplot()
     model.eval()
     images = model.sample(n, temperature=temperature).clamp(0, 1).cpu().squeeze(1).numpy()
     model.train()
@@ -74,13 +75,11 @@ def save_samples(model, path: Path, n: int = 64, temperature: float = 0.8) -> No
             ax.imshow(image, cmap="gray_r", vmin=0, vmax=1)
     fig.suptitle(f"samples at temperature {temperature}")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _common.save(fig, path, dpi=80)
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _common.parser(__doc__)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--nblocks", default="2-2", help="blocks per scale")
@@ -88,15 +87,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--block-type", default="resblock", choices=["resblock", "coupling"],
                         help="ResidualFlow's block_type: iResBlocks or the coupling ablation")
-    parser.add_argument("--out", default="examples/out", help="directory for the PNG")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--seed", type=int, default=0)
+    _common.add_common(parser, out="examples/out")
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
     device = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)  # the roulette's draws (NumPy's global RNG, as the reference)
+    _common.seed(args.seed)
     train, test = (t.to(device) for t in load_digits(args.seed))
     model = models.ResidualFlow(
         (args.batch_size, 1, 8, 8), n_blocks=[int(b) for b in args.nblocks.split("-")], intermediate_dim=args.idim,

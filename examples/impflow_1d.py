@@ -9,13 +9,13 @@ block. The target f(x) = 4 tanh(1.5 x) on [-2, 2] has slope 6 at the origin. Bot
 least squares on the same points; the script reports the error and the steepest slope each reaches
 and writes a PNG of both fits and their slopes:
 
-    python examples/impflow_1d.py                 # about 15 s on 2 cores
+    python examples/impflow_1d.py
     python examples/impflow_1d.py --device cuda
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +25,11 @@ from torch import nn
 
 import resflow_cuda
 from resflow_cuda.nn import ImplicitBlock, LipSwish, SequentialFlow, get_linear, iResBlock
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # _common.py beside this script, also under runpy.run_path
+    sys.path.insert(0, str(HERE))
+import _common  # noqa: E402
 
 COEFF = 0.97
 LIP = COEFF ** 2  # two normalized linear layers and a 1-Lipschitz activation
@@ -82,15 +87,13 @@ def train(kind: str, args, x: torch.Tensor, y: torch.Tensor, log) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _common.parser(__doc__)
     parser.add_argument("--niters", type=int, default=3000)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--log-every", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default="docs/examples")
+    _common.add_common(parser, out="docs/examples")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -109,12 +112,7 @@ def main(argv=None) -> dict:
               f"{float(true_slope.max()):.2f})")
     print(f"both trained in {elapsed:.0f} s")
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    plt = _common.pyplot()
     fig, (ax_f, ax_s) = plt.subplots(1, 2, figsize=(10, 4))
     xs = x.view(-1).cpu().numpy()
     ax_f.plot(xs, y.view(-1).cpu().numpy(), "k", lw=3, alpha=0.35, label="target")
@@ -131,9 +129,7 @@ def main(argv=None) -> dict:
         ax.legend(fontsize=8)
         ax.set_xlabel("x")
     fig.tight_layout()
-    png = out / "impflow-1d.png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    png = _common.save(fig, Path(args.out) / "impflow-1d.png", dpi=110)
     print(f"wrote {png}")
     return dict(summary=summary, png=png, seconds=elapsed,
                 history={kind: r["history"] for kind, r in results.items()})

@@ -9,15 +9,15 @@ log-det; the test NLL uses the exact 2-D determinant (eval mode). ``--arch impli
 model instead (an ImplicitBlock over two MLPs per block, ImpFlow's ``train_toy.py --arch implicit``). Writes a
 PNG with the data, the learned density and samples:
 
-    python examples/toy2d.py --data pinwheel                # about 2 minutes on 2 cores
+    python examples/toy2d.py --data pinwheel
     python examples/toy2d.py --data pinwheel --arch implicit --nblocks 5
     python examples/toy2d.py --data checkerboard --niters 5000 --device cuda
 """
 
 from __future__ import annotations
 
-import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +26,11 @@ import torch
 
 import resflow_cuda
 from resflow_cuda import models
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # _common.py beside this script, also under runpy.run_path
+    sys.path.insert(0, str(HERE))
+import _common  # noqa: E402
 
 DATASETS = ("8gaussians", "pinwheel", "checkerboard", "moons", "2spirals")
 
@@ -79,11 +84,7 @@ def exact_test_nll(model, x: torch.Tensor, batch: int = 2000) -> float:
 
 @torch.no_grad()
 def plot(model, data: np.ndarray, path: Path, title: str, device: torch.device) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _common.pyplot()
     model.eval()
     lim, n = 4.5, 200
     axis = torch.linspace(-lim, lim, n)
@@ -105,13 +106,11 @@ def plot(model, data: np.ndarray, path: Path, title: str, device: torch.device) 
         ax.set_yticks([])
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _common.save(fig, path, dpi=90)
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _common.parser(__doc__)
     parser.add_argument("--data", choices=DATASETS, default="pinwheel")
     parser.add_argument("--niters", type=int, default=2500)
     parser.add_argument("--batch-size", type=int, default=500)
@@ -122,15 +121,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=5e-3, help="Adam step (the reference: 1e-3 for 50k steps)")
     parser.add_argument("--log-every", type=int, default=250)
     parser.add_argument("--test-size", type=int, default=10000)
-    parser.add_argument("--out", default="examples/out", help="directory for the PNG")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--seed", type=int, default=0)
+    _common.add_common(parser, out="examples/out")
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
     device = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)  # the roulette's draws (the reference uses NumPy's global RNG)
+    _common.seed(args.seed)
     rng = np.random.default_rng(args.seed)
     dims = tuple(int(d) for d in args.dims.split("-"))
     model = models.toy_model(n_blocks=args.nblocks, dims=dims, actnorm=True, vnorms="2" * (len(dims) + 2),

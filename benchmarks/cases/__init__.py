@@ -1,0 +1,18 @@
+"""The registry of benchmark cases: one module per case, the ``Case`` base class and what the cases
+share in base.py (benchmarks/README.md, "Adding a case")."""
+
+from __future__ import annotations
+
+from .base import AUTOGRAD, COMPILE, EAGER, RESFLOW, Case, CaseConfig, Config, Target, cache_bytes, rotation
+from .family_step import FamilyConfig, FamilyStepCase
+from .iresblock import BlockConfig, IResBlockCase
+from .lipswish import LipSwishCase
+from .model_step import ModelConfig, ModelStepCase
+from .update_lipschitz import StackConfig, UpdateLipschitzCase
+
+__all__ = ["AUTOGRAD", "BlockConfig", "CASES", "COMPILE", "Case", "CaseConfig", "Config", "EAGER", "FamilyConfig",
+           "FamilyStepCase", "IResBlockCase", "LipSwishCase", "ModelConfig", "ModelStepCase", "RESFLOW",
+           "StackConfig", "Target", "UpdateLipschitzCase", "cache_bytes", "rotation"]
+
+CASES = {case.name: case for case in (LipSwishCase(), UpdateLipschitzCase(), IResBlockCase(), ModelStepCase(),
+                                      FamilyStepCase())}

@@ -1,0 +1,184 @@
+"""What every case shares: the provider names, the configuration and target types, the ``Case`` base
+class with its defaults, the cache-rotation helpers and the model-level training step.
+
+A case names its configurations, builds inputs, lists providers (resflow_cuda, the eager
+pure-PyTorch reference, torch.compile of the reference, ...), says how to run one provider in
+one mode, how many bytes a configuration must move at least, and which targets it must meet.
+The runner (run.py) does the correctness gate, timing, floors and output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import resflow_cuda
+
+EAGER = "eager"
+COMPILE = "torch.compile"
+RESFLOW = "resflow_cuda"
+AUTOGRAD = "resflow_cuda (autograd)"
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@functools.cache
+def cache_bytes(device: str) -> int:
+    """The largest cache of the device: the CPU's last-level cache from sysfs (32 MiB when
+    unreadable), or the GPU's L2."""
+    if device == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 50 << 20))
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * unit)
+    return max(sizes, default=32 << 20)
+
+
+def rotation(nbytes: int, device: str) -> int:
+    """How many copies of inputs of ``nbytes`` a timed loop cycles through so that together they
+    are at least twice the largest cache (at most 64): a memory-bound step then reads its inputs
+    from memory, as the floor assumes, instead of from a cache that a single buffer would stay in."""
+    return max(1, min(64, math.ceil(2 * cache_bytes(device) / max(nbytes, 1))))
+
+
+class CaseConfig:
+    """A case's configuration is a frozen dataclass with a ``label`` (the table row) and a ``mode``
+    (the table); ``as_dict`` is its fields, as results.json records them."""
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(CaseConfig):
+    """An elementwise op on a tensor of ``shape``."""
+
+    shape: tuple
+    mode: str  # "fwd" or "fwd+bwd"
+    dtype: str = "float32"
+
+    @property
+    def label(self) -> str:
+        return "×".join(str(s) for s in self.shape)
+
+    def as_dict(self) -> dict:
+        return {"shape": list(self.shape), "mode": self.mode, "dtype": self.dtype}
+
+
+@dataclasses.dataclass
+class Target:
+    text: str
+    met: bool
+    detail: str
+
+
+class Case:
+    """A benchmark case (benchmarks/README.md, "Adding a case"). A subclass sets ``name`` and
+    ``title`` and defines ``configs``, ``providers``, ``make_inputs`` and ``runner``; either
+    ``counts`` or both ``flops`` and ``bytes_moved``; and overrides the gate's tolerance
+    (``atol``, ``rtol`` or ``tolerance``) and ``targets`` where the defaults do not fit."""
+
+    name: str
+    title: str
+    atol = 1e-4  # the correctness gate's tolerance against eager (torch.testing.assert_close)
+    rtol = 1e-3
+
+    def configs(self, quick: bool) -> list:
+        raise NotImplementedError
+
+    def providers(self) -> dict:
+        raise NotImplementedError
+
+    def make_inputs(self, config, device: str, rotate: bool = True) -> dict:
+        raise NotImplementedError
+
+    def runner(self, provider, inputs: dict, config) -> Callable[[], tuple]:
+        raise NotImplementedError
+
+    def counts(self, config) -> tuple[float, float]:
+        """(FLOPs, bytes) of a configuration, for a case whose counts do not depend on its inputs."""
+        raise NotImplementedError
+
+    def flops(self, config, inputs: dict) -> float:
+        return self.counts(config)[0]
+
+    def bytes_moved(self, config, inputs: dict) -> float:
+        return self.counts(config)[1]
+
+    def tolerance(self, config) -> dict:
+        return dict(atol=self.atol, rtol=self.rtol)
+
+    def targets(self, rows: list[dict], quick: bool) -> list[Target]:
+        """No speed targets: the rows are reported."""
+        return []
+
+
+def speedup_targets(rows: list[dict], need: Callable[[str], float], reference: str) -> list[Target]:
+    """One target per timed resflow_cuda row: at least ``need(label)`` times the speed of eager
+    (named ``reference`` in the target's text)."""
+    out = []
+    for r in rows:
+        if r["provider"] == RESFLOW and r["status"] == "ok" and r.get("speedup_vs_eager") is not None:
+            want = need(r["label"])
+            out.append(Target(f"{r['label']} {r['config']['mode']}: >= {want}x {reference}",
+                              r["speedup_vs_eager"] >= want, f"{r['speedup_vs_eager']:.2f}x"))
+    return out
+
+
+def model_batch(data: str) -> torch.Tensor:
+    """The batch of the model-level cases, seeded: 512 toy points, or 64 images of 1×8×8 in (0.05, 0.95)."""
+    g = torch.Generator().manual_seed(0)
+    if data == "toy":
+        return torch.randn(512, 2, generator=g) * 1.5
+    return torch.rand(64, 1, 8, 8, generator=g) * 0.9 + 0.05
+
+
+def digits_flow(intermediate_dim: int, block_type: str = "resblock"):
+    """A ResidualFlow on 1×8×8 images, 2 scales × 4 blocks, with the CIFAR-10 settings of the
+    reference's train_img.py (Poisson roulette, Neumann gradient with backward-in-forward), batch 64."""
+    from resflow_cuda import models
+    from resflow_cuda.nn import LogitTransform
+
+    return models.ResidualFlow((64, 1, 8, 8), n_blocks=[4, 4], intermediate_dim=intermediate_dim, factor_out=False,
+                               actnorm=True, init_layer=LogitTransform(0.05), fc_end=False, vnorms="2222",
+                               activation_fn="swish", preact=True, first_resblock=True, coeff=0.98,
+                               n_lipschitz_iters=5, n_power_series=None, n_dist="poisson", n_exact_terms=2,
+                               grad_in_forward=True, block_type=block_type)
+
+
+def training_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], tuple]:
+    """One training step of ``model`` as a benchmark step: back to the initial state (parameters,
+    buffers, a fresh Adam), seeded draws, ``loss_fn()``, backward, Adam (lr 1e-3, every parameter but
+    the roulette's ``geom_p`` / ``lamb``) and update_lipschitz; returns the loss and the gradients."""
+    import numpy as np
+
+    params = [p for n, p in model.named_parameters() if not n.endswith(("geom_p", "lamb"))]
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    live = list(model.state_dict().values())
+    snapshot = [t.clone() for t in live]
+
+    def step():
+        with torch.no_grad():
+            torch._foreach_copy_(live, snapshot)  # every call starts from the same state
+        optimizer.state.clear()
+        np.random.seed(0)
+        torch.manual_seed(0)
+        loss = loss_fn()
+        optimizer.zero_grad()
+        loss.backward()
+        grads = [p.grad.detach().clone() for p in params if p.grad is not None]
+        optimizer.step()
+        resflow_cuda.update_lipschitz(model, n_iterations=5)
+        return (loss.detach(), *grads)
+
+    return step
