@@ -217,7 +217,9 @@ print_config()
 setup(
     name="resflow_cuda",
     version=VERSION,
-    packages=find_packages(include=["resflow_cuda", "resflow_cuda.*"]) + ["resflow_cuda.benchmarks"],
+    # benchmarks/ ships as resflow_cuda.benchmarks (the resflow-bench command), subpackages included.
+    packages=find_packages(include=["resflow_cuda", "resflow_cuda.*"]) + ["resflow_cuda.benchmarks"]
+    + [f"resflow_cuda.benchmarks.{name}" for name in find_packages(str(ROOT / "benchmarks"))],
     package_dir={"resflow_cuda.benchmarks": "benchmarks"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildWithCpuCapabilities.with_options(use_ninja=True)},
