@@ -45,7 +45,7 @@ int main() {
       print(gpu.arch, gpu.sms, "logdet_series_kernel", s.label, plan.blocks, kSeriesThreads, 0, plan.vec, true);
     }
     for (const auto& m : matrices) {
-      const auto plan = plan_power_iteration<float>(m.batch, m.m, m.n, kDefaultMaxSharedBytes);
+      const auto plan = plan_power_iteration<float, float>(m.batch, m.m, m.n, kDefaultMaxSharedBytes, gpu.sms);
       print(gpu.arch, gpu.sms, "power_iteration_kernel", m.label, plan.blocks, plan.threads, plan.shared_bytes, 1,
             plan.fits);
     }

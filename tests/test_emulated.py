@@ -41,11 +41,11 @@ def _plan(emu, x, sms, aligned=True):
 # Launch configurations: each covers one situation of the grid-stride pack loop
 # ----------------------------------------------------------------------------------------------
 
-# (name, number of elements, SM count, storage offset): with 4 blocks per SM and 256 threads.
+# (name, number of elements, SM count, storage offset): with 4 (6 for float32) blocks per SM, 256 threads.
 CONFIGS = [
     ("partial-warp", 7, 4, 0),                 # one block, most threads idle, a partial last warp of data
     ("partial-last-block", 3 * 256 * 4 + 37, 8, 0),  # several blocks, the last one partly used
-    ("grid-stride-tail", 9 * 1024 * 4 + 5, 1, 0),    # 4 blocks loop over many packs, ragged tail
+    ("grid-stride-tail", 9 * 1024 * 4 + 5, 1, 0),    # 4-6 blocks loop over many packs, ragged tail
     ("several-blocks", 20_011, 132, 0),         # many blocks, one pass
     ("misaligned", 4099, 2, 1),                 # storage offset 1: 16-byte packs impossible, VEC = 1
     ("empty", 0, 2, 0),                         # nothing to do; grad_beta must still be 0
@@ -176,6 +176,42 @@ def test_power_iteration_without_room_in_shared_memory_takes_the_device_loop(emu
     _assert_power_iteration_close(got, [*expected[:3], torch.tensor(expected[3])], torch.float32)
 
 
+def test_power_iteration_plan_counts_static_shared_memory_and_size(emu):
+    static_bound, fused_max_bytes = emu.power_iteration_limits()
+    # [blocks, threads, dynamic bytes, fits]; one SM, so that only the shared-memory rule decides.
+    assert emu.power_iteration_plan(1, 4000, 4000, 48 * 1024, 1, 4) == [1, 256, 48000, 1]
+    # u, v and the product alone fit 48 KiB (3 * 4096 * 4 bytes), but not with the kernel's static
+    # reduction arrays: such a launch fails on a GPU ("invalid argument").
+    for m, n, size in [(4096, 4096, 4), (4081, 4081, 4), (2048, 2048, 8), (2037, 2037, 8), (3072, 4608, 4)]:
+        assert 3 * max(m, n) * size > 48 * 1024 - static_bound
+        assert emu.power_iteration_plan(1, m, n, 48 * 1024, 1, size)[3] == 0, (m, n, size)
+    # A large W on one block only when the batch fills the GPU; small ones always.
+    side = int((fused_max_bytes // 4) ** 0.5)
+    assert emu.power_iteration_plan(1, side, side, 48 * 1024, 132, 4)[3] == 1
+    assert emu.power_iteration_plan(1, side + 1, side + 1, 48 * 1024, 132, 4)[3] == 0
+    assert emu.power_iteration_plan(132, side + 1, side + 1, 48 * 1024, 132, 4)[3] == 1
+    assert emu.power_iteration_plan(131, side + 1, side + 1, 48 * 1024, 132, 4)[3] == 0
+
+
+def test_power_iteration_kernel_static_shared_memory_is_within_the_planned_bound(emu):
+    # The emulator counts the static arrays a launch reaches: p = 1 and q = inf (argmax
+    # reductions) with a tolerance (sum and max reductions) reach all of them.
+    static_bound = emu.power_iteration_limits()[0]
+    for dtype in (torch.float32, torch.float64):
+        w, u, v = _pi_start((7, 33), 1, INF, dtype)
+        emu.power_iteration(w, u, v, 2, 1e-3, 1e-3, 1.0, INF, True, 48 * 1024)
+        assert 0 < emu.last_static_shared_bytes() <= static_bound
+
+
+def test_power_iteration_near_the_shared_memory_limit_leaves_room_for_static_arrays(emu):
+    # (6110 + 25 + 6110) * 4 = 48980 bytes of vectors: below 48 KiB, but not with the kernel's
+    # static arrays; the plan sends it to the ATen loop instead of a launch a GPU refuses.
+    w, u, v = _pi_start((6110, 25), 1, INF, torch.float32, seed=4)
+    got = emu.power_iteration(w, u, v, 3, 1e-6, 1e-6, 1.0, INF, True, 48 * 1024)
+    expected = cpu_ops.power_iteration(w, u, v, 3, 1e-6, 1e-6, 1.0, INF)
+    _assert_power_iteration_close(got, expected, torch.float32)
+
+
 def test_power_iteration_update_writes_every_layer(emu):
     shapes = [(8, 5), (3, 40), (8, 5)]
     starts = [_pi_start(s, 2, 2, torch.float32, seed=i) for i, s in enumerate(shapes)]
@@ -204,12 +240,16 @@ def test_conv_power_iteration_device_loop_matches_the_cpu_op(emu):
 
 
 # ----------------------------------------------------------------------------------------------
-# The log-det series step: one block per sample, grid-stride over samples
+# The log-det series step: a block (wide samples) or a warp (narrow ones) per sample, grid-stride
 # ----------------------------------------------------------------------------------------------
 
 # (name, rows, cols, SM count, storage offset)
 SERIES_CONFIGS = [
-    ("one-row-partial-warp", 1, 7, 2, 0),         # most threads idle
+    ("one-row-partial-warp", 1, 7, 2, 0),         # a warp per row: one warp of eight busy, 7 of 32 lanes
+    ("toy-warp-rows", 500, 2, 2, 0),              # the toy flows' rows: 64 warps loop over 500 rows
+    ("warp-rows-packs", 19, 100, 2, 0),           # 16-byte packs, 25 of a warp's lanes, rows % 8 != 0
+    ("warp-rows-limit", 3, 512, 4, 0),            # the widest warp row (float32: 128 packs, 4 per lane)
+    ("block-rows-limit", 3, 516, 4, 0),           # one pack more: a block per row
     ("rows-over-blocks", 37, 1030, 2, 0),         # 8 blocks loop over 37 samples; odd cols: VEC = 1
     ("wide-packs", 5, 2048, 132, 0),              # one block per sample, 16-byte packs, several per thread
     ("misaligned", 3, 64, 4, 1),                  # storage offset 1: VEC = 1
@@ -241,11 +281,24 @@ def test_logdet_series_kernel_matches_the_cpu_op(emu, name, rows, cols, sms, off
         assert_close(outs[1][1], outs[0][1], **TOLERANCES[dtype])
 
 
+def test_elementwise_plan_fills_the_blocks_the_kernels_are_compiled_for(emu):
+    # __launch_bounds__(256, elementwise_min_blocks): 6 resident blocks per SM for float32, 4 for
+    # double and the half types; a large input gets exactly that many per SM.
+    for element_size, per_sm in [(4, 6), (8, 4), (2, 4)]:
+        assert emu.elementwise_plan(1 << 26, 132, True, element_size) == [16 // element_size, 132 * per_sm, 256]
+
+
 def test_logdet_series_plan(emu):
-    assert emu.series_plan(37, 1030, 2, True, 4) == [1, 8]  # cols * 4 bytes not a multiple of 16
-    assert emu.series_plan(5, 2048, 132, True, 4) == [4, 5]
-    assert emu.series_plan(5, 2048, 132, False, 2) == [1, 5]
-    assert emu.series_plan(5, 2048, 132, True, 2) == [8, 5]
+    # [vec, blocks, warp per row]
+    assert emu.series_plan(37, 1030, 2, True, 4) == [1, 8, 0]  # cols * 4 bytes not a multiple of 16
+    assert emu.series_plan(5, 2048, 132, True, 4) == [4, 5, 0]
+    assert emu.series_plan(5, 2048, 132, False, 2) == [1, 5, 0]
+    assert emu.series_plan(5, 2048, 132, True, 2) == [8, 5, 0]
+    # Narrow rows: a warp each, eight rows per block (the toy case: 500 rows of 2 values, 63 blocks).
+    assert emu.series_plan(500, 2, 132, True, 4) == [1, 63, 1]
+    assert emu.series_plan(3, 512, 132, True, 4) == [4, 1, 1]    # 128 packs: still a warp
+    assert emu.series_plan(3, 516, 132, True, 4) == [4, 3, 0]    # 129 packs: a block
+    assert emu.series_plan(10_000, 64, 2, True, 8) == [2, 8, 1]  # capped at 4 blocks per SM
 
 
 def test_logdet_series_layouts_follow_the_cpu_op(emu):
@@ -378,6 +431,15 @@ def test_atomics(emu):
 def test_dynamic_shared_memory_is_poisoned_per_block_and_shared(emu):
     got = emu.probe("dynamic_shared", 3, 96, 32)
     assert torch.equal(got, torch.full_like(got, 3))
+
+
+def test_static_and_dynamic_shared_memory_share_the_block_limit(emu):
+    got = emu.probe("static_shared_fits", 2, 64, 32)
+    assert torch.equal(got.view(2, 64), ((torch.arange(64, dtype=torch.int32) + 1) % 64).expand(2, 64))
+    assert emu.last_static_shared_bytes() == 1024
+    with pytest.raises(RuntimeError, match=r"1024 bytes of static and 48132 bytes of dynamic shared memory at "
+                                           r"emulated_ops.cpp:\d+ exceed the 49152"):
+        emu.probe("static_shared_overflow", 2, 64, 32)
 
 
 @pytest.mark.parametrize("probe,threads,pattern", [

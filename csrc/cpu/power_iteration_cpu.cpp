@@ -96,9 +96,12 @@ bool use_onednn(const at::Tensor& weight) {
          at::globalContext().userEnabledMkldnn();
 }
 
-at::Tensor onednn_conv2d(const at::Tensor& x, const at::Tensor& kernel, at::IntArrayRef stride,
-                         at::IntArrayRef padding) {
-  return at::mkldnn_convolution(x, kernel, {}, padding, stride, {1, 1}, 1);
+Convolutions onednn_convolutions() {
+  Convolutions convs = aten_convolutions();
+  convs.conv2d = [](const at::Tensor& x, const at::Tensor& kernel, at::IntArrayRef stride, at::IntArrayRef padding) {
+    return at::mkldnn_convolution(x, kernel, {}, padding, stride, {1, 1}, 1);
+  };
+  return convs;
 }
 
 PowerIterationResult conv_power_iteration_cpu(
@@ -109,7 +112,8 @@ PowerIterationResult conv_power_iteration_cpu(
   const ConvGeometry g = check_conv_power_iteration(op, weight, u, v, input_size, stride, padding);
   const auto opt = power_iteration_options(op, max_iterations, atol, rtol, domain, codomain, u_first);
   return power_iteration_in_compute_type(weight, u, v, [&](const at::Tensor& w, const at::Tensor& u0, const at::Tensor& v0) {
-    const LinearOperator conv = use_onednn(w) ? conv_operator(w.contiguous(), g, onednn_conv2d) : conv_operator(w, g);
+    const LinearOperator conv = use_onednn(w) ? conv_operator(w.contiguous(), g, onednn_convolutions())
+                                              : conv_operator(w, g);
     return run_power_iteration(conv, u0, v0, opt);
   });
 }

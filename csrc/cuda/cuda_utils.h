@@ -2,12 +2,17 @@
 // toolkit here has no cuBLAS/cuSPARSE headers, which ATen/cuda/CUDAContext.h would pull in.
 #pragma once
 
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/detail/CUDAHooksInterface.h>
+#include <ATen/ops/cudnn_convolution.h>
+#include <ATen/ops/cudnn_convolution_transpose.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
+#include "host/power_iteration_host.h"
 #include "kernel_utils.cuh"
 
 #include <array>
@@ -29,13 +34,36 @@ inline int sm_count(int device) {
   return sms;
 }
 
+// The convolutions of the conv power iteration: cuDNN's with TF32 off whatever the user's global
+// setting (on Ampere and newer, cuDNN's float32 convolutions default to TF32, whose 10-bit mantissa
+// would move u, v and sigma away from the reference's float32 arithmetic), ATen's where cuDNN is
+// disabled or absent (their CUDA kernels do not use TF32 for convolutions).
+inline Convolutions convolutions_without_tf32() {
+  const auto& ctx = at::globalContext();
+  if (!ctx.userEnabledCuDNN() || !at::detail::getCUDAHooks().compiledWithCuDNN()) {
+    return aten_convolutions();
+  }
+  return {[](const at::Tensor& x, const at::Tensor& kernel, at::IntArrayRef stride, at::IntArrayRef padding) {
+            const auto& c = at::globalContext();
+            return at::cudnn_convolution(x, kernel, padding, stride, {1, 1}, 1, c.benchmarkCuDNN(),
+                                         c.deterministicCuDNN(), /*allow_tf32=*/false);
+          },
+          [](const at::Tensor& y, const at::Tensor& kernel, at::IntArrayRef stride, at::IntArrayRef padding) {
+            const auto& c = at::globalContext();
+            return at::cudnn_convolution_transpose(y, kernel, padding, {0, 0}, stride, {1, 1}, 1, c.benchmarkCuDNN(),
+                                                   c.deterministicCuDNN(), /*allow_tf32=*/false);
+          }};
+}
+
 // The Backend of the shared tensor bindings (*_binding.h) on a real GPU: a device guard, the
-// current stream, the device's SM count and per-block shared memory, and launch checks.
+// current stream, the device's SM count and per-block shared memory, the convolutions, and launch
+// checks.
 struct CudaBackend {
   c10::cuda::CUDAGuard guard(const at::Tensor& t) const { return c10::cuda::CUDAGuard(t.device()); }
   cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream(); }
   int sm_count(const at::Tensor& t) const { return cuda::sm_count(t.get_device()); }
   size_t max_shared_bytes() const { return kDefaultMaxSharedBytes; }
+  Convolutions convolutions() const { return convolutions_without_tf32(); }
   void check_launch() const { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
 };
 

@@ -13,12 +13,11 @@ namespace resflow_cuda::cuda {
 
 constexpr int kWarpSize = 32;
 constexpr int kElementwiseThreads = 256;
-// Resident blocks per SM the elementwise plan aims for; more blocks only add grid-stride tails.
-constexpr int kElementwiseBlocksPerSm = 4;
 // Resident blocks per SM an elementwise kernel is compiled for (__launch_bounds__' second
 // argument): float32, 6 x 256 threads = 75 % of an SM's 2048 (at most 40 registers a thread);
 // double and the 8-wide half packs need more registers, 4 blocks = 50 % (at most 64) keeps them
-// from spilling.
+// from spilling. The elementwise plan launches up to this many blocks per SM: every block the
+// SM can hold is resident, and more would only add grid-stride tails.
 template <typename scalar_t>
 constexpr int elementwise_min_blocks() {
   return sizeof(scalar_t) == 4 ? 6 : 4;
@@ -108,8 +107,8 @@ __device__ __forceinline__ T warp_reduce(T v, Op op) {
 template <typename T, int BLOCK, typename Op>
 __device__ __forceinline__ T block_all_reduce(T v, Op op, T identity) {
   static_assert(BLOCK % kWarpSize == 0 && BLOCK <= kWarpSize * kWarpSize, "BLOCK must be 32..1024, a multiple of 32");
-  __shared__ T warp_values[BLOCK / kWarpSize];
-  __shared__ T result;
+  RESFLOW_SHARED_ARRAY(T, warp_values, BLOCK / kWarpSize);
+  RESFLOW_SHARED(T, result);
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   v = warp_reduce(v, op);
@@ -151,7 +150,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
 
 // How an elementwise kernel over n elements is launched: VEC elements per thread step (16-byte
 // accesses when every operand is 16-byte aligned, else 1), 256 threads, and enough blocks to
-// cover the packs once, capped at kElementwiseBlocksPerSm per SM (grid-stride beyond that).
+// cover the packs once, capped at elementwise_min_blocks<scalar_t>() per SM (grid-stride beyond).
 struct ElementwisePlan {
   int vec;
   int blocks;
@@ -167,7 +166,7 @@ ElementwisePlan plan_elementwise(int64_t n, int sm_count, bool all_aligned) {
   const int vec = all_aligned ? kMaxAccessBytes / static_cast<int>(sizeof(scalar_t)) : 1;
   const int64_t packs = (n + vec - 1) / vec;
   int64_t blocks = (packs + kElementwiseThreads - 1) / kElementwiseThreads;
-  const int64_t cap = static_cast<int64_t>(sm_count) * kElementwiseBlocksPerSm;
+  const int64_t cap = static_cast<int64_t>(sm_count) * elementwise_min_blocks<scalar_t>();
   blocks = blocks < cap ? blocks : cap;
   return {vec, static_cast<int>(blocks < 1 ? 1 : blocks), kElementwiseThreads};
 }

@@ -1,12 +1,15 @@
 // The tensor side of the power-iteration CUDA ops, written once for the CUDA backend
 // (power_iteration_cuda.cu) and the emulated test backend (tests/emulated); see
-// lipswish_binding.h for the Backend contract, plus max_shared_bytes().
+// lipswish_binding.h for the Backend contract, plus max_shared_bytes() and convolutions() (the
+// conv operator's convolutions: cuDNN without TF32 on a GPU).
 //  - dense: the single-launch kernel of power_iteration_kernels.cuh when u, v and the raw product
-//    fit in shared memory, else the operator with ATen (mv) and the grid-wide dual-map kernels;
+//    fit in shared memory and W is small or the batch fills the GPU (plan_power_iteration), else
+//    the operator with ATen (mv) and the grid-wide dual-map kernels;
 //  - convolution: ATen convolutions and the grid-wide dual-map kernels.
 // Neither synchronises with the host per iteration.
 #pragma once
 
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -50,6 +53,9 @@ VectorWorkspace<acc_t> vector_workspace(const Backend& backend, const at::Tensor
 template <class Backend>
 PowerIterationResult power_iteration_on_device(const Backend& backend, const LinearOperator& op, const at::Tensor& u0,
                                                const at::Tensor& v0, const PowerIterationOptions& opt) {
+  // cuBLAS would run the dense operator's float32 products in TF32 under a user's global
+  // allow_tf32 (thread-local guard; the convolutions turn TF32 off themselves).
+  const at::NoTF32Guard no_tf32;
   at::Tensor u = u0.clone(at::MemoryFormat::Contiguous);
   at::Tensor v = v0.clone(at::MemoryFormat::Contiguous);
   at::Tensor done = at::zeros({}, u.options().dtype(at::kBool));
@@ -118,7 +124,8 @@ PowerIterationResult power_iteration_on(const Backend& backend, const at::Tensor
   PowerIterationResult result;
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "power_iteration_cuda", [&] {
     using acc_t = scalar_t;
-    const auto plan = plan_power_iteration<acc_t>(count, m, n, backend.max_shared_bytes());
+    const auto plan = plan_power_iteration<scalar_t, acc_t>(count, m, n, backend.max_shared_bytes(),
+                                                            backend.sm_count(weight));
     if (!plan.fits || m == 0 || n == 0) {
       result = per_matrix(weight_in, u_in, v_in, [&](const LinearOperator& op, const at::Tensor& ub,
                                                      const at::Tensor& vb) {
@@ -167,7 +174,7 @@ PowerIterationResult conv_power_iteration_on(const Backend& backend, const at::T
   const auto guard = backend.guard(weight);
   return power_iteration_in_compute_type(weight, u, v, [&](const at::Tensor& w, const at::Tensor& u0,
                                                            const at::Tensor& v0) {
-    return power_iteration_on_device(backend, conv_operator(w, g), u0, v0, opt);
+    return power_iteration_on_device(backend, conv_operator(w, g, backend.convolutions()), u0, v0, opt);
   });
 }
 

@@ -51,10 +51,10 @@ __device__ __forceinline__ void warp_argmax(acc_t& best, int64_t& best_index) {
 // Reduces every thread's candidate over the block and gives the winner to every thread.
 template <typename acc_t, int BLOCK>
 __device__ __forceinline__ void block_argmax(acc_t& best, int64_t& best_index) {
-  __shared__ acc_t warp_values[BLOCK / kWarpSize];
-  __shared__ int64_t warp_indices[BLOCK / kWarpSize];
-  __shared__ acc_t result_value;
-  __shared__ int64_t result_index;
+  RESFLOW_SHARED_ARRAY(acc_t, warp_values, BLOCK / kWarpSize);
+  RESFLOW_SHARED_ARRAY(int64_t, warp_indices, BLOCK / kWarpSize);
+  RESFLOW_SHARED(acc_t, result_value);
+  RESFLOW_SHARED(int64_t, result_index);
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   warp_argmax(best, best_index);
@@ -243,15 +243,30 @@ __global__ void __launch_bounds__(kPowerIterationThreads)
 struct PowerIterationPlan {
   int blocks;
   int threads;
-  size_t shared_bytes;
-  bool fits;  // false: the vectors do not fit in shared memory; use the ATen loop
+  size_t shared_bytes;  // dynamic
+  bool fits;            // false: use the ATen loop (vectors too long for shared memory, or W too large)
 };
 
-// One block per matrix; u, v and the raw product (length max(m, n)) in shared memory.
-template <typename acc_t>
-PowerIterationPlan plan_power_iteration(int64_t batch, int64_t m, int64_t n, size_t max_shared_bytes) {
+// Static shared memory of power_iteration_kernel, an upper bound: its block reductions' arrays
+// (block_argmax and two block_all_reduce instantiations, a few hundred bytes in double). The
+// emulated tests measure the real size (what cudaFuncGetAttributes reports as sharedSizeBytes)
+// and check it stays below this.
+constexpr size_t kPowerIterationStaticSharedBytes = 512;
+// Largest W the single-block kernel takes when the batch does not fill the GPU: one SM reads W
+// twice per iteration, which for a larger W costs more than the half-dozen launches per iteration
+// of the ATen loop, whose products use the whole GPU.
+constexpr size_t kFusedMaxMatrixBytes = 2 * 1024 * 1024;
+
+// One block per matrix with u, v and the raw product (length max(m, n)) in dynamic shared memory,
+// when those and the kernel's static shared memory fit max_shared_bytes, and either W is small
+// or there are at least as many matrices as SMs.
+template <typename scalar_t, typename acc_t>
+PowerIterationPlan plan_power_iteration(int64_t batch, int64_t m, int64_t n, size_t max_shared_bytes, int sm_count) {
   const size_t bytes = static_cast<size_t>(m + n + (m > n ? m : n)) * sizeof(acc_t);
-  return {static_cast<int>(batch), kPowerIterationThreads, bytes, bytes <= max_shared_bytes && batch > 0};
+  const bool shared_fits = bytes + kPowerIterationStaticSharedBytes <= max_shared_bytes;
+  const bool small = static_cast<size_t>(m) * static_cast<size_t>(n) * sizeof(scalar_t) <= kFusedMaxMatrixBytes;
+  const bool fills_gpu = batch >= sm_count;
+  return {static_cast<int>(batch), kPowerIterationThreads, bytes, shared_fits && (small || fills_gpu) && batch > 0};
 }
 
 template <typename scalar_t, typename acc_t>

@@ -85,8 +85,10 @@ void __sanitizer_finish_switch_fiber(void* fake_stack_save, const void** bottom_
 #define __noinline__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-// Blocks run one at a time, so a function-local static is exactly one copy per block.
-#define __shared__ static
+// Static shared memory is declared through RESFLOW_SHARED / RESFLOW_SHARED_ARRAY
+// (resflow/cuda_compat.h), which the emulator counts against the per-block limit; a bare
+// __shared__ does not compile here.
+#define __shared__ __shared___is_not_emulated_use_RESFLOW_SHARED
 
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
@@ -96,7 +98,8 @@ namespace resflow_emu {
 constexpr int kWarpSize = 32;
 constexpr int kMaxThreadsPerBlock = 1024;
 constexpr size_t kMaxPayloadBytes = 16;
-constexpr size_t kMaxDynamicSharedBytes = 48 * 1024;
+// Shared memory a block may use, static and dynamic together, without opting in (every GPU).
+constexpr size_t kMaxSharedBytes = 48 * 1024;
 
 struct dim3 {
   unsigned x, y, z;
@@ -244,6 +247,8 @@ struct Globals {
   Fiber* current = nullptr;
   dim3 block_idx, block_dim, grid_dim;
   unsigned char* dynamic_shared = nullptr;
+  // The kernel's static shared arrays met so far in this launch (address, bytes).
+  std::vector<std::pair<const void*, size_t>> static_shared;
 };
 
 inline Globals& globals() {
@@ -731,6 +736,34 @@ T warp_collective(WarpOp op, unsigned mask, const T& value, int arg, int width, 
   return out;
 }
 
+// Static shared bytes of the last completed launch (what cudaFuncGetAttributes calls
+// sharedSizeBytes), for the tests of launch plans that must leave room for them.
+inline size_t& last_static_shared_bytes() {
+  static size_t bytes = 0;
+  return bytes;
+}
+
+inline size_t static_shared_total(const Globals& g) {
+  size_t total = 0;
+  for (const auto& entry : g.static_shared) {
+    total += entry.second;
+  }
+  return total;
+}
+
+// Called where a kernel declares a static shared array (one function-local static per kernel
+// instantiation, one copy per block since blocks run one at a time): counted once per launch.
+inline void note_static_shared(const void* address, size_t bytes) {
+  IgnoreScope ignore;
+  auto& entries = globals().static_shared;
+  for (const auto& entry : entries) {
+    if (entry.first == address) {
+      return;
+    }
+  }
+  entries.emplace_back(address, bytes);
+}
+
 // Every kernel launched in this process, for the tests' coverage check.
 inline std::vector<const void*>& launched_kernels() {
   static std::vector<const void*> launched;
@@ -772,7 +805,7 @@ class Launcher {
                            "), block (" + std::to_string(block_.x) + "," + std::to_string(block_.y) + "," +
                            std::to_string(block_.z) + ")");
     }
-    if (shared_bytes_ > kMaxDynamicSharedBytes) {
+    if (shared_bytes_ > kMaxSharedBytes) {
       throw EmulationError("resflow_emu: " + std::to_string(shared_bytes_) +
                            " bytes of dynamic shared memory requested at " + site_str(site) + " (limit 49152)");
     }
@@ -793,9 +826,17 @@ class Launcher {
           // Dynamic shared memory starts every block as NaN bytes, never as stale or zero data.
           std::memset(dynamic_shared.data(), 0xFF, dynamic_shared.size());
           scheduler.run_block();
+          // A GPU refuses the launch ("invalid argument") when static + dynamic exceed the limit.
+          const size_t static_bytes = static_shared_total(g);
+          if (static_bytes + shared_bytes_ > kMaxSharedBytes) {
+            throw EmulationError("resflow_emu: " + std::to_string(static_bytes) + " bytes of static and " +
+                                 std::to_string(shared_bytes_) + " bytes of dynamic shared memory at " +
+                                 site_str(site) + " exceed the 49152 a block may use without opting in");
+          }
         }
       }
     }
+    last_static_shared_bytes() = static_shared_total(g);
     record_launch(reinterpret_cast<const void*>(kernel_));
   }
 
@@ -808,7 +849,9 @@ class Launcher {
 
 }  // namespace detail
 
+using detail::last_static_shared_bytes;
 using detail::launched_kernels;
+using detail::note_static_shared;
 
 template <class... Params>
 detail::Launcher<Params...> launcher(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,

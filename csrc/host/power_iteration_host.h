@@ -167,23 +167,33 @@ inline LinearOperator dense_operator(const at::Tensor& weight) {
           [weight](const at::Tensor& y) { return at::mv(weight.t(), y); }};
 }
 
-// How conv_operator convolves x with a kernel (stride, padding, no bias): ATen's conv2d by default.
+// How conv_operator convolves: x with a kernel (stride, padding, no bias), and y with the
+// transposed convolution of the same kernel (no output padding). Backends choose: ATen's by
+// default, oneDNN on CPU, cuDNN without TF32 on CUDA.
 using Conv2dFn = std::function<at::Tensor(const at::Tensor& x, const at::Tensor& kernel, at::IntArrayRef stride,
                                           at::IntArrayRef padding)>;
+struct Convolutions {
+  Conv2dFn conv2d;
+  Conv2dFn conv_transpose2d;
+};
 
-inline at::Tensor aten_conv2d(const at::Tensor& x, const at::Tensor& kernel, at::IntArrayRef stride,
-                              at::IntArrayRef padding) {
-  return at::conv2d(x, kernel, {}, stride, padding);
+inline Convolutions aten_convolutions() {
+  return {[](const at::Tensor& x, const at::Tensor& kernel, at::IntArrayRef stride, at::IntArrayRef padding) {
+            return at::conv2d(x, kernel, {}, stride, padding);
+          },
+          [](const at::Tensor& y, const at::Tensor& kernel, at::IntArrayRef stride, at::IntArrayRef padding) {
+            return at::conv_transpose2d(y, kernel, {}, stride, padding);
+          }};
 }
 
 // A^T of a stride-1 convolution is the convolution with the kernel transposed in its channels and
 // flipped in space, padded by k - 1 - p. Where A^T widens the channels (out_channels <
-// in_channels) conv_transpose2d is 2-30x slower than that conv2d on CPU (measured at the CIFAR-10
-// model's shapes: the same arithmetic, summed in another order); elsewhere both are as fast and
-// conv_transpose2d saves the flip. Other strides use conv_transpose2d.
+// in_channels) conv_transpose2d is several times slower than that conv2d on CPU (the same
+// arithmetic, summed in another order); elsewhere both are as fast and conv_transpose2d saves the
+// flip. Other strides use conv_transpose2d.
 inline LinearOperator conv_operator(const at::Tensor& weight, const ConvGeometry& g,
-                                    const Conv2dFn& conv = aten_conv2d) {
-  auto matvec = [weight, g, conv](const at::Tensor& x) {
+                                    const Convolutions& convs = aten_convolutions()) {
+  auto matvec = [weight, g, conv = convs.conv2d](const at::Tensor& x) {
     return conv(x.view(g.input_shape), weight, g.stride, g.padding).reshape({-1});
   };
   const int64_t kh = weight.size(2), kw = weight.size(3);
@@ -191,12 +201,12 @@ inline LinearOperator conv_operator(const at::Tensor& weight, const ConvGeometry
       weight.size(0) < weight.size(1)) {
     const at::Tensor flipped = weight.transpose(0, 1).flip({2, 3}).contiguous();
     const std::vector<int64_t> padding{kh - 1 - g.padding[0], kw - 1 - g.padding[1]};
-    return {matvec, [flipped, g, padding, conv](const at::Tensor& y) {
+    return {matvec, [flipped, g, padding, conv = convs.conv2d](const at::Tensor& y) {
               return conv(y.view(g.output_shape), flipped, {1, 1}, padding).reshape({-1});
             }};
   }
-  return {matvec, [weight, g](const at::Tensor& y) {
-            return at::conv_transpose2d(y.view(g.output_shape), weight, {}, g.stride, g.padding).reshape({-1});
+  return {matvec, [weight, g, transpose = convs.conv_transpose2d](const at::Tensor& y) {
+            return transpose(y.view(g.output_shape), weight, g.stride, g.padding).reshape({-1});
           }};
 }
 

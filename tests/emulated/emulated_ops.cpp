@@ -32,6 +32,7 @@ struct EmulatedBackend {
   cudaStream_t stream() const { return nullptr; }
   int sm_count(const at::Tensor&) const { return sms; }
   size_t max_shared_bytes() const { return shared_bytes; }
+  resflow_cuda::Convolutions convolutions() const { return resflow_cuda::aten_convolutions(); }
   void check_launch() const {}
 };
 
@@ -95,7 +96,7 @@ void logdet_series_accumulate_(const at::Tensor& w, const at::Tensor& eps, const
   cu::logdet_series_accumulate_on(backend(sms), w, eps, logdet, neumann, logdet_coeff, neumann_coeff);
 }
 
-// The series launch plan for rows x cols elements of `element_size` bytes: [vec, blocks].
+// The series launch plan for rows x cols elements of `element_size` bytes: [vec, blocks, warp per row].
 std::vector<int64_t> series_plan(int64_t rows, int64_t cols, int64_t sms, bool aligned, int64_t element_size) {
   cu::SeriesPlan plan{};
   switch (element_size) {
@@ -104,7 +105,7 @@ std::vector<int64_t> series_plan(int64_t rows, int64_t cols, int64_t sms, bool a
     case 8: plan = cu::plan_series<double>(rows, cols, static_cast<int>(sms), aligned); break;
     default: TORCH_CHECK(false, "resflow_emulated.series_plan: element_size must be 2, 4 or 8");
   }
-  return {plan.vec, plan.blocks};
+  return {plan.vec, plan.blocks, plan.warp_rows ? 1 : 0};
 }
 
 // The elementwise launch plan for n elements of `element_size` bytes: [vec, blocks, threads].
@@ -117,6 +118,28 @@ std::vector<int64_t> elementwise_plan(int64_t n, int64_t sms, bool aligned, int6
     default: TORCH_CHECK(false, "resflow_emulated.elementwise_plan: element_size must be 2, 4 or 8");
   }
   return {plan.vec, plan.blocks, plan.threads};
+}
+
+// The fused power-iteration plan for `batch` m x n matrices of `element_size` bytes (computing in
+// that type): [blocks, threads, dynamic shared bytes, fits].
+std::vector<int64_t> power_iteration_plan(int64_t batch, int64_t m, int64_t n, int64_t max_shared_bytes, int64_t sms,
+                                          int64_t element_size) {
+  TORCH_CHECK(element_size == 4 || element_size == 8,
+              "resflow_emulated.power_iteration_plan: element_size must be 4 or 8");
+  const auto plan = element_size == 4
+                        ? cu::plan_power_iteration<float, float>(batch, m, n, max_shared_bytes, static_cast<int>(sms))
+                        : cu::plan_power_iteration<double, double>(batch, m, n, max_shared_bytes, static_cast<int>(sms));
+  return {plan.blocks, plan.threads, static_cast<int64_t>(plan.shared_bytes), plan.fits ? 1 : 0};
+}
+
+// [the static shared bytes the power-iteration plan reserves, the largest W it sends to one block].
+std::vector<int64_t> power_iteration_limits() {
+  return {static_cast<int64_t>(cu::kPowerIterationStaticSharedBytes), static_cast<int64_t>(cu::kFusedMaxMatrixBytes)};
+}
+
+// Static shared bytes of the last emulated launch (cudaFuncAttributes::sharedSizeBytes on a GPU).
+int64_t last_static_shared_bytes() {
+  return static_cast<int64_t>(resflow_emu::last_static_shared_bytes());
 }
 
 // Names (without namespace or template arguments) of every kernel launched in this process.
@@ -167,6 +190,11 @@ at::Tensor probe(const std::string& which, int64_t blocks, int64_t threads, int6
   if (which == "dynamic_shared") {
     const auto kernel = &p::dynamic_shared_kernel;
     RESFLOW_LAUNCH(kernel, blocks, threads, threads * sizeof(float), nullptr)(o);
+  } else if (which == "static_shared_fits" || which == "static_shared_overflow") {
+    // 1 KiB static plus 47 KiB (fits) or 47 KiB + 4 bytes (does not) of dynamic shared memory.
+    const size_t dynamic = 47 * 1024 + (which == "static_shared_overflow" ? 4 : 0);
+    const auto kernel = &p::static_shared_kernel;
+    RESFLOW_LAUNCH(kernel, blocks, threads, dynamic, nullptr)(o);
   } else if (which == "divergent_barrier") {
     const auto kernel = &p::divergent_barrier_kernel;
     RESFLOW_LAUNCH(kernel, blocks, threads, 0, nullptr)(o);
@@ -225,6 +253,10 @@ TORCH_LIBRARY(resflow_emulated, m) {
   m.def("logdet_series_accumulate_(Tensor w, Tensor eps, Tensor(a!) logdet, Tensor(b!)? neumann, float logdet_coeff, "
         "float neumann_coeff, int sm_count) -> ()");
   m.def("launched_kernels() -> str[]", &launched_kernels);
+  m.def("power_iteration_plan(int batch, int m, int n, int max_shared_bytes, int sm_count, int element_size) -> int[]",
+        &power_iteration_plan);
+  m.def("power_iteration_limits() -> int[]", &power_iteration_limits);
+  m.def("last_static_shared_bytes() -> int", &last_static_shared_bytes);
   m.def("probe(str which, int blocks, int threads, int width) -> Tensor", &probe);
   m.def("shared_reverse(Tensor x, bool with_barrier) -> Tensor");
   m.def("sanitizer() -> str", &sanitizer);

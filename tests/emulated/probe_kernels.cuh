@@ -62,6 +62,15 @@ static __global__ void dynamic_shared_kernel(int* out) {
 }
 
 // Threads of one block wait at two different barriers.
+// 1 KiB of static shared memory: launched with more than 47 KiB of dynamic shared memory, the
+// block asks for more than the 48 KiB a GPU grants without opting in.
+static __global__ void static_shared_kernel(int* out) {
+  RESFLOW_SHARED_ARRAY(int, tile, 256);
+  tile[threadIdx.x % 256] = static_cast<int>(threadIdx.x);  // blockDim.x <= 256
+  __syncthreads();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = tile[(threadIdx.x + 1) % blockDim.x];
+}
+
 static __global__ void divergent_barrier_kernel(int* out) {
   if (threadIdx.x < 40) {
     __syncthreads();
@@ -100,7 +109,7 @@ static __global__ void exited_lane_kernel(int* out) {
 // emulator (warp 0 runs ahead and reads elements later warps have not written yet).
 template <bool WITH_BARRIER>
 __global__ void shared_reverse_kernel(const float* x, float* y) {
-  __shared__ float tile[128];
+  RESFLOW_SHARED_ARRAY(float, tile, 128);
   const int t = threadIdx.x;
   tile[t] = x[blockIdx.x * 128 + t];
   if (WITH_BARRIER) {
