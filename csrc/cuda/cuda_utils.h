@@ -7,6 +7,7 @@
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <ATen/ops/cudnn_convolution.h>
 #include <ATen/ops/cudnn_convolution_transpose.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -55,15 +56,70 @@ inline Convolutions convolutions_without_tf32() {
           }};
 }
 
+// Reads a device bool on the host without draining the stream: request() queues a copy to pinned
+// host memory and an event behind the work queued so far; arrived() asks the event without
+// waiting; wait() waits for that point of the stream only (work queued after it keeps running).
+// While the stream is being captured into a CUDA graph nothing is requested (a graph cannot wait
+// on the host), so the caller runs to its iteration limit.
+class DeviceFlagPoll {
+ public:
+  explicit DeviceFlagPoll(const at::Tensor& flag)
+      : flag_(flag), host_(at::empty({}, flag.options().device(at::kCPU).pinned_memory(true))) {
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
+  }
+  DeviceFlagPoll(const DeviceFlagPoll&) = delete;
+  DeviceFlagPoll& operator=(const DeviceFlagPoll&) = delete;
+  ~DeviceFlagPoll() { cudaEventDestroy(event_); }
+
+  void request() {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone) {
+      return;
+    }
+    host_.copy_(flag_, /*non_blocking=*/true);
+    C10_CUDA_CHECK(cudaEventRecord(event_, stream));
+    pending_ = true;
+  }
+  bool pending() const { return pending_; }
+  bool arrived() const {
+    if (!pending_) {
+      return false;
+    }
+    const cudaError_t status = cudaEventQuery(event_);
+    if (status == cudaErrorNotReady) {
+      (void)cudaGetLastError();  // not an error: clear it
+      return false;
+    }
+    C10_CUDA_CHECK(status);
+    return true;
+  }
+  bool value() {
+    pending_ = false;
+    return *host_.const_data_ptr<bool>();
+  }
+  bool wait() {
+    C10_CUDA_CHECK(cudaEventSynchronize(event_));
+    return value();
+  }
+
+ private:
+  at::Tensor flag_, host_;
+  cudaEvent_t event_ = nullptr;
+  bool pending_ = false;
+};
+
 // The Backend of the shared tensor bindings (*_binding.h) on a real GPU: a device guard, the
-// current stream, the device's SM count and per-block shared memory, the convolutions, and launch
-// checks.
+// current stream, the device's SM count and per-block shared memory, the convolutions, a poll of
+// device flags, and launch checks.
 struct CudaBackend {
   c10::cuda::CUDAGuard guard(const at::Tensor& t) const { return c10::cuda::CUDAGuard(t.device()); }
   cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream(); }
   int sm_count(const at::Tensor& t) const { return cuda::sm_count(t.get_device()); }
   size_t max_shared_bytes() const { return kDefaultMaxSharedBytes; }
   Convolutions convolutions() const { return convolutions_without_tf32(); }
+  DeviceFlagPoll flag_poll(const at::Tensor& flag) const { return DeviceFlagPoll(flag); }
   void check_launch() const { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
 };
 

@@ -6,23 +6,24 @@
 //    fit in shared memory and W is small or the batch fills the GPU (plan_power_iteration), else
 //    the operator with ATen (mv) and the grid-wide dual-map kernels;
 //  - convolution: ATen convolutions and the grid-wide dual-map kernels.
-// Neither synchronises with the host per iteration.
+// Neither synchronises with the host per iteration. Backend also provides flag_poll(flag): an
+// object that copies a device bool to the host behind the queued work (request), says whether
+// that copy has arrived (pending, arrived), and reads it (value, or wait for it).
 #pragma once
 
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 
 #include <tuple>
+#include <utility>
 
 #include "host/power_iteration_host.h"
 #include "power_iteration_kernels.cuh"
 
 namespace resflow_cuda::cuda {
-
-// Every this many iterations the host reads the device's "done" flag to leave early.
-constexpr int64_t kDeviceCheckInterval = 16;
 
 // Per-vector workspace of the grid-wide dual map: stats partials and per-block step changes.
 template <typename acc_t>
@@ -46,58 +47,88 @@ VectorWorkspace<acc_t> vector_workspace(const Backend& backend, const at::Tensor
           at::empty({blocks}, opts), at::empty({blocks}, opts)};
 }
 
-// The power iteration of an operator applied with ATen (convolutions, matrices too large for the
-// single-launch kernel): the dual maps and the stopping test run in kernels, a device flag
-// freezes u and v once the test has passed, and the host reads the flag every
-// kDeviceCheckInterval iterations only. u, v arrive in the compute dtype.
+// The device's steps of the shared loop (host/power_iteration_host.h) for an operator applied with
+// ATen (convolutions, matrices too large for the single-launch kernel): the dual maps and the
+// stopping test run in kernels, and a device flag freezes u and v once the test has passed, so
+// iterations the host queues after that change nothing (nor the count). The host never waits for
+// the flag per iteration: it asks for a copy at iterations 1, 2, 4, 8, ... and reads the answer
+// when it has arrived, or, at the next power of two, waits for it while the iterations queued since
+// keep the GPU busy. Without a tolerance there is no stopping test and no convergence kernel.
+template <typename acc_t, class Backend>
+class DeviceSteps {
+ public:
+  DeviceSteps(const Backend& backend, const at::Tensor& u0, const at::Tensor& v0, const PowerIterationOptions& opt)
+      : backend_(backend),
+        opt_(opt),
+        u_(u0.clone(at::MemoryFormat::Contiguous)),
+        v_(v0.clone(at::MemoryFormat::Contiguous)),
+        done_(at::zeros({}, u_.options().dtype(at::kBool))),
+        count_(at::zeros({}, u_.options().dtype(at::kLong))),
+        uw_(vector_workspace<acc_t>(backend, u_)),
+        vw_(vector_workspace<acc_t>(backend, v_)),
+        u_map_(math::codomain_dual_map<acc_t>(opt.codomain)),
+        v_map_(math::domain_dual_map<acc_t>(opt.domain)),
+        poll_(backend.flag_poll(done_)) {}
+
+  const at::Tensor& u() const { return u_; }
+  const at::Tensor& v() const { return v_; }
+  void update_u(const at::Tensor& product) { apply(product, u_, uw_, u_map_); }
+  void update_v(const at::Tensor& product) { apply(product, v_, vw_, v_map_); }
+
+  bool end_iteration(int64_t count) {
+    if (!opt_.tolerance()) {
+      return false;
+    }
+    launch_convergence<acc_t>(uw_.changes(u_.numel()), vw_.changes(v_.numel()), true,
+                              static_cast<acc_t>(*opt_.atol), static_cast<acc_t>(*opt_.rtol),
+                              done_.mutable_data_ptr<bool>(), count_.mutable_data_ptr<int64_t>(), backend_.stream());
+    backend_.check_launch();
+    if (poll_.arrived() && poll_.value()) {
+      return true;
+    }
+    if ((count & (count - 1)) == 0) {  // a power of two
+      if (poll_.pending() && poll_.wait()) {
+        return true;
+      }
+      poll_.request();
+    }
+    return false;
+  }
+
+  at::Tensor iterations() const {
+    return opt_.tolerance() ? count_ : at::full({}, opt_.max_iterations, u_.options().dtype(at::kLong));
+  }
+
+ private:
+  void apply(const at::Tensor& product, at::Tensor& x, VectorWorkspace<acc_t>& w, const math::DualMap<acc_t>& map) {
+    const at::Tensor raw = product.contiguous();
+    launch_dual_map<acc_t>(raw.const_data_ptr<acc_t>(), x.mutable_data_ptr<acc_t>(), x.numel(), map, w.stats(),
+                           done_.const_data_ptr<bool>(), w.change_sq.template mutable_data_ptr<acc_t>(),
+                           w.change_max.template mutable_data_ptr<acc_t>(), backend_.stream());
+    backend_.check_launch();
+  }
+
+  const Backend& backend_;
+  const PowerIterationOptions& opt_;
+  at::Tensor u_, v_, done_, count_;
+  VectorWorkspace<acc_t> uw_, vw_;
+  math::DualMap<acc_t> u_map_, v_map_;
+  decltype(std::declval<const Backend&>().flag_poll(std::declval<const at::Tensor&>())) poll_;
+};
+
+// The shared loop with the device's steps; u, v arrive in the compute dtype.
 template <class Backend>
 PowerIterationResult power_iteration_on_device(const Backend& backend, const LinearOperator& op, const at::Tensor& u0,
                                                const at::Tensor& v0, const PowerIterationOptions& opt) {
   // cuBLAS would run the dense operator's float32 products in TF32 under a user's global
   // allow_tf32 (thread-local guard; the convolutions turn TF32 off themselves).
   const at::NoTF32Guard no_tf32;
-  at::Tensor u = u0.clone(at::MemoryFormat::Contiguous);
-  at::Tensor v = v0.clone(at::MemoryFormat::Contiguous);
-  at::Tensor done = at::zeros({}, u.options().dtype(at::kBool));
-  at::Tensor iterations = at::zeros({}, u.options().dtype(at::kLong));
-  at::Tensor last;
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "power_iteration_on_device", [&] {
-    using acc_t = scalar_t;
-    auto uw = vector_workspace<acc_t>(backend, u);
-    auto vw = vector_workspace<acc_t>(backend, v);
-    const auto u_map = math::codomain_dual_map<acc_t>(opt.codomain);
-    const auto v_map = math::domain_dual_map<acc_t>(opt.domain);
-    const auto update = [&](const at::Tensor& raw_in, at::Tensor& x, VectorWorkspace<acc_t>& w,
-                            const math::DualMap<acc_t>& map) {
-      const at::Tensor raw = raw_in.contiguous();
-      launch_dual_map<acc_t>(raw.const_data_ptr<acc_t>(), x.mutable_data_ptr<acc_t>(), x.numel(), map, w.stats(),
-                             done.const_data_ptr<bool>(), w.change_sq.template mutable_data_ptr<acc_t>(),
-                             w.change_max.template mutable_data_ptr<acc_t>(), backend.stream());
-      backend.check_launch();
-    };
-    for (int64_t it = 0; it < opt.max_iterations; ++it) {
-      // Once frozen, u and v stay put and `last` is recomputed from them: it stays A^T u (or A v).
-      if (opt.u_first) {
-        update(op.matvec(v), u, uw, u_map);
-        last = op.rmatvec(u);
-        update(last, v, vw, v_map);
-      } else {
-        update(op.rmatvec(u), v, vw, v_map);
-        last = op.matvec(v);
-        update(last, u, uw, u_map);
-      }
-      launch_convergence<acc_t>(uw.changes(u.numel()), vw.changes(v.numel()), opt.tolerance(),
-                                static_cast<acc_t>(opt.atol.value_or(0)), static_cast<acc_t>(opt.rtol.value_or(0)),
-                                done.mutable_data_ptr<bool>(), iterations.mutable_data_ptr<int64_t>(),
-                                backend.stream());
-      backend.check_launch();
-      if (opt.tolerance() && (it + 1) % kDeviceCheckInterval == 0 && done.item<bool>()) {
-        break;
-      }
-    }
+  PowerIterationResult result;
+  AT_DISPATCH_FLOATING_TYPES(u0.scalar_type(), "power_iteration_on_device", [&] {
+    DeviceSteps<scalar_t, Backend> steps(backend, u0, v0, opt);
+    result = power_iteration_loop(op, steps, opt);
   });
-  const at::Tensor sigma = power_iteration_sigma(op, u, v, last, opt.u_first);
-  return {u, v, sigma, iterations};
+  return result;
 }
 
 template <class Backend>

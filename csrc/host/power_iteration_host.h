@@ -32,6 +32,7 @@
 #include <functional>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "checks/power_iteration_checks.h"
@@ -105,39 +106,71 @@ inline at::Tensor power_iteration_sigma(const LinearOperator& op, const at::Tens
   return u_first ? at::dot(last, v) : at::dot(u, last);
 }
 
-// The reference's loop: returns (u, v, sigma = u^T A v, iterations), iterations a 0-dim int64
-// tensor. The stopping test is read on the host after every step (CPU; on CUDA see
-// cuda/power_iteration_binding.h).
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_power_iteration(const LinearOperator& op,
-                                                                                      at::Tensor u, at::Tensor v,
-                                                                                      const PowerIterationOptions& opt) {
-  int64_t iterations = 0;
+using PowerIterationResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The reference's loop, shared by the CPU and CUDA backends: returns (u, v, sigma = u^T A v,
+// iterations), iterations a 0-dim int64 tensor. What differs between backends is `Steps`:
+//   const at::Tensor& u(), v()          the current vectors, in the compute dtype
+//   void update_u(const at::Tensor& p)  u <- the codomain's dual map of the product p = A v
+//   void update_v(const at::Tensor& p)  v <- the domain's dual map of the product p = A^T u
+//   bool end_iteration(int64_t count)   after `count` iterations: true to leave the loop (the
+//                                       stopping test has passed)
+//   at::Tensor iterations()             the iterations run until the stopping test passed
+template <class Steps>
+PowerIterationResult power_iteration_loop(const LinearOperator& op, Steps& steps, const PowerIterationOptions& opt) {
   at::Tensor last;
-  for (int64_t it = 0; it < opt.max_iterations; ++it) {
-    at::Tensor u1, v1;
+  for (int64_t count = 1; count <= opt.max_iterations; ++count) {
     if (opt.u_first) {
-      u1 = normalize_u(op.matvec(v), opt.codomain);
-      last = op.rmatvec(u1);
-      v1 = normalize_v(last, opt.domain);
+      steps.update_u(op.matvec(steps.v()));
+      last = op.rmatvec(steps.u());
+      steps.update_v(last);
     } else {
-      v1 = normalize_v(op.rmatvec(u), opt.domain);
-      last = op.matvec(v1);
-      u1 = normalize_u(last, opt.codomain);
+      steps.update_v(op.rmatvec(steps.u()));
+      last = op.matvec(steps.v());
+      steps.update_u(last);
     }
-    ++iterations;
-    const bool converged = opt.tolerance() && step_converged(u1, u, *opt.atol, *opt.rtol).item<bool>() &&
-                           step_converged(v1, v, *opt.atol, *opt.rtol).item<bool>();
-    u = u1;
-    v = v1;
-    if (converged) {
+    if (steps.end_iteration(count)) {
       break;
     }
   }
-  const at::Tensor sigma = power_iteration_sigma(op, u, v, last, opt.u_first);
-  return {u, v, sigma, at::scalar_tensor(iterations, u.options().dtype(at::kLong))};
+  const at::Tensor sigma = power_iteration_sigma(op, steps.u(), steps.v(), last, opt.u_first);
+  return {steps.u(), steps.v(), sigma, steps.iterations()};
 }
 
-using PowerIterationResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// The host's steps: the dual maps in ATen ops and the stopping test read after every iteration
+// (on a CPU a read costs no pipeline stall).
+class HostSteps {
+ public:
+  HostSteps(at::Tensor u, at::Tensor v, const PowerIterationOptions& opt)
+      : u_(std::move(u)), v_(std::move(v)), opt_(opt) {}
+  const at::Tensor& u() const { return u_; }
+  const at::Tensor& v() const { return v_; }
+  void update_u(const at::Tensor& product) {
+    old_u_ = u_;
+    u_ = normalize_u(product, opt_.codomain);
+  }
+  void update_v(const at::Tensor& product) {
+    old_v_ = v_;
+    v_ = normalize_v(product, opt_.domain);
+  }
+  bool end_iteration(int64_t count) {
+    count_ = count;
+    return opt_.tolerance() && step_converged(u_, old_u_, *opt_.atol, *opt_.rtol).item<bool>() &&
+           step_converged(v_, old_v_, *opt_.atol, *opt_.rtol).item<bool>();
+  }
+  at::Tensor iterations() const { return at::scalar_tensor(count_, u_.options().dtype(at::kLong)); }
+
+ private:
+  at::Tensor u_, v_, old_u_, old_v_;
+  const PowerIterationOptions& opt_;
+  int64_t count_ = 0;
+};
+
+inline PowerIterationResult run_power_iteration(const LinearOperator& op, at::Tensor u, at::Tensor v,
+                                                const PowerIterationOptions& opt) {
+  HostSteps steps(std::move(u), std::move(v), opt);
+  return power_iteration_loop(op, steps, opt);
+}
 
 // Runs fn on float32/float64 versions of the tensors (half types compute in float32) and casts u
 // and v back to their dtype; sigma stays in the compute dtype.

@@ -12,6 +12,7 @@
 
 #include <cstdlib>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda/lipswish_binding.h"
@@ -23,6 +24,27 @@ namespace {
 
 namespace cu = resflow_cuda::cuda;
 
+// Emulated launches complete before they return, so a requested flag has always arrived.
+class HostFlagPoll {
+ public:
+  explicit HostFlagPoll(at::Tensor flag) : flag_(std::move(flag)) {}
+  void request() {
+    value_ = flag_.item<bool>();
+    pending_ = true;
+  }
+  bool pending() const { return pending_; }
+  bool arrived() const { return pending_; }
+  bool value() {
+    pending_ = false;
+    return value_;
+  }
+  bool wait() { return value(); }
+
+ private:
+  at::Tensor flag_;
+  bool value_ = false, pending_ = false;
+};
+
 // The GPU the tests pretend to have: its SM count and per-block shared memory shape the launches.
 struct EmulatedBackend {
   int sms;
@@ -33,6 +55,7 @@ struct EmulatedBackend {
   int sm_count(const at::Tensor&) const { return sms; }
   size_t max_shared_bytes() const { return shared_bytes; }
   resflow_cuda::Convolutions convolutions() const { return resflow_cuda::aten_convolutions(); }
+  HostFlagPoll flag_poll(const at::Tensor& flag) const { return HostFlagPoll(flag); }
   void check_launch() const {}
 };
 
