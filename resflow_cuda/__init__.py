@@ -6,7 +6,7 @@
 
 import torch  # noqa: F401  (loads libtorch and, in CUDA builds, the CUDA runtime before _C)
 
-from ._build import __version__, build_info, has_cuda_kernels
+from ._extension import __version__, build_info, has_cuda_kernels
 from . import ops, reference, functional, estimators, solvers, nn, models
 from .functional import lipswish
 from .nn.iresblock import logdet_exact
