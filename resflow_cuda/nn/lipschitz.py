@@ -33,8 +33,8 @@ import torch.nn.functional as F
 import torch.nn.init as init
 from torch import Tensor, nn
 
-from .. import ops, reference
-from ..reference import normalize_u, normalize_v
+from .. import ops
+from ..functional import conv_operator, eager_power_iteration, normalize_u, normalize_v
 
 __all__ = [
     "SpectralNormLinear", "SpectralNormConv2d", "InducedNormLinear", "InducedNormConv2d", "LopLinear", "LopConv2d",
@@ -220,8 +220,8 @@ class InducedNormLinear(_InducedNormsMixin, _LipschitzMixin, nn.Module):
         domain, codomain = self.compute_domain_codomain()
         weight = self.weight.detach()
         if self._learnable_norms():
-            u, v, _, _ = _reference_power_iteration(weight, self.u, self.v, max_iterations, atol, rtol, domain,
-                                                    codomain)
+            u, v, _, _ = eager_power_iteration(weight, self.u, self.v, max_iterations, atol, rtol, domain,
+                                               codomain)
         else:
             u, v, _, _ = ops.power_iteration(weight, self.u, self.v, max_iterations, atol, rtol, domain, codomain,
                                              True)
@@ -489,9 +489,9 @@ class InducedNormConv2d(_InducedNormsMixin, _LipschitzConv2d):
                     if self._pointwise:
                         weight = self._matrix(weight)
                     else:
-                        operator = _conv_operator(weight, self._input_hw, self.stride, self.padding)
-                    u, v, _, _ = _reference_power_iteration(weight, u, v, max_iterations, atol, rtol, domain,
-                                                            codomain, *operator)
+                        operator = conv_operator(weight, self._input_hw, self.stride, self.padding)
+                    u, v, _, _ = eager_power_iteration(weight, u, v, max_iterations, atol, rtol, domain,
+                                                       codomain, *operator)
                 else:
                     u, v, _, _ = self._power_iterate(weight, u, v, max_iterations, atol, rtol, domain, codomain,
                                                      True)
@@ -513,7 +513,7 @@ class InducedNormConv2d(_InducedNormsMixin, _LipschitzConv2d):
             u = normalize_u(torch.mv(weight, self.v.detach()), codomain)
             v = normalize_v(torch.mv(weight.t(), u), domain)
             return torch.dot(u, torch.mv(weight, v))
-        matvec, rmatvec = _conv_operator(weight, self._input_hw, self.stride, self.padding)
+        matvec, rmatvec = conv_operator(weight, self._input_hw, self.stride, self.padding)
         u = normalize_u(matvec(self.v.detach()), codomain)
         v = normalize_v(rmatvec(u), domain)
         return torch.dot(u, matvec(v))
@@ -531,18 +531,6 @@ class InducedNormConv2d(_InducedNormsMixin, _LipschitzConv2d):
             f", coeff={self.coeff}, domain={float(domain):.2f}, codomain={float(codomain):.2f}, "
             f"n_iters={self.n_iterations}, atol={self.atol}, rtol={self.rtol}, "
             f"learnable_ord={torch.is_tensor(self.domain)}")
-
-
-def _reference_power_iteration(weight, u, v, max_iterations, atol, rtol, domain, codomain, matvec=None,
-                               rmatvec=None):
-    """The Python loop, for tensor-valued (learnable) norm orders, which the reference treats with
-    its general dual map even where the order equals 2."""
-    return reference.power_iteration(weight, u, v, max_iterations, atol, rtol, domain, codomain, True, matvec,
-                                     rmatvec)
-
-
-def _conv_operator(weight, input_hw, stride, padding):
-    return reference.conv_operator(weight, input_hw, stride, padding)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -728,7 +716,7 @@ def _conv_norm_bound_fft(weight: Tensor, input_hw) -> Tensor:
 
 
 def _conv_dense_matrix(layer: _LipschitzConv2d) -> Tensor:
-    matvec, _ = _conv_operator(layer.weight.detach().double(), layer._input_hw, layer.stride, layer.padding)
+    matvec, _ = conv_operator(layer.weight.detach().double(), layer._input_hw, layer.stride, layer.padding)
     n_in = layer.in_channels * layer._input_hw[0] * layer._input_hw[1]
     return torch.stack([matvec(e) for e in torch.eye(n_in, dtype=torch.float64, device=layer.weight.device)], 1)
 
