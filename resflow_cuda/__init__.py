@@ -9,7 +9,7 @@ import torch  # noqa: F401  (loads libtorch and, in CUDA builds, the CUDA runtim
 from ._extension import __version__, build_info, has_cuda_kernels
 from . import ops, reference, functional, estimators, solvers, nn, models
 from .functional import lipswish
-from .nn.iresblock import logdet_exact
+from .logdet import logdet_exact
 from .nn.lipschitz import lipschitz_report, update_lipschitz
 
 __all__ = [

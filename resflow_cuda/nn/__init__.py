@@ -6,7 +6,8 @@ from .coupling import (AdditiveCoupling, AffineCoupling, ChannelCouplingBlock, C
 from .flows import (ActNorm1d, ActNorm2d, Inverse, InvertibleConv2d, InvertibleLinear, LogitTransform, MovingBatchNorm1d,
                     MovingBatchNorm2d, Normalize, SequentialFlow, SqueezeLayer, ZeroMeanTransform)
 from .implicit import ImplicitBlock
-from .iresblock import InverseReport, iResBlock, logdet_exact
+from .iresblock import InverseReport, iResBlock
+from ..logdet import logdet_exact
 from .lipschitz import (
     InducedNormConv2d,
     InducedNormLinear,
