@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..functional import conv_operator, eager_power_iteration, normalize_u, normalize_v
+from ..linearize import register_linear
 
 __all__ = [
     "SpectralNormLinear", "SpectralNormConv2d", "InducedNormLinear", "InducedNormConv2d", "LopLinear", "LopConv2d",
@@ -533,6 +534,11 @@ class InducedNormConv2d(_InducedNormsMixin, _LipschitzConv2d):
             f"learnable_ord={torch.is_tensor(self.domain)}")
 
 
+for _layer, _conv in ((SpectralNormLinear, False), (InducedNormLinear, False), (SpectralNormConv2d, True),
+                     (InducedNormConv2d, True)):
+    register_linear(_layer, conv=_conv)
+
+
 # ---------------------------------------------------------------------------------------------
 # Closed-form operator norms (Lop*) and the reference's layer factories
 # ---------------------------------------------------------------------------------------------
@@ -621,6 +627,10 @@ class LopConv2d(_LopMixin, nn.Conv2d):
 
     def extra_repr(self):
         return super().extra_repr() + self._lop_repr()
+
+
+register_linear(LopLinear, conv=False)
+register_linear(LopConv2d, conv=True)
 
 
 def _closed_form(domain, codomain) -> bool:
