@@ -19,7 +19,7 @@ from .nn.activations import LipSwish, LipschitzCube
 from .nn.coupling import ChannelCouplingBlock, CouplingBlock, MaskedCouplingBlock
 from .nn.flows import (ActNorm1d, ActNorm2d, InvertibleConv2d, InvertibleLinear, MovingBatchNorm1d,
                        MovingBatchNorm2d, SequentialFlow, SqueezeLayer)
-from .nn.lipschitz import get_conv2d, get_linear
+from .nn.lop import get_conv2d, get_linear
 
 # The reference's activation table: name -> factory(inplace).
 ACT_FNS = {
