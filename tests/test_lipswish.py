@@ -8,7 +8,7 @@ from torch.testing import assert_close
 
 import resflow_cuda
 from resflow_cuda import ops, reference
-from resflow_cuda._build import _C
+from resflow_cuda._extension import _C
 
 from conftest import TOLERANCES
 from samples import lipswish_samples, sample_ids
