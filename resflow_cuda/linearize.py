@@ -38,7 +38,8 @@ from . import ops
 __all__ = ["LinearizedBranch", "linearize", "register_linear", "register_lipswish", "register_on_import",
            "register_wrapper"]
 
-IDENTITY, LIPSWISH, ELU, SOFTPLUS = 0, 1, 2, 3  # the ops' activation codes (csrc/linearized_chain.h)
+# The ops' activation codes (csrc/composite/linearized_chain.h).
+IDENTITY, LIPSWISH, ELU, SOFTPLUS = 0, 1, 2, 3
 
 # The registered layers (see the module docstring).
 _LIPSWISH_TYPES: tuple[type, ...] = ()

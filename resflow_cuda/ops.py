@@ -196,7 +196,7 @@ torch.library.register_autograd("resflow_cuda::lipswish_double_backward", _lipsw
 
 
 # ---------------------------------------------------------------------------------------------
-# Power iteration for spectral / induced p->q operator norms (csrc/power_iteration_aten.h)
+# Power iteration for spectral / induced p->q operator norms (csrc/host/power_iteration_host.h)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -277,7 +277,7 @@ for _name in ("power_iteration", "conv_power_iteration"):
 
 
 # ---------------------------------------------------------------------------------------------
-# The log-det series of a linearized residual branch (csrc/linearized_chain.h): composite ops
+# The log-det series of a linearized residual branch (csrc/composite/linearized_chain.h): composite ops
 # over ATen and the fused accumulation, one implementation for every device. Not differentiable
 # (they compute gradients themselves); called under no_grad by resflow_cuda.linearize.
 # ---------------------------------------------------------------------------------------------

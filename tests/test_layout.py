@@ -187,3 +187,15 @@ def test_normflows_layers_take_the_fast_path_without_importing_the_adapter():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_csrc_top_level_holds_only_the_entry_points():
+    # Per-op checks, host loops, composite ops and the emulator live in folders named for their role;
+    # the public include folder holds the torch-free math only (the emulator is test infrastructure).
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    top_files = {p.name for p in csrc.iterdir() if p.is_file()}
+    assert top_files == {"registration.cpp", "module.cpp", "version.cpp", "version.h"}, top_files
+    assert {p.name for p in csrc.iterdir() if p.is_dir()} == {"checks", "composite", "cpu", "cuda", "emulation",
+                                                             "host", "include"}
+    assert not list((csrc / "include").rglob("*emulat*")), "the CUDA emulator is not part of the public headers"
+    assert (csrc / "emulation" / "emulator.h").is_file()
