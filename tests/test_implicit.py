@@ -135,13 +135,18 @@ def test_eval_logdet_is_exact_for_small_inputs():
     b = block(3).eval()
     x = torch.randn(5, 3, dtype=F64)
     b.eps_forward = 1e-13
+    # brute force's Jacobian rows come from the backward solve (residual < eps_backward * sqrt(D)): its log-det errs
+    # by <= D sqrt(D) eps_backward ((1 + L) / (1 - L))^2 (L <= 0.81), 4.7e-11 here (4.7e-8 at the default 1e-10)
+    b.eps_backward = 1e-13
     z, logpz = b(x, torch.zeros(5, 1, dtype=F64))
     truth = brute_logdet(lambda v: b(v), x)  # through the implicit gradient
     torch.testing.assert_close(-logpz, truth, atol=1e-8, rtol=0)
 
 
 def test_exact_trace_series_matches_the_exact_logdet_beyond_ten_dimensions():
-    b = block(12, coeff=0.5, exact_trace=True, n_power_series=60, eps_forward=1e-13)
+    # as above: D sqrt(D) eps_backward ((1 + L) / (1 - L))^2 with L <= 0.25 is 1.2e-11 (1.2e-8 at the default
+    # eps_backward 1e-10, above the asserted 1e-9); the series' tail past 60 terms is < D 0.25^61
+    b = block(12, coeff=0.5, exact_trace=True, n_power_series=60, eps_forward=1e-13, eps_backward=1e-13)
     x = torch.randn(3, 12, dtype=F64)
     z, logpz = b(x, torch.zeros(3, 1, dtype=F64))
     torch.testing.assert_close(-logpz.detach(), brute_logdet(lambda v: b(v), x), atol=1e-9, rtol=0)
