@@ -224,6 +224,7 @@ def _named_grads(module, loss, x):
     return dict(zip(names, grads[:-1])), grads[-1]
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_layers_match_the_reference(reference, name):
     ref = reference["layers"][name]
@@ -262,6 +263,7 @@ def _model(name, seed=1234):
     return models.ResidualFlow(shape, block_type="coupling", **kwargs).double()
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("name", list(MODELS))
 def test_models_load_the_reference_state_dict_and_match_outputs_and_gradients(reference, name):
     ref = reference["models"][name]
@@ -316,6 +318,7 @@ class _ScaleShift(nn.Module):
         return torch.cat(out, 1)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("case", ["checkerboard0", "checkerboard1", "channel0", "channel1"])
 @pytest.mark.parametrize("additive", [False, True])
 def test_masked_affine_flow_of_normflows(case, additive):
@@ -360,6 +363,7 @@ class _Interleave(nn.Module):
         return torch.stack([t, s], 2).flatten(1, 2)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("split", ["channel", "channel_inv"])
 @pytest.mark.parametrize("scale_map", ["sigmoid_inv", "exp", None])
 def test_affine_coupling_block_of_normflows(split, scale_map):
@@ -388,6 +392,7 @@ def test_affine_coupling_block_of_normflows(split, scale_map):
     torch.testing.assert_close(-logpx.squeeze(1), logdet_inv_nf, **tol)
 
 
+@pytest.mark.parity
 @pytest.mark.filterwarnings("ignore:torch.lu is deprecated")
 def test_lu_conv_matches_normflows_invertible_1x1_conv():
     theirs = nf.flows.Invertible1x1Conv(5, use_lu=True).double()

@@ -269,6 +269,7 @@ def reference():
     return torch.load(FIXTURE)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("case", ["d2", "d12"])
 def test_matches_the_reference_implementation(reference, case):
     ref = reference[case]

@@ -84,6 +84,7 @@ SETTINGS = [
 ]
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("kwargs", SETTINGS, ids=lambda k: "-".join(str(v) for v in k.values()))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_matches_normflows_on_an_mlp(kwargs, training):
@@ -97,6 +98,7 @@ def test_matches_normflows_on_an_mlp(kwargs, training):
         torch.testing.assert_close(getattr(ours, name), getattr(ref, name), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("kwargs", [SETTINGS[0], SETTINGS[6], SETTINGS[11]],
                          ids=lambda k: "-".join(str(v) for v in k.values()))
 def test_matches_normflows_on_a_cnn(kwargs):
@@ -105,6 +107,7 @@ def test_matches_normflows_on_a_cnn(kwargs):
     _assert_same(_step(ref, x, 5), _step(ours, x, 5))
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("kwargs,dim", [
     (dict(brute_force=True), 2), (dict(exact_trace=True), 2), (dict(exact_trace=True), 3),
     (dict(n_power_series=5), 2), (dict(n_power_series=5), 3), (dict(exact_trace=True, n_dist="poisson"), 3),
@@ -118,12 +121,14 @@ def test_exact_and_truncated_branches_match_normflows(kwargs, dim):
         _assert_same(_step(ref, x, 7), _step(ours, x, 7))
 
 
+@pytest.mark.parity
 def test_float32_matches_normflows():
     ref, ours = _pair(_mlp([3, 32, 3]), dtype=torch.float32, grad_in_forward=True)
     x = torch.randn(9, 3)
     _assert_same(_step(ref, x, 11), _step(ours, x, 11), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parity
 def test_without_logpx_returns_x_plus_g():
     ref, ours = _pair(_mlp([3, 8, 3]))
     x = torch.randn(4, 3, dtype=torch.float64)
@@ -143,6 +148,7 @@ def test_state_dict_layout_and_dtypes_match_the_reference():
     assert math.isclose(torch.sigmoid(ours.geom_p).item(), 0.3)  # float64 logit then sigmoid: a few ulps < 1e-9
 
 
+@pytest.mark.parity
 def test_normflows_residual_state_dict_loads_into_the_block():
     flow = nf.flows.Residual(_mlp([3, 8, 3]), reduce_memory=True)
     block = iResBlock(_mlp([3, 8, 3], seed=9))
@@ -288,6 +294,7 @@ def test_inverse_round_trip(per_sample):
         assert report.sample_iterations.shape == (16,) and (report.sample_iterations >= 0).all()
 
 
+@pytest.mark.parity
 def test_inverse_matches_normflows_and_returns_the_log_density():
     ref, ours = _pair(_mlp([3, 16, 3]))
     ref.eval()

@@ -329,6 +329,7 @@ BRANCHES = {
 }
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("name", sorted(BRANCHES))
 def test_ops_match_the_reference_twins(name, dtype):

@@ -97,6 +97,7 @@ def _randn_like(x, seed):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("sample", SAMPLES, ids=sample_ids(SAMPLES))
 def test_forward_matches_reference(sample, device):
     s = sample.to(device)
@@ -107,6 +108,7 @@ def test_forward_matches_reference(sample, device):
     assert torch.isfinite(y).all()
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("sample", SAMPLES, ids=sample_ids(SAMPLES))
 def test_forward_with_derivative(sample, device):
     s = sample.to(device)
@@ -118,6 +120,7 @@ def test_forward_with_derivative(sample, device):
     assert torch.isfinite(dydx).all()
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("sample", SAMPLES, ids=sample_ids(SAMPLES))
 def test_backward_matches_autograd(sample, device):
     s = sample.to(device)
@@ -132,6 +135,7 @@ def test_backward_matches_autograd(sample, device):
     assert torch.isfinite(grad_x).all() and torch.isfinite(grad_beta).all()
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("sample", SAMPLES, ids=sample_ids(SAMPLES))
 def test_double_backward_matches_autograd(sample, device):
     s = sample.to(device)
@@ -163,6 +167,7 @@ def test_large_inputs_have_finite_derivatives(device):
     assert_close(dydx, torch.where(x > 0, 1 / 1.1, 0.0))
 
 
+@pytest.mark.parity
 def test_nan_propagates(device):
     x = torch.tensor([0.3, float("nan"), -2.0, float("inf"), float("-inf")], device=device)
     beta = torch.tensor([0.5], device=device)
@@ -194,6 +199,7 @@ def test_gradcheck_and_gradgradcheck(sample, device):
     assert torch.autograd.gradcheck(ops.lipswish_backward, (grad, x, beta))
 
 
+@pytest.mark.parity
 def test_autograd_matches_reference_autograd(device):
     x0 = torch.randn(64, 9, dtype=torch.float64, device=device)
     b0 = torch.tensor([0.2], dtype=torch.float64, device=device)
@@ -252,6 +258,7 @@ def _supported_capabilities():
     return [c for c in resflow_cuda.build_info()["cpu_capabilities"] if order.index(c) <= order.index(best)]
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("capability", _supported_capabilities())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
 def test_every_cpu_kernel_set_matches_reference(capability, dtype):

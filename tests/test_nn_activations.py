@@ -19,6 +19,7 @@ def _pair(dtype=torch.float32, beta=0.5):
     return ours.to(dtype), ref.to(dtype)
 
 
+@pytest.mark.parity
 def test_parameters_and_state_dict_match_the_reference():
     ours, ref = LipSwish(), ReferenceSwish()
     assert list(ours.state_dict()) == list(ref.state_dict()) == ["beta"]
@@ -30,6 +31,7 @@ def test_parameters_and_state_dict_match_the_reference():
     assert Swish is LipSwish
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("beta", [0.5, -2.0, 3.0])
 def test_output_and_gradients_match_the_reference(device, dtype, beta):
@@ -49,6 +51,7 @@ def test_output_and_gradients_match_the_reference(device, dtype, beta):
     assert_close(ours.beta.grad, ref.beta.grad, **tol)
 
 
+@pytest.mark.parity
 def test_second_order_gradients_match_the_reference(device):
     ours, ref = _pair(torch.float64, 0.3)
     ours, ref = ours.to(device), ref.to(device)
@@ -64,6 +67,7 @@ def test_second_order_gradients_match_the_reference(device):
         assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parity
 def test_mixed_dtype_keeps_the_input_dtype():
     module = LipSwish()
     x = torch.randn(10, dtype=torch.bfloat16, requires_grad=True)

@@ -51,6 +51,7 @@ def _assert_rounding_close(got, expected):
     assert int(iterations) == eiterations
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("atol,rtol", TOLERANCES, ids=["fixed", "tol1e-3", "atol-only"])
 @pytest.mark.parametrize("p,q", NORMS, ids=[f"{p}->{q}" for p, q in NORMS])
@@ -62,6 +63,7 @@ def test_dense_equals_the_reference(shape, p, q, atol, rtol, dtype):
         _assert_rounding_close(got, R.power_iteration(w, u, v, 60, atol, rtol, p, q, u_first))
 
 
+@pytest.mark.parity
 def test_batched_matrices_converge_independently():
     w, u, v = _start((4, 12, 7), 2, 2, 2)
     w[1] *= 0  # a zero matrix: u, v become 0 (F.normalize's eps) and the test passes at once
@@ -79,6 +81,7 @@ def test_empty_batch():
     assert u.shape == (0, 3) and v.shape == (0, 2) and sigma.shape == (0,) and iterations.shape == (0,)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 def test_half_types_compute_in_float(dtype):
     w, u, v = _start((16, 8), 2, 2, 3)
@@ -126,6 +129,7 @@ CONVS = [(4, 3, 3, (6, 5), (1, 1), (1, 1)), (2, 5, 3, (6, 5), (1, 1), (1, 1)), (
          (3, 3, 1, (4, 4), (1, 1), (0, 0))]
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("conv", CONVS, ids=["3x3", "3x3-narrowing", "3x3-stride2", "1x1"])
 @pytest.mark.parametrize("p,q", [(2, 2), (1, 2), (3, 1.5)], ids=["2->2", "1->2", "3->1.5"])
