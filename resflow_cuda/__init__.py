@@ -6,11 +6,17 @@
 
 import torch  # noqa: F401  (loads libtorch and, in CUDA builds, the CUDA runtime before _C)
 
-from ._build import __version__, build_info, has_cuda_kernels
-from . import ops, reference, functional, estimators, solvers, nn, models
+from ._extension import __version__, build_info, has_cuda_kernels
+from . import ops, functional, solvers, estimators, linearize, logdet, nn, models
 from .functional import lipswish
-from .nn.iresblock import logdet_exact
-from .nn.lipschitz import lipschitz_report, update_lipschitz
+from .logdet import logdet_exact
+from .nn import lipschitz_report, update_lipschitz
+
+# normflows' layers take the fast log-det path once the user has imported normflows.
+linearize.register_on_import("normflows", "resflow_cuda.integrations.normflows")
+
+# The pure-PyTorch oracle of tests and benchmarks: an attribute for users, imported by no module above.
+from . import reference  # noqa: E402
 
 __all__ = [
     "__version__",

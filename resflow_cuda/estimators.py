@@ -33,12 +33,31 @@ from . import ops
 
 __all__ = [
     "SeriesPlan", "AutogradVJP", "JacobianVJP", "geometric_survival", "poisson_survival", "draw_terms", "roulette_plan",
-    "truncated_plan", "series_terms", "basic_estimator", "neumann_estimator", "MemoryEfficientLogDet",
-    "batch_jacobian", "batch_trace",
+    "truncated_plan", "series_plan", "check_estimator_args", "series_terms", "basic_estimator", "neumann_estimator",
+    "MemoryEfficientLogDet", "batch_jacobian", "batch_trace",
 ]
 
 DISTRIBUTIONS = ("geometric", "poisson")
 RNGS = ("numpy", "torch")
+
+
+def check_estimator_args(owner: str, geom_p: float, lamb: float, n_dist: str, rng: str, n_power_series,
+                         integers) -> None:
+    """The argument checks of the log-det estimator that iResBlock and ImplicitBlock share; ``integers``
+    holds (name, value, least) for the block's integer arguments (bools are refused)."""
+    if not 0 < geom_p < 1:
+        raise ValueError(f"{owner}: expected geom_p in (0, 1), but got {geom_p}")
+    if not lamb > 0:
+        raise ValueError(f"{owner}: expected lamb > 0, but got {lamb}")
+    if n_dist not in DISTRIBUTIONS:
+        raise ValueError(f"{owner}: expected n_dist to be one of {DISTRIBUTIONS}, but got {n_dist!r}")
+    if rng not in RNGS:
+        raise ValueError(f"{owner}: expected rng to be one of {RNGS}, but got {rng!r}")
+    for name, value, least in integers:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{owner}: expected {name} to be an integer >= {least}, but got {value!r}")
+    if n_power_series is not None and (not isinstance(n_power_series, (int, np.integer)) or n_power_series < 1):
+        raise ValueError(f"{owner}: expected n_power_series to be None or an integer >= 1, but got {n_power_series!r}")
 
 
 def geometric_survival(p: float, j: int) -> float:
@@ -115,6 +134,22 @@ def roulette_plan(samples: np.ndarray, offset: int, survival) -> SeriesPlan:
 def truncated_plan(n_terms: int) -> SeriesPlan:
     """The biased i-ResNet series: the first n terms, c_k = 1."""
     return SeriesPlan((1.0,) * n_terms)
+
+
+def series_plan(training: bool, n_power_series: int | None, offset: int, n_dist: str, geom_p: Tensor, lamb: Tensor,
+                n_samples: int, rng: str, device: torch.device) -> SeriesPlan:
+    """The terms of one estimate per the reference's decision tree: the truncated series in training
+    with ``n_power_series``, otherwise Russian roulette with ``offset`` exact terms (``geom_p`` is a
+    logit; only the parameter of ``n_dist`` is read, with one host sync)."""
+    if training and n_power_series is not None:
+        return truncated_plan(n_power_series)
+    if n_dist == "geometric":
+        p = torch.sigmoid(geom_p).item()
+        samples = draw_terms("geometric", p, math.nan, n_samples, rng, device)
+        return roulette_plan(samples, offset, lambda j: geometric_survival(p, j))
+    rate = lamb.item()
+    samples = draw_terms("poisson", math.nan, rate, n_samples, rng, device)
+    return roulette_plan(samples, offset, lambda j: poisson_survival(rate, j))
 
 
 class AutogradVJP:

@@ -14,43 +14,85 @@ series then runs in one op call (``ops.linearized_logdet_series``) and the Neuma
 another (``ops.linearized_neumann_gradient``) instead of one autograd pass per term. For dense
 branches on inputs (B, D) with small D, :meth:`LinearizedBranch.jacobian` builds the full Jacobians
 in forward mode instead (the basic estimator's differentiable terms and exact determinants).
+
+This module imports no layer library: layers qualify by registration (:func:`register_lipswish`,
+:func:`register_linear`, :func:`register_wrapper`). ``resflow_cuda.nn`` registers its own layers
+when it is imported; ``resflow_cuda.integrations.normflows`` registers normflows' ones, and
+``import resflow_cuda`` asks (:func:`register_on_import`) that linearize() import it once normflows
+is in ``sys.modules``, so normflows' layers take the fast path without importing the adapter.
 """
 
 from __future__ import annotations
 
-import functools
+import importlib
+import sys
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .nn import lipschitz
-from .nn.activations import LipSwish
 
-__all__ = ["LinearizedBranch", "linearize"]
+__all__ = ["LinearizedBranch", "linearize", "register_linear", "register_lipswish", "register_on_import",
+           "register_wrapper"]
 
-IDENTITY, LIPSWISH, ELU, SOFTPLUS = 0, 1, 2, 3  # the ops' activation codes (csrc/linearized_chain.h)
+# The ops' activation codes (csrc/composite/linearized_chain.h).
+IDENTITY, LIPSWISH, ELU, SOFTPLUS = 0, 1, 2, 3
 
-
-@functools.lru_cache(maxsize=None)
-def _normflows_classes():
-    try:
-        from normflows.nets import lipschitz as nfl
-    except ImportError:
-        return (), (), (), ()
-    return (nfl.Swish,), (nfl.InducedNormLinear,), (nfl.InducedNormConv2d,), (nfl.LipschitzMLP, nfl.LipschitzCNN)
+# The registered layers (see the module docstring).
+_LIPSWISH_TYPES: tuple[type, ...] = ()
+_LINEAR_TYPES: dict[type, tuple[bool, Callable[[nn.Module, Tensor], Tensor]]] = {}
+_WRAPPER_TYPES: dict[type, Callable[[nn.Module], nn.Module]] = {}
+_ON_IMPORT: dict[str, str] = {}
 
 
-def _normflows_conv_weight(layer, input: Tensor) -> Tensor:
-    if not layer.initialized:
-        layer.spatial_dims.copy_(torch.tensor(input.shape[2:4]).to(layer.spatial_dims))
-    return layer.compute_weight(update=False)
+def _forward_weight(layer: nn.Module, input: Tensor) -> Tensor:
+    return layer.forward_weight(input)
 
 
-_OUR_LINEAR = (lipschitz.SpectralNormLinear, lipschitz.InducedNormLinear, lipschitz.LopLinear)
-_OUR_CONV = (lipschitz.SpectralNormConv2d, lipschitz.InducedNormConv2d, lipschitz.LopConv2d)
+def register_lipswish(cls: type) -> None:
+    """Activations of type ``cls`` (or a subclass) are LipSwish with the raw parameter ``beta``."""
+    global _LIPSWISH_TYPES
+    _LIPSWISH_TYPES = (*_LIPSWISH_TYPES, cls)
+
+
+def register_linear(cls: type, conv: bool, weight: Callable[[nn.Module, Tensor], Tensor] = _forward_weight) -> None:
+    """Layers of type ``cls`` (or a subclass) are linear maps ``F.linear(a, W, bias)`` or, with
+    ``conv``, ``F.conv2d(a, W, bias, stride, padding)`` (zero padding), where ``weight(layer, a)``
+    returns W with the side effects of the layer's forward on a (default ``layer.forward_weight(a)``)."""
+    _LINEAR_TYPES[cls] = (conv, weight)
+
+
+def register_wrapper(cls: type, inner: Callable[[nn.Module], nn.Module]) -> None:
+    """A module of type ``cls`` (or a subclass) qualifies when ``inner(module)``, an ``nn.Sequential``, does."""
+    _WRAPPER_TYPES[cls] = inner
+
+
+def register_on_import(library: str, module: str) -> None:
+    """linearize() imports ``module``, which registers ``library``'s layers, once ``library`` is in
+    ``sys.modules``."""
+    _ON_IMPORT[library] = module
+
+
+def _import_registrations() -> None:
+    for library in [name for name in _ON_IMPORT if name in sys.modules]:
+        try:
+            importlib.import_module(_ON_IMPORT.pop(library))
+        except ImportError:  # a module of that name that is not the library: its layers stay unregistered
+            pass
+
+
+def _lookup(table: dict, module: nn.Module):
+    for cls in type(module).__mro__:
+        if cls in table:
+            return table[cls]
+    return None
+
+
+def _module_weight(layer: nn.Module, input: Tensor) -> Tensor:
+    return layer.weight
 
 
 @dataclass
@@ -62,6 +104,7 @@ class _Step:
     conv: bool
     stride: tuple[int, int]
     padding: tuple[int, int]
+    weight_of: Callable[[nn.Module, Tensor], Tensor]
 
     def activate(self, h: Tensor, slope_graph: bool = False) -> tuple[Tensor, Tensor | None]:
         """phi(h) with its autograd graph, and phi'(h) (with a graph only if ``slope_graph``)."""
@@ -83,14 +126,7 @@ class _Step:
             return a, torch.where(z > threshold, torch.ones_like(h), torch.sigmoid(z))
 
     def weight(self, a: Tensor) -> Tensor:
-        layer = self.layer
-        if isinstance(layer, (*_OUR_LINEAR, *_OUR_CONV)):
-            return layer.forward_weight(a)
-        if isinstance(layer, (nn.Linear, nn.Conv2d)):
-            return layer.weight
-        if isinstance(layer, _normflows_classes()[2]):
-            return _normflows_conv_weight(layer, a)
-        return layer.compute_weight(update=False)
+        return self.weight_of(self.layer, a)
 
     def apply(self, a: Tensor, weight: Tensor) -> Tensor:
         if self.conv:
@@ -100,7 +136,7 @@ class _Step:
 
 def _activation(module: nn.Module):
     """(code, params) of a supported activation module, else None."""
-    if isinstance(module, (LipSwish, *_normflows_classes()[0])):
+    if isinstance(module, _LIPSWISH_TYPES):
         return LIPSWISH, (0.0, 0.0)
     if type(module) is nn.ELU:
         return ELU, (float(module.alpha), 0.0)
@@ -112,28 +148,37 @@ def _activation(module: nn.Module):
 
 
 def _linear(module: nn.Module):
-    """(conv, stride, padding) of a supported linear map, else None."""
-    _, nf_linear, nf_conv, _ = _normflows_classes()
-    if isinstance(module, (*_OUR_LINEAR, *nf_linear)) or type(module) is nn.Linear:
-        return False, (1, 1), (1, 1)
-    if isinstance(module, (*_OUR_CONV, *nf_conv)) or type(module) is nn.Conv2d:
-        if type(module) is nn.Conv2d and (module.dilation != (1, 1) or module.groups != 1
-                                          or module.padding_mode != "zeros" or isinstance(module.padding, str)):
+    """(conv, stride, padding, weight_of) of a supported linear map, else None."""
+    registered = _lookup(_LINEAR_TYPES, module)
+    if registered is not None:
+        conv, weight_of = registered
+    elif type(module) is nn.Linear:
+        conv, weight_of = False, _module_weight
+    elif type(module) is nn.Conv2d:
+        if (module.dilation != (1, 1) or module.groups != 1 or module.padding_mode != "zeros"
+                or isinstance(module.padding, str)):
             return None
-        return True, tuple(module.stride), tuple(module.padding)
-    return None
+        conv, weight_of = True, _module_weight
+    else:
+        return None
+    if not conv:
+        return False, (1, 1), (1, 1), weight_of
+    return True, tuple(module.stride), tuple(module.padding), weight_of
 
 
 def _children(nnet: nn.Module) -> list[nn.Module] | None:
     if type(nnet) is nn.Sequential:
         return list(nnet)
-    if isinstance(nnet, _normflows_classes()[3]) and type(nnet.net) is nn.Sequential:
-        return list(nnet.net)
+    inner = _lookup(_WRAPPER_TYPES, nnet)
+    if inner is not None and type(inner(nnet)) is nn.Sequential:
+        return list(inner(nnet))
     return None
 
 
 def linearize(nnet: nn.Module) -> LinearizedBranch | None:
     """The fast-path description of ``nnet``, or None when it is not made of supported layers."""
+    if _ON_IMPORT:
+        _import_registrations()
     children = _children(nnet)
     if not children:
         return None

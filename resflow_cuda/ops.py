@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _build  # noqa: F401  (loads _C, which defines the ops)
+from . import _extension  # noqa: F401  (loads _C, which defines the ops)
 
 _OPS = torch.ops.resflow_cuda
 
@@ -69,6 +69,23 @@ def _check_param(op: str, name: str, p: Tensor, x: Tensor) -> None:
 
 def _or_zeros(grad: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if grad is None else grad
+
+
+def _not_differentiable(op: str, reason: str, error: type[Exception] = RuntimeError):
+    """An autograd formula for an op without a derivative: it raises ``error`` saying why."""
+    def backward(ctx, *grads):
+        raise error(f"{op} is not differentiable: {reason}")
+    return backward
+
+
+# ---------------------------------------------------------------------------------------------
+# Build information
+# ---------------------------------------------------------------------------------------------
+
+
+def cuda_version() -> int:
+    """CUDART_VERSION the CUDA kernels were compiled with (e.g. 13000), or -1 in a CPU-only build."""
+    return _OPS.cuda_version.default()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,13 +195,8 @@ torch.library.register_autograd("resflow_cuda::lipswish_backward", _lipswish_bac
 torch.library.register_autograd("resflow_cuda::lipswish_double_backward", _lipswish_double_backward_autograd)
 
 
-def cuda_version() -> int:
-    """CUDART_VERSION the CUDA kernels were compiled with (e.g. 13000), or -1 in a CPU-only build."""
-    return _OPS.cuda_version.default()
-
-
 # ---------------------------------------------------------------------------------------------
-# Power iteration for spectral / induced p->q operator norms (csrc/power_iteration_aten.h)
+# Power iteration for spectral / induced p->q operator norms (csrc/host/power_iteration_host.h)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -258,22 +270,14 @@ def _power_iteration_update_fake(weights, us, vs, sigmas, max_iterations, atol, 
     return None
 
 
-def _not_differentiable(name):
-    def backward(ctx, *grads):
-        raise NotImplementedError(
-            f"resflow_cuda.{name} is not differentiable: the Lipschitz layers take the gradient through "
-            "sigma = u^T W v computed from the returned u and v"
-        )
-
-    return backward
-
-
-torch.library.register_autograd("resflow_cuda::power_iteration", _not_differentiable("power_iteration"))
-torch.library.register_autograd("resflow_cuda::conv_power_iteration", _not_differentiable("conv_power_iteration"))
+for _name in ("power_iteration", "conv_power_iteration"):
+    torch.library.register_autograd(f"resflow_cuda::{_name}", _not_differentiable(
+        f"resflow_cuda.{_name}", "the Lipschitz layers take the gradient through sigma = u^T W v computed from the "
+        "returned u and v", NotImplementedError))
 
 
 # ---------------------------------------------------------------------------------------------
-# The log-det series of a linearized residual branch (csrc/linearized_chain.h): composite ops
+# The log-det series of a linearized residual branch (csrc/composite/linearized_chain.h): composite ops
 # over ATen and the fused accumulation, one implementation for every device. Not differentiable
 # (they compute gradients themselves); called under no_grad by resflow_cuda.linearize.
 # ---------------------------------------------------------------------------------------------
@@ -333,15 +337,10 @@ def _linearized_neumann_gradient_fake(w_tilde, eps, weights, strides, paddings, 
             grad_biases, grad_betas)
 
 
-def _not_differentiable(op: str):
-    def backward(ctx, *grads):
-        raise RuntimeError(f"resflow_cuda::{op} is not differentiable: it computes log-det terms and gradients "
-                           f"itself. Call it under torch.no_grad() (resflow_cuda.nn.iResBlock does).")
-    return backward
-
-
 for _name in ("linearized_logdet_series", "linearized_neumann_gradient"):
-    torch.library.register_autograd(f"resflow_cuda::{_name}", _not_differentiable(_name))
+    torch.library.register_autograd(f"resflow_cuda::{_name}", _not_differentiable(
+        f"resflow_cuda::{_name}", "it computes log-det terms and gradients itself. Call it under torch.no_grad() "
+        "(resflow_cuda.nn.iResBlock does)."))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def conv_operator(weight: Tensor, input_hw, stride, padding):
 
 # ---------------------------------------------------------------------------------------------
 # The log-det series of a linearized residual branch (steps "activation, then a dense or conv
-# map"; see csrc/linearized_chain.h): twins of linearized_logdet_series and
+# map"; see csrc/composite/linearized_chain.h): twins of linearized_logdet_series and
 # linearized_neumann_gradient, with autograd for the chain's transposes.
 # ---------------------------------------------------------------------------------------------
 

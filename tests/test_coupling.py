@@ -71,12 +71,14 @@ def _check_flow(layer, x, atol=1e-10):
     logp = torch.randn(x.shape[0], 1, dtype=x.dtype)
     y, logpy = layer(x, logp)
     assert logpy.shape == (x.shape[0], 1)
-    torch.testing.assert_close(layer(x), y)
+    torch.testing.assert_close(layer(x), y)  # the same ops without logp: equal
+    # float64, no iteration: slogdet (LU) of the n x n Jacobian and closed-form inverses err by ~n*cond*2^-53 <= 1e-13
+    # (n*cond <= 1e3 here); atol / rtol keep 100x and still fail on float32 rounding (2^-24 ~ 6e-8).
     torch.testing.assert_close(logp - logpy, brute_logdet(layer, x), atol=atol, rtol=1e-8)
     x2, logp2 = layer.inverse(y, logpy)
     torch.testing.assert_close(x2, x, atol=atol, rtol=1e-8)
     torch.testing.assert_close(logp2, logp, atol=atol, rtol=1e-8)
-    torch.testing.assert_close(layer.inverse(y), x2)
+    torch.testing.assert_close(layer.inverse(y), x2)  # the same ops without logp: equal
     return y, logp - logpy
 
 
@@ -85,6 +87,7 @@ def _check_flow(layer, x, atol=1e-10):
 def test_masks_are_the_reference_patterns_on_the_inputs_device_and_dtype():
     x = torch.zeros(2, 3, 3, 5, dtype=F64)
     even = torch.tensor([[1, 0, 1, 0, 1], [0, 1, 0, 1, 0], [1, 0, 1, 0, 1]], dtype=F64)
+    # exact 0 / 1 values: equal
     torch.testing.assert_close(coupling_mask(x, "checkerboard0"), even.view(1, 1, 3, 5))
     torch.testing.assert_close(coupling_mask(x, "checkerboard1"), (1 - even).view(1, 1, 3, 5))
     x = torch.zeros(2, 4, 2, 2, dtype=torch.float16)
@@ -105,7 +108,9 @@ def test_affine_channel_coupling_is_the_real_nvp_formula(mask_type):
     f = net(x[:, kept])
     scale = torch.sigmoid(f[:, :2] + 2)
     y, delta = layer(x, torch.zeros(3, 1, dtype=F64))
-    torch.testing.assert_close(y[:, kept], x[:, kept], atol=0, rtol=0)
+    torch.testing.assert_close(y[:, kept], x[:, kept], atol=0, rtol=0)  # passed through untouched: bit-exact
+    # float64, the same formulas (sums of <= 12 log-scales) in another order: ~1e-15; the default 1e-7 is loose,
+    # but a wrong mask, split or scale errs by O(1)
     torch.testing.assert_close(y[:, changed], x[:, changed] * scale + f[:, 2:])
     torch.testing.assert_close(-delta, scale.log().sum((1, 2, 3)).unsqueeze(1))
     layer_exp = AffineCoupling(4, net, mask_type, scale_fn="exp")
@@ -119,11 +124,12 @@ def test_checkerboard_couplings_keep_the_masked_positions_and_condition_on_them(
     additive_net = _net(3, 3, flat=False)
     layer = AdditiveCoupling(3, additive_net, mask_type)
     y = layer(x)
-    torch.testing.assert_close(y * b, x * b, atol=0, rtol=0)
+    torch.testing.assert_close(y * b, x * b, atol=0, rtol=0)  # b is exactly 0 / 1: kept entries are bit-exact
+    # float64, the same shift up to rounding (~1e-15); a shift conditioned on the wrong positions errs by O(1)
     torch.testing.assert_close(y * (1 - b), (x + additive_net(b * x)) * (1 - b))
     # changing the transformed positions does not change the shift: the Jacobian is triangular
     x2 = x + (1 - b) * torch.randn_like(x)
-    torch.testing.assert_close(layer(x2) - x2, y - x)
+    torch.testing.assert_close(layer(x2) - x2, y - x)  # the same shift up to an ulp of x
 
 
 @pytest.mark.parametrize("layer_kind", ["affine_sigmoid", "affine_exp", "additive"])
@@ -143,7 +149,7 @@ def test_coupling_logdet_is_exact_and_inverse_undoes_forward(layer_kind, mask_ty
     x = torch.randn(shape, dtype=F64) * 2
     y, logdet = _check_flow(layer, x)
     if layer_kind == "additive":
-        torch.testing.assert_close(logdet, torch.zeros_like(logdet), atol=0, rtol=0)
+        torch.testing.assert_close(logdet, torch.zeros_like(logdet), atol=0, rtol=0)  # logp is returned as is
     else:
         assert logdet.abs().min() > 1e-3  # a real scale, not the identity
 
@@ -170,6 +176,7 @@ def test_lu_conv_logdet_is_exact_and_inverse_undoes_forward(shape):
         layer.L.add_(torch.randn_like(layer.L))
     _, logdet = _check_flow(layer, torch.randn(shape, dtype=F64))
     positions = shape[2] * shape[3] if len(shape) == 4 else 1
+    # the same sum of log_S up to rounding (~1e-15); a missing position factor errs by O(1)
     torch.testing.assert_close(logdet, (layer.log_S.sum() * positions).expand(shape[0], 1).detach())
 
 
@@ -182,12 +189,13 @@ def test_lu_conv_is_initialised_orthogonal_with_the_lu_structure():
     assert set(layer.sign_S.tolist()) <= {-1.0, 1.0}
     assert sorted(layer.state_dict()) == ["L", "P", "U", "log_S", "sign_S"]
     assert {n for n, _ in layer.named_parameters()} == {"L", "U", "log_S"}
+    # float64 inverse of a 5 x 5 orthogonal matrix: ~5*2^-53 (default 1e-7 is loose; a wrong inverse errs by O(1))
     torch.testing.assert_close(layer.inverse_weight() @ w, torch.eye(5, dtype=F64))
     # only the strict triangles of L and U are used
     with torch.no_grad():
         layer.L.add_(torch.triu(torch.randn(5, 5, dtype=F64)))
         layer.U.add_(torch.tril(torch.randn(5, 5, dtype=F64)))
-    torch.testing.assert_close(layer.weight, w)
+    torch.testing.assert_close(layer.weight, w)  # the same ops on the same (masked) values: equal
 
 
 def test_logp_conventions():
@@ -216,6 +224,7 @@ def _named_grads(module, loss, x):
     return dict(zip(names, grads[:-1])), grads[-1]
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_layers_match_the_reference(reference, name):
     ref = reference["layers"][name]
@@ -229,6 +238,8 @@ def test_layers_match_the_reference(reference, name):
     layer.load_state_dict(ref["state_dict"])
     x = ref["x"].clone().requires_grad_(True)
     y, logpy = layer(x, ref["logpx"])
+    # float64 against residual-flows' own run on another machine: the same ops up to the order of <= 36-term dot
+    # products and libm ulps, ~1e-14 relative on these O(1) values; 1e-12 keeps 100x, 5e4 below float32 rounding.
     torch.testing.assert_close(y.detach(), ref["y"], atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(logpy.detach(), ref["logpy"], atol=1e-12, rtol=1e-12)
     x_inv, logpx_inv = layer.inverse(ref["y"], ref["logpy"])
@@ -237,6 +248,7 @@ def test_layers_match_the_reference(reference, name):
     loss = (y.pow(2).sum() + y.sin().sum()) / 2 + logpy.sum()
     grads, x_grad = _named_grads(layer, loss, x)
     assert sorted(grads) == sorted(ref["grads"])
+    # gradients (<= 20) add up to ~100 products over the batch and positions in another order as well: ~1e-13
     for key, grad in grads.items():
         torch.testing.assert_close(grad, ref["grads"][key], atol=1e-11, rtol=1e-10, msg=key)
     torch.testing.assert_close(x_grad, ref["x_grad"], atol=1e-11, rtol=1e-10)
@@ -251,6 +263,7 @@ def _model(name, seed=1234):
     return models.ResidualFlow(shape, block_type="coupling", **kwargs).double()
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("name", list(MODELS))
 def test_models_load_the_reference_state_dict_and_match_outputs_and_gradients(reference, name):
     ref = reference["models"][name]
@@ -263,6 +276,8 @@ def test_models_load_the_reference_state_dict_and_match_outputs_and_gradients(re
     with torch.no_grad():
         z, delta = model(x, zeros)
         x_inv, logp_inv = model.inverse(ref["z"], ref["delta"])
+    # As for the layers, through ~20 layers: ~20*36*2^-53 ~ 1e-13 relative; the log-dets (|delta| <= 150) add <= 64
+    # log terms per layer in another order, ~64*2^-53*|delta| ~ 1e-12: under atol 1e-11, also for logp_inv ~ 0.
     torch.testing.assert_close(z, ref["z"], atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(delta, ref["delta"], atol=1e-11, rtol=1e-12)
     torch.testing.assert_close(x_inv, ref["x_inv"], atol=1e-12, rtol=1e-12)
@@ -276,7 +291,7 @@ def test_models_load_the_reference_state_dict_and_match_outputs_and_gradients(re
     loss = (0.5 * z.pow(2).sum(1) + delta.squeeze(1)).mean()
     grads, x_grad = _named_grads(model, loss, xr)
     assert sorted(grads) == sorted(ref["grads"])
-    for key, grad in grads.items():
+    for key, grad in grads.items():  # |grad| <= 120: ~1e-13 relative as above, atol for entries near 0
         torch.testing.assert_close(grad, ref["grads"][key], atol=1e-11, rtol=1e-10, msg=key)
     torch.testing.assert_close(x_grad, ref["x_grad"], atol=1e-11, rtol=1e-10)
 
@@ -303,6 +318,7 @@ class _ScaleShift(nn.Module):
         return torch.cat(out, 1)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("case", ["checkerboard0", "checkerboard1", "channel0", "channel1"])
 @pytest.mark.parametrize("additive", [False, True])
 def test_masked_affine_flow_of_normflows(case, additive):
@@ -321,13 +337,17 @@ def test_masked_affine_flow_of_normflows(case, additive):
     zeros = torch.zeros(3, 1, dtype=F64)
     y, logpy = ours(x, zeros)
     y_nf, logdet_nf = theirs(x)
-    torch.testing.assert_close(y, y_nf)
-    torch.testing.assert_close(-logpy.squeeze(1), logdet_nf if not additive else torch.zeros(3, dtype=F64))
+    # float64, the same nets on the same masked inputs: x e^s + t up to an ulp, sums of <= 40 log-scales in another
+    # order (<= 40*2^-53*sum|s| ~ 4e-14, sum|s| < 8 here); 1e-12 holds, 5e4 below float32 rounding (2^-24 ~ 6e-8).
+    tol = dict(atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(y, y_nf, **tol)
+    torch.testing.assert_close(-logpy.squeeze(1), logdet_nf if not additive else torch.zeros(3, dtype=F64), **tol)
     x_back, logpx = ours.inverse(y, zeros)
     x_nf, logdet_inv_nf = theirs.inverse(y_nf)
-    torch.testing.assert_close(x_back, x_nf)
+    torch.testing.assert_close(x_back, x_nf, **tol)
     # ours: logpy + log|det J_forward|; normflows: log|det J_inverse| = -log|det J_forward|
-    torch.testing.assert_close(-logpx.squeeze(1), logdet_inv_nf if not additive else torch.zeros(3, dtype=F64))
+    torch.testing.assert_close(-logpx.squeeze(1), logdet_inv_nf if not additive else torch.zeros(3, dtype=F64),
+                               **tol)
 
 
 class _Interleave(nn.Module):
@@ -343,6 +363,7 @@ class _Interleave(nn.Module):
         return torch.stack([t, s], 2).flatten(1, 2)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("split", ["channel", "channel_inv"])
 @pytest.mark.parametrize("scale_map", ["sigmoid_inv", "exp", None])
 def test_affine_coupling_block_of_normflows(split, scale_map):
@@ -360,14 +381,18 @@ def test_affine_coupling_block_of_normflows(split, scale_map):
     zeros = torch.zeros(2, 1, dtype=F64)
     y, logpy = ours(x, zeros)
     y_nf, logdet_nf = theirs(x)
-    torch.testing.assert_close(y, y_nf)
-    torch.testing.assert_close(-logpy.squeeze(1), logdet_nf)
+    # float64, the same net: the affine map up to an ulp, sums of 18 log-scales in another order (<= 18*2^-53*sum|log s|
+    # ~ 1e-14, sum|log s| < 5 here); 1e-12 holds, 5e4 below float32 rounding (2^-24 ~ 6e-8).
+    tol = dict(atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(y, y_nf, **tol)
+    torch.testing.assert_close(-logpy.squeeze(1), logdet_nf, **tol)
     x_back, logpx = ours.inverse(y, zeros)
     x_nf, logdet_inv_nf = theirs.inverse(y)
-    torch.testing.assert_close(x_back, x_nf)
-    torch.testing.assert_close(-logpx.squeeze(1), logdet_inv_nf)
+    torch.testing.assert_close(x_back, x_nf, **tol)
+    torch.testing.assert_close(-logpx.squeeze(1), logdet_inv_nf, **tol)
 
 
+@pytest.mark.parity
 @pytest.mark.filterwarnings("ignore:torch.lu is deprecated")
 def test_lu_conv_matches_normflows_invertible_1x1_conv():
     theirs = nf.flows.Invertible1x1Conv(5, use_lu=True).double()
@@ -381,17 +406,20 @@ def test_lu_conv_matches_normflows_invertible_1x1_conv():
     # normflows' inverse applies W = P L U (our forward); its forward applies W⁻¹ (our inverse)
     y, logpy = ours(x, zeros)
     y_nf, logdet_nf = theirs.inverse(x)
-    torch.testing.assert_close(y, y_nf)
-    torch.testing.assert_close(-logpy, logdet_nf.expand(2, 1))
+    # float64 5 x 5 products and inverses in another order: ~5*cond(W)*2^-53*|x| ~ 1e-13 (cond(W) ~ 80, |x| < 3),
+    # gradients sums of 24 positions: ~1e-14 relative; 1e-12 holds, 5e4 below float32 rounding (2^-24 ~ 6e-8).
+    tol = dict(atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(y, y_nf, **tol)
+    torch.testing.assert_close(-logpy, logdet_nf.expand(2, 1), **tol)
     x_back, logpx = ours.inverse(x, zeros)
     x_nf, logdet_inv_nf = theirs(x)
-    torch.testing.assert_close(x_back, x_nf)
-    torch.testing.assert_close(-logpx, logdet_inv_nf.expand(2, 1))
+    torch.testing.assert_close(x_back, x_nf, **tol)
+    torch.testing.assert_close(-logpx, logdet_inv_nf.expand(2, 1), **tol)
     loss = (y.sin().sum() - logpy.sum())
     loss_nf = (y_nf.sin().sum() + logdet_nf * 2)
     for name, g, g_nf in zip(("L", "U", "log_S"), torch.autograd.grad(loss, [ours.L, ours.U, ours.log_S]),
                              torch.autograd.grad(loss_nf, [theirs.L, theirs.U, theirs.log_S])):
-        torch.testing.assert_close(g, g_nf, msg=name)
+        torch.testing.assert_close(g, g_nf, msg=name, **tol)
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -494,11 +522,14 @@ def test_coupling_model_log_density_is_exact(config):
             p.add_(torch.randn_like(p) * 0.1)
     z, delta = model(x, torch.zeros(shape[0], 1, dtype=F64))
     assert z.shape == (shape[0], x[0].numel())
+    # float64, no iteration: slogdet of the 128 x 128 Jacobian errs by ~n*cond*2^-53 ~ 3e-12 (cond <= 2e2), the
+    # closed-form inverse and log-det sums (|delta| ~ 1e2) by ~1e-12; 1e-9 keeps >= 300x, below float32 rounding.
     torch.testing.assert_close(delta, -brute_logdet(model, x), atol=1e-9, rtol=1e-9)
     x_back, zeros = model.inverse(z, delta)
     torch.testing.assert_close(x_back, x, atol=1e-10, rtol=1e-9)
     torch.testing.assert_close(zeros, torch.zeros_like(zeros), atol=1e-9, rtol=0)
     expected = -0.5 * z.pow(2).sum(1) - 0.5 * z.shape[1] * torch.log(torch.tensor(2 * torch.pi, dtype=F64))
+    # the same sums of 128 squares in another order: ~1e-13; the default 1e-7 is loose, a wrong constant is O(1)
     torch.testing.assert_close(model.log_prob(x), expected - delta.squeeze(1))
 
 

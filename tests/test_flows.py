@@ -16,12 +16,14 @@ def _check_flow(layer, x, atol=1e-9):
     """forward's log-det = brute force, inverse undoes forward and returns the log-density back."""
     logp = torch.randn(x.shape[0], 1, dtype=x.dtype)
     y, logpy = layer(x, logp)
-    torch.testing.assert_close(layer(x), y)
-    torch.testing.assert_close(logp - logpy, brute_logdet(layer, x), atol=atol, rtol=1e-7)
+    torch.testing.assert_close(layer(x), y)  # the same ops without logp: equal
+    # float64, no iteration: slogdet (LU) of the n x n Jacobian and closed-form inverses err by ~n*cond*2^-53 <= 1e-13
+    # (n <= 12, cond <= 13 here); 1e-9 keeps 1e4x, and rtol 1e-9 (was 1e-7) fails on float32 rounding (2^-24).
+    torch.testing.assert_close(logp - logpy, brute_logdet(layer, x), atol=atol, rtol=1e-9)
     x2, logp2 = layer.inverse(y, logpy)
-    torch.testing.assert_close(x2, x, atol=atol, rtol=1e-7)
-    torch.testing.assert_close(logp2, logp, atol=atol, rtol=1e-7)
-    torch.testing.assert_close(layer.inverse(y), x2)
+    torch.testing.assert_close(x2, x, atol=atol, rtol=1e-9)
+    torch.testing.assert_close(logp2, logp, atol=atol, rtol=1e-9)
+    torch.testing.assert_close(layer.inverse(y), x2)  # the same ops without logp: equal
 
 
 def test_actnorm_initialises_from_the_first_batch_and_then_is_a_fixed_affine_map():
@@ -34,12 +36,14 @@ def test_actnorm_initialises_from_the_first_batch_and_then_is_a_fixed_affine_map
     y = layer(x)
     flat = x.transpose(0, 1).reshape(3, -1)
     var = flat.var(dim=1)  # unbiased, as the reference
+    # float64 statistics of 1280 values in another reduction order: ~1e-15 relative; the default 1e-7 is loose, but
+    # a biased variance (1280/1279) moves the weight by 4e-4 and a wrong axis by O(1)
     torch.testing.assert_close(layer.bias.detach(), -flat.mean(1))
     torch.testing.assert_close(layer.weight.detach(), -0.5 * torch.log(torch.clamp(var, min=0.2)))
     assert int(layer.initialized) == 1
     assert y[:, 1:].transpose(0, 1).reshape(2, -1).std(1).sub(1).abs().max() < 1e-6  # var > 0.2: unit variance
     _check_flow(layer, torch.randn(3, 3, 2, 2, dtype=torch.float64))  # no re-initialisation on later batches
-    torch.testing.assert_close(layer.bias.detach(), -flat.mean(1))
+    torch.testing.assert_close(layer.bias.detach(), -flat.mean(1))  # as above
     assert list(layer.state_dict()) == ["weight", "bias", "initialized"]
 
 
@@ -51,7 +55,7 @@ def test_actnorm_logdet_is_the_weight_sum_per_position_and_load_resets_the_cache
     fresh.load_state_dict({**layer.state_dict(), "initialized": torch.tensor(0)})
     x = torch.randn(9, 4, dtype=torch.float64) + 5
     fresh(x)  # not initialised after loading 0: initialises from x
-    torch.testing.assert_close(fresh.bias.detach(), -x.mean(0))
+    torch.testing.assert_close(fresh.bias.detach(), -x.mean(0))  # float64 mean of 9 values: rounding only
     with pytest.raises(ValueError, match="4 channels"):
         layer(torch.randn(2, 3, dtype=torch.float64))
 
@@ -60,7 +64,7 @@ def test_squeeze_is_the_reference_reshape_permute_and_pixel_shuffle_inverts_it()
     x = torch.randn(2, 3, 4, 6, dtype=torch.float64)
     layer = flows.SqueezeLayer(2)
     expected = x.reshape(2, 3, 2, 2, 3, 2).permute(0, 1, 3, 5, 2, 4).reshape(2, 12, 2, 3)
-    torch.testing.assert_close(layer(x), expected)
+    torch.testing.assert_close(layer(x), expected)  # data movement only: equal
     _check_flow(layer, x[:, :, :2, :2])
     with pytest.raises(ValueError, match="divisible by 2"):
         layer(torch.randn(1, 1, 3, 4))
@@ -71,13 +75,14 @@ def test_logit_transform_normalize_zero_mean_and_invertible_matrices():
     u = torch.rand(3, 2, 2, 2, dtype=torch.float64)
     layer = flows.LogitTransform(0.05)
     s = 0.05 + 0.9 * u
-    torch.testing.assert_close(layer(u), torch.log(s / (1 - s)))
+    torch.testing.assert_close(layer(u), torch.log(s / (1 - s)))  # float64, the same formula: a few ulps
     _check_flow(layer, u)
     assert flows.Normalize([0.5], [0.3]).std.dtype == torch.float32  # float32 buffers, as the reference
     norm = flows.Normalize([0.5, 0.2], [0.3, 2.0]).double()
     x = torch.randn(2, 3, 2, 2, dtype=torch.float64)
     y = norm(x)
-    torch.testing.assert_close(y[:, 2], x[:, 2])
+    torch.testing.assert_close(y[:, 2], x[:, 2])  # no statistics for channel 2: untouched
+    # the float32 buffers hold 0.2 as 0.2 + 3e-9 (2^-24 relative): y differs by 1.5e-9, under the default 1e-7
     torch.testing.assert_close(y[:, 1], (x[:, 1] - 0.2) / 2.0)
     _check_flow(norm, x)
     _check_flow(flows.ZeroMeanTransform(), x)
@@ -98,11 +103,14 @@ def test_moving_batch_norm_subtracts_the_running_mean_before_its_update():
         layer.bias.copy_(torch.tensor([0.5, -1.0]))
     x = torch.randn(8, 2, dtype=torch.float64) + 4
     y, logp = layer(x, torch.zeros(8, 1, dtype=torch.float64))
+    # float64, the same ops up to the order of a mean of 8: rounding only (default 1e-7 is loose; a wrong momentum
+    # or a mean subtracted after its update errs by O(0.1))
     torch.testing.assert_close(y, x + layer.bias.detach())  # running mean was 0 before this batch
     torch.testing.assert_close(layer.running_mean, 0.1 * x.mean(0))
+    # log-det 0: logp passes through, bit-exact
     assert float(layer.step) == 1.0 and torch.equal(logp, torch.zeros(8, 1, dtype=torch.float64))
     layer.eval()
-    torch.testing.assert_close(layer.inverse(layer(x)), x)
+    torch.testing.assert_close(layer.inverse(layer(x)), x)  # x - m + b - b + m: a few ulps
     assert list(layer.state_dict()) == ["bias", "step", "running_mean"]
 
 
@@ -118,10 +126,11 @@ def test_sequential_flow_and_inverse_compose_log_dets():
     assert [k.split(".")[1] for k in chain.state_dict()] == ["0", "0", "0", "2", "3", "3", "3"]
     inv = flows.Inverse(chain)
     y = chain(x)
+    # float64 round trips through 8 x 8 maps (cond <= 13): ~1e-14 (default 1e-7 is loose; a wrong order is O(1))
     torch.testing.assert_close(inv(y), x)
     z, logp = inv(y, torch.zeros(4, 1, dtype=torch.float64))
     torch.testing.assert_close(z, x)
-    torch.testing.assert_close(logp, chain(x, torch.zeros(4, 1, dtype=torch.float64))[1].neg())
+    torch.testing.assert_close(logp, chain(x, torch.zeros(4, 1, dtype=torch.float64))[1].neg())  # same log-dets
 
 
 def test_logdet_sign_convention_matches_a_known_scaling():

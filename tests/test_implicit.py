@@ -65,6 +65,7 @@ def test_broyden_solves_a_linear_contraction_per_sample():
     x, report = solvers.find_root(lambda v: c - torch.einsum("bij,bj->bi", a, v), c, 30, 1e-12)
     truth = torch.linalg.solve(torch.eye(6, dtype=F64) + a, c)
     assert report.method == "broyden" and report.converged and report.sample_converged.all()
+    # residual < 1e-12 * sqrt(24): |x - truth| <= |(I + a)^-1| * 4.9e-12 <= 2e-11 (|(I + a)^-1| < 4 here)
     torch.testing.assert_close(x, truth, atol=1e-10, rtol=0)
     assert report.sample_residuals.shape == (4,) and report.iterations <= 13  # 2n steps for linear problems
 
@@ -115,9 +116,11 @@ def test_forward_solves_the_implicit_equation_and_inverse_round_trips():
     b = block(4, eps_forward=1e-12, eps_sample=1e-12)
     x = torch.randn(6, 4, dtype=F64)
     z = b(x)
-    with torch.no_grad():
+    with torch.no_grad():  # the solve's residual: |G|_2 < 1e-12 * sqrt(24) = 4.9e-12 over the batch
         torch.testing.assert_close(z + b.nnet_z(z), x + b.nnet_x(x), atol=1e-10, rtol=0)
     assert b.last_forward_report.converged and b.last_forward_report.sample_converged.all()
+    # z and the inverse each within 4.9e-12 / (1 - L) of their roots (L <= 0.81); z's error reaches x times
+    # (1 + L) / (1 - L): <= 2.7e-10 in all
     torch.testing.assert_close(b.inverse(z), x, atol=1e-9, rtol=0)
 
 
@@ -128,6 +131,7 @@ def test_round_trip_on_images():
     b(x)  # records the input size of the convolutions
     update_lipschitz(b, n_iterations=50)
     z = b(x)
+    # as above with tolerance 1e-11 * sqrt(100) and L <= 0.64: <= 1e-10 / 0.36 * (1 + 1.64 / 0.36) ~ 1.6e-9
     torch.testing.assert_close(b.inverse(z), x, atol=1e-8, rtol=0)
 
 
@@ -135,13 +139,18 @@ def test_eval_logdet_is_exact_for_small_inputs():
     b = block(3).eval()
     x = torch.randn(5, 3, dtype=F64)
     b.eps_forward = 1e-13
+    # brute force's Jacobian rows come from the backward solve (residual < eps_backward * sqrt(D)): its log-det errs
+    # by <= D sqrt(D) eps_backward ((1 + L) / (1 - L))^2 (L <= 0.81), 4.7e-11 here (4.7e-8 at the default 1e-10)
+    b.eps_backward = 1e-13
     z, logpz = b(x, torch.zeros(5, 1, dtype=F64))
     truth = brute_logdet(lambda v: b(v), x)  # through the implicit gradient
     torch.testing.assert_close(-logpz, truth, atol=1e-8, rtol=0)
 
 
 def test_exact_trace_series_matches_the_exact_logdet_beyond_ten_dimensions():
-    b = block(12, coeff=0.5, exact_trace=True, n_power_series=60, eps_forward=1e-13)
+    # as above: D sqrt(D) eps_backward ((1 + L) / (1 - L))^2 with L <= 0.25 is 1.2e-11 (1.2e-8 at the default
+    # eps_backward 1e-10, above the asserted 1e-9); the series' tail past 60 terms is < D 0.25^61
+    b = block(12, coeff=0.5, exact_trace=True, n_power_series=60, eps_forward=1e-13, eps_backward=1e-13)
     x = torch.randn(3, 12, dtype=F64)
     z, logpz = b(x, torch.zeros(3, 1, dtype=F64))
     torch.testing.assert_close(-logpz.detach(), brute_logdet(lambda v: b(v), x), atol=1e-9, rtol=0)
@@ -183,6 +192,8 @@ def test_gradients_equal_autograd_through_a_converged_unrolled_solve():
     jac_z = torch.eye(3, dtype=F64) + jacobian_of(b.nnet_z, z2)
     logpz2 = -(torch.logdet(jac_x) - torch.logdet(jac_z)).view(-1, 1)
     truth = torch.autograd.grad(loss_of(z2, logpz2), [x2, *params], allow_unused=True)
+    # Broyden: residual < 1e-13 * sqrt(12), so |z - z*| <= 3.5e-13 / (1 - L) ~ 5e-13 (L <= 0.36); 200 unrolled steps
+    # contract to rounding. The backward solve (same tolerance) puts ~5e-13 relative into the gradients.
     torch.testing.assert_close(z, z2, atol=1e-11, rtol=0)
     for name, a, t in zip(["x", *[n for n, p in b.named_parameters() if p.requires_grad]], ours, truth):
         if t is None:
@@ -201,6 +212,7 @@ def test_inverse_is_differentiable():
     jac_x = eye + jacobian_of(b.nnet_x, x.detach())
     jac_z = eye + jacobian_of(b.nnet_z, z.detach())
     truth = torch.linalg.solve(jac_x, jac_z).sum(1)  # 1^T dx/dz with dx/dz = (I + J_x)^-1 (I + J_z)
+    # both solves stop at residuals < 1e-13 * sqrt(12): ~1e-12 with the (1 + L) / (1 - L) factors (L <= 0.36)
     torch.testing.assert_close(grad_z, truth, atol=1e-9, rtol=0)
 
 
@@ -257,6 +269,7 @@ def reference():
     return torch.load(FIXTURE)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("case", ["d2", "d12"])
 def test_matches_the_reference_implementation(reference, case):
     ref = reference[case]

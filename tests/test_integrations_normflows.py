@@ -70,6 +70,7 @@ def _float64_default():
         torch.set_default_dtype(previous)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("reverse", [True, False])
 @pytest.mark.parametrize("reduce_memory", [True, False])
 def test_adapter_equals_normflows_on_shared_weights_and_seeds(reverse, reduce_memory):

@@ -62,6 +62,9 @@ def _step(block, x, seed, logpx=True, weights=None):
 
 
 def _assert_same(a, b, atol=1e-10, rtol=1e-9):
+    # float64, the same net, draws and terms; normflows' autograd VJPs (or another of our paths) and our fused series
+    # add the same products in another order: <= ~30 terms * 3 layers * 72-term dots * 2^-53 ~ 1e-12 relative;
+    # 1e-9 keeps >= 1e3x and fails on float32 rounding (2^-24 ~ 6e-8).
     ya, la, ga = a
     yb, lb, gb = b
     torch.testing.assert_close(yb, ya, atol=atol, rtol=rtol)
@@ -81,6 +84,7 @@ SETTINGS = [
 ]
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("kwargs", SETTINGS, ids=lambda k: "-".join(str(v) for v in k.values()))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_matches_normflows_on_an_mlp(kwargs, training):
@@ -94,6 +98,7 @@ def test_matches_normflows_on_an_mlp(kwargs, training):
         torch.testing.assert_close(getattr(ours, name), getattr(ref, name), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("kwargs", [SETTINGS[0], SETTINGS[6], SETTINGS[11]],
                          ids=lambda k: "-".join(str(v) for v in k.values()))
 def test_matches_normflows_on_a_cnn(kwargs):
@@ -102,6 +107,7 @@ def test_matches_normflows_on_a_cnn(kwargs):
     _assert_same(_step(ref, x, 5), _step(ours, x, 5))
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("kwargs,dim", [
     (dict(brute_force=True), 2), (dict(exact_trace=True), 2), (dict(exact_trace=True), 3),
     (dict(n_power_series=5), 2), (dict(n_power_series=5), 3), (dict(exact_trace=True, n_dist="poisson"), 3),
@@ -115,12 +121,14 @@ def test_exact_and_truncated_branches_match_normflows(kwargs, dim):
         _assert_same(_step(ref, x, 7), _step(ours, x, 7))
 
 
+@pytest.mark.parity
 def test_float32_matches_normflows():
     ref, ours = _pair(_mlp([3, 32, 3]), dtype=torch.float32, grad_in_forward=True)
     x = torch.randn(9, 3)
     _assert_same(_step(ref, x, 11), _step(ours, x, 11), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parity
 def test_without_logpx_returns_x_plus_g():
     ref, ours = _pair(_mlp([3, 8, 3]))
     x = torch.randn(4, 3, dtype=torch.float64)
@@ -137,9 +145,10 @@ def test_state_dict_layout_and_dtypes_match_the_reference():
     assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
     assert ours.geom_p.dtype == torch.float64 and ours.lamb.dtype == torch.float32
     ours.load_state_dict(NfBlock(copy.deepcopy(ref.nnet), n_samples=3, geom_p=0.3).state_dict())
-    assert math.isclose(torch.sigmoid(ours.geom_p).item(), 0.3)
+    assert math.isclose(torch.sigmoid(ours.geom_p).item(), 0.3)  # float64 logit then sigmoid: a few ulps < 1e-9
 
 
+@pytest.mark.parity
 def test_normflows_residual_state_dict_loads_into_the_block():
     flow = nf.flows.Residual(_mlp([3, 8, 3]), reduce_memory=True)
     block = iResBlock(_mlp([3, 8, 3], seed=9))
@@ -180,6 +189,7 @@ def test_the_neumann_gradient_is_unbiased():
             continue
         d = torch.stack([g[i] for g in draws])
         stderr = d.std(0) / math.sqrt(d.shape[0])
+        # 4 standard errors; 1e-12 only for entries the draws do not move, which must then match to float64 rounding
         assert torch.all((d.mean(0) - truth).abs() <= 4 * stderr + 1e-12), (i, d.mean(0), truth, stderr)
 
 
@@ -194,6 +204,8 @@ def test_eval_2d_uses_the_exact_determinant():
     block = iResBlock(_mlp([2, 16, 2])).double().eval()
     x = torch.randn(6, 2, dtype=torch.float64)
     _, logp = block(x, 0.0)
+    # float64 2 x 2 determinants of the same Jacobian built two ways: ~1e-16; the default 1e-7 is loose, but the
+    # estimator instead of the exact branch errs by >= 1e-3
     torch.testing.assert_close(-logp, logdet_exact(block, x))
 
 
@@ -202,6 +214,7 @@ def test_logdet_exact_of_a_conv_block_matches_dense_jacobian():
     x = torch.randn(2, 2, 3, 3, dtype=torch.float64)
     jac = torch.autograd.functional.jacobian(lambda t: block.nnet(t).sum(0), x).reshape(18, 2, 18).permute(1, 0, 2)
     expected = torch.linalg.slogdet(torch.eye(18, dtype=torch.float64) + jac).logabsdet.view(-1, 1)
+    # float64 slogdet of the same 18 x 18 Jacobian (cond(I + J) <= 19 for Lip(g) < 0.9): ~1e-14; default loose
     torch.testing.assert_close(logdet_exact(block, x), expected)
 
 
@@ -215,10 +228,11 @@ def test_logdet_estimate_reports_the_estimate_with_the_same_gradient():
     basic = iResBlock(copy.deepcopy(net), neumann_grad=False).double()
     x = torch.randn(5, 3, dtype=torch.float64)
     surrogate, estimate, basic_value = (_step(b, x, 21) for b in (plain, reporting, basic))
+    # float64, the same terms summed by two code paths: ~1e-15 (the surrogate differs by O(0.1)); default loose
     torch.testing.assert_close(estimate[1], basic_value[1])  # the real estimate, same N and probe
     assert not torch.allclose(estimate[1], surrogate[1])
     for a, b in zip(surrogate[2], estimate[2]):
-        torch.testing.assert_close(b, a)
+        torch.testing.assert_close(b, a)  # the same graph: equal
     torch.testing.assert_close(plain.last_logdet_estimate, -basic_value[1])
 
 
@@ -230,7 +244,7 @@ def test_torch_rng_mode_reproduces_with_torch_manual_seed_alone():
         np.random.seed(numpy_seed)
         torch.manual_seed(3)
         outs.append(block(x, 0.0)[1])
-    torch.testing.assert_close(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], outs[1])  # the same draws and ops: equal
 
 
 def test_grad_in_forward_uses_the_whole_upstream_gradient_for_x():
@@ -261,7 +275,7 @@ def test_works_under_no_grad_and_in_eval():
         block.eval()
         y2, logp2 = block(x, 0.0)
     assert torch.isfinite(logp).all() and torch.isfinite(logp2).all()
-    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(y, y2)  # InducedNorm forwards do not iterate: the same weight and ops, equal
 
 
 # -- inverse --------------------------------------------------------------------------------------
@@ -280,6 +294,7 @@ def test_inverse_round_trip(per_sample):
         assert report.sample_iterations.shape == (16,) and (report.sample_iterations >= 0).all()
 
 
+@pytest.mark.parity
 def test_inverse_matches_normflows_and_returns_the_log_density():
     ref, ours = _pair(_mlp([3, 16, 3]))
     ref.eval()
@@ -291,8 +306,10 @@ def test_inverse_matches_normflows_and_returns_the_log_density():
     np.random.seed(0)
     torch.manual_seed(0)
     xo, lo = ours.inverse(y, torch.zeros(5, 1, dtype=torch.float64))
-    torch.testing.assert_close(xo, xr)
-    torch.testing.assert_close(lo, lr)
+    # float64, the same fixed-point steps on the shared net with the same stopping rule (a different stop would
+    # differ by ~1e-3), then the log-det as in _assert_same: its tolerances (the default 1e-7 hid float32 rounding)
+    torch.testing.assert_close(xo, xr, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(lo, lr, atol=1e-10, rtol=1e-9)
 
 
 class _Expanding(torch.nn.Module):

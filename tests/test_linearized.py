@@ -15,6 +15,8 @@ from resflow_cuda import ops
 from resflow_cuda.linearize import linearize
 from resflow_cuda.nn import InducedNormConv2d, InducedNormLinear, LipSwish, SpectralNormLinear, iResBlock
 
+# float64: our C++ chains vs autograd (or the twins) add the same products in another order: <= ~30 terms * 3 layers *
+# 72-term dots * 2^-53 ~ 1e-12 relative; 1e-10 keeps 100x and fails on float32 rounding (2^-24 ~ 6e-8).
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
 
 
@@ -129,6 +131,7 @@ def test_spectral_norm_layers_keep_their_training_side_effects():
     fast = _compare(net, torch.randn(5, 3, dtype=torch.float64), seeds=(1,))
     slow = iResBlock(copy.deepcopy(_randomize_betas(net).double()), fast_path=False)
     _run(slow, torch.randn(5, 3, dtype=torch.float64), 1)
+    # the same power-iteration steps on the same float64 weight: equal (a missed or extra step moves u by far more)
     torch.testing.assert_close(fast.nnet[1].u, slow.nnet[1].u)
 
 
@@ -243,11 +246,11 @@ def test_logdet_series_op_matches_autograd_terms():
     torch.testing.assert_close(surrogate, (vjp * eps).flatten(1).sum(1), **TOL[torch.float64])
     empty = ops.linearized_logdet_series(eps, source._weights, source._strides, source._paddings,
                                          source.cache.slopes, lc, [])
-    torch.testing.assert_close(empty[0], logdet)
+    torch.testing.assert_close(empty[0], logdet)  # the same op and terms without the Neumann part: equal
     assert empty[1].numel() == 0 and empty[2].numel() == 0
     no_surrogate = ops.linearized_logdet_series(eps, source._weights, source._strides, source._paddings,
                                                 source.cache.slopes, lc, nc, surrogate=False)
-    torch.testing.assert_close(no_surrogate[1], neumann)
+    torch.testing.assert_close(no_surrogate[1], neumann)  # as above: equal
     assert no_surrogate[2].numel() == 0
 
 
@@ -310,6 +313,7 @@ def test_block_under_torch_compile_matches_eager():
         torch.manual_seed(0)
         y, logp = fn(x, 0.0)
         out.append((y.detach(), logp.detach()))
+    # aot_eager runs the same ATen ops and custom ops on the same draws: equal up to rounding (default 1e-7 loose)
     torch.testing.assert_close(out[1][0], out[0][0])
     torch.testing.assert_close(out[1][1], out[0][1])
 
@@ -325,6 +329,7 @@ BRANCHES = {
 }
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("name", sorted(BRANCHES))
 def test_ops_match_the_reference_twins(name, dtype):

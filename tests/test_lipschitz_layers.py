@@ -59,6 +59,7 @@ LINEAR_SETTINGS = [
 ]
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("kwargs", LINEAR_SETTINGS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
 def test_induced_norm_linear_equals_normflows(kwargs):
     ours, ref = _pair(rnn.InducedNormLinear, nf.InducedNormLinear, 20, 10, **kwargs)
@@ -82,6 +83,7 @@ CONV_SETTINGS = [dict(n_iterations=5), dict(atol=1e-3, rtol=1e-3), dict(n_iterat
                  dict(n_iterations=5, domain=2, codomain=INF), dict(n_iterations=4, domain=3, codomain=1.5)]
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("kernel", [1, 3])
 @pytest.mark.parametrize("kwargs", CONV_SETTINGS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
 def test_induced_norm_conv2d_equals_normflows(kernel, kwargs):
@@ -101,6 +103,7 @@ def test_induced_norm_conv2d_equals_normflows(kernel, kwargs):
     _same_state(ours, ref)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("kwargs", [dict(n_iterations=3), dict(atol=1e-3, rtol=1e-3),
                                     dict(n_iterations=50, atol=1e-3, rtol=1e-3)])
 def test_spectral_norm_linear_equals_the_reference(kwargs):
@@ -118,6 +121,7 @@ def test_spectral_norm_linear_equals_the_reference(kwargs):
         _same_state(ours, ref)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("kernel", [1, 3])
 @pytest.mark.parametrize("kwargs", [dict(n_iterations=3), dict(atol=1e-3, rtol=1e-3)])
 def test_spectral_norm_conv2d_equals_the_reference(kernel, kwargs):
@@ -134,6 +138,7 @@ def test_spectral_norm_conv2d_equals_the_reference(kernel, kwargs):
         _same_state(ours, ref)
 
 
+@pytest.mark.parity
 def test_update_lipschitz_equals_normflows_on_whole_models():
     for build in (lambda: LipschitzMLP([2, 16, 16, 16, 2], max_lipschitz_iter=5),
                   lambda: LipschitzCNN([3, 8, 8, 3], [3, 1, 3], max_lipschitz_iter=4)):
@@ -249,6 +254,7 @@ def test_lipschitz_report_flags_layers_above_their_bound():
     assert not {r["name"]: r for r in resflow_cuda.lipschitz_report(model)}["0"]["meets_coeff"]
 
 
+@pytest.mark.parity
 def test_checkpoints_load_without_a_dummy_forward():
     torch.manual_seed(0)
     ref = nf.InducedNormConv2d(3, 5, 3, 1, 1, n_iterations=5)
@@ -313,6 +319,7 @@ def test_explicit_rtol_is_used_unless_the_reference_quirk_is_asked_for():
         assert torch.equal(layer.u, twin.u) != quirk
 
 
+@pytest.mark.parity
 def test_learnable_norm_orders_follow_normflows():
     domain, codomain = torch.nn.Parameter(torch.tensor(0.0)), torch.nn.Parameter(torch.tensor(0.3))
     ours, ref = _pair(rnn.InducedNormLinear, nf.InducedNormLinear, 9, 6, n_iterations=3, domain=domain,

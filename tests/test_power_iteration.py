@@ -30,7 +30,9 @@ def _assert_same(got, expected):
     take it as <A^T u, v> (or <u, A v>) from the loop's last product, the reference applies A again."""
     u, v, sigma, iterations = got
     eu, ev, esigma, eiterations = expected
-    assert torch.equal(u, eu) and torch.equal(v, ev)
+    assert torch.equal(u, eu) and torch.equal(v, ev)  # the same ATen calls in the same order, in one process
+    # one bilinear form two ways, conv sums of <= 36 terms then dots of <= 120: both sides together err by at most
+    # 281*2^-53*|u|^T|A||v| <= 7e-14 sigma (|u|^T|A||v| <= 2.2 sigma here); a float32 sigma would be off by ~6e-8
     assert_close(sigma, esigma, atol=0, rtol=1e-13 if sigma.dtype == torch.float64 else 1e-5)
     assert int(iterations) == eiterations
 
@@ -39,7 +41,9 @@ def _assert_rounding_close(got, expected):
     """Up to float rounding (the fused dense kernel), with the same number of iterations."""
     u, v, sigma, iterations = got
     eu, ev, esigma, eiterations = expected
-    # Hoelder maps raise small components to powers below 1, which magnifies rounding near 0.
+    # Hoelder maps raise small components to powers below 1, which magnifies rounding near 0. float64: <= 60 steps
+    # of <= 45-term sums in another order (~sqrt(45)*2^-53 each, carried by a contracting iteration) ~1e-14, ~d / (2
+    # sqrt c) at a component c of the max: 1e-11 holds for c >= 1e-4 and fails on float32 rounding (2^-24 ~ 6e-8).
     tol = dict(atol=1e-5, rtol=1e-4) if u.dtype == torch.float32 else dict(atol=1e-12, rtol=1e-11)
     assert_close(u, eu, **tol)
     assert_close(v, ev, **tol)
@@ -47,6 +51,7 @@ def _assert_rounding_close(got, expected):
     assert int(iterations) == eiterations
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("atol,rtol", TOLERANCES, ids=["fixed", "tol1e-3", "atol-only"])
 @pytest.mark.parametrize("p,q", NORMS, ids=[f"{p}->{q}" for p, q in NORMS])
@@ -58,6 +63,7 @@ def test_dense_equals_the_reference(shape, p, q, atol, rtol, dtype):
         _assert_rounding_close(got, R.power_iteration(w, u, v, 60, atol, rtol, p, q, u_first))
 
 
+@pytest.mark.parity
 def test_batched_matrices_converge_independently():
     w, u, v = _start((4, 12, 7), 2, 2, 2)
     w[1] *= 0  # a zero matrix: u, v become 0 (F.normalize's eps) and the test passes at once
@@ -75,6 +81,7 @@ def test_empty_batch():
     assert u.shape == (0, 3) and v.shape == (0, 2) and sigma.shape == (0,) and iterations.shape == (0,)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 def test_half_types_compute_in_float(dtype):
     w, u, v = _start((16, 8), 2, 2, 3)
@@ -88,6 +95,8 @@ def test_half_types_compute_in_float(dtype):
 def test_sigma_converges_to_the_spectral_norm():
     w, u, v = _start((48, 32), 2, 2, 4, torch.float64)
     _, _, sigma, _ = ops.power_iteration(w, u, v, 2000, 1e-12, 1e-12)
+    # stops on steps < ~1e-12 (gap s2/s1 = 0.96): sigma's error is second order in u, v's, so rounding (~48*2^-53)
+    # of both sides dominates; 1e-8 is loose, but the second singular value would be off by 4e-2
     assert_close(sigma, torch.linalg.matrix_norm(w, 2), rtol=1e-8, atol=0)
 
 
@@ -97,11 +106,11 @@ def test_sigma_reaches_an_exact_induced_norm_candidate():
     w, u, v = _start((10, 6), 1, 2, 5, torch.float64)
     _, v1, sigma, _ = ops.power_iteration(w, u, v, 50, None, None, 1, 2)
     column = int(v1.argmax())
-    assert_close(sigma, w[:, column].norm())
+    assert_close(sigma, w[:, column].norm())  # v is one-hot: sigma = <c / |c|, c> = |c| to a few ulps
     assert sigma <= w.norm(dim=0).max()
     w, u, v = _start((10, 6), 2, INF, 6, torch.float64)
     u1, _, sigma, _ = ops.power_iteration(w, u, v, 50, None, None, 2, INF)
-    assert_close(sigma, w[int(u1.argmax())].norm())
+    assert_close(sigma, w[int(u1.argmax())].norm())  # as above with u one-hot and a row
     assert sigma <= w.norm(dim=1).max()
 
 
@@ -120,6 +129,7 @@ CONVS = [(4, 3, 3, (6, 5), (1, 1), (1, 1)), (2, 5, 3, (6, 5), (1, 1), (1, 1)), (
          (3, 3, 1, (4, 4), (1, 1), (0, 0))]
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("conv", CONVS, ids=["3x3", "3x3-narrowing", "3x3-stride2", "1x1"])
 @pytest.mark.parametrize("p,q", [(2, 2), (1, 2), (3, 1.5)], ids=["2->2", "1->2", "3->1.5"])
@@ -161,6 +171,8 @@ def test_conv_sigma_converges_to_the_operator_norm():
     matvec, _ = R.conv_operator(w, (5, 4), (1, 1), (1, 1))
     dense = torch.stack([matvec(e) for e in torch.eye(2 * 5 * 4, dtype=torch.float64)], dim=1)
     _, _, sigma, _ = ops.conv_power_iteration(w, u, v, (5, 4), (1, 1), (1, 1), 3000, 1e-13, 1e-13)
+    # stops on steps < ~1e-13 (gap s2/s1 = 0.99, well before 3000 iterations): as above, rounding of 40-term sums
+    # dominates; 1e-7 is loose, a wrong operator or transpose is off by O(1)
     assert_close(sigma, torch.linalg.matrix_norm(dense, 2), rtol=1e-7, atol=0)
 
 

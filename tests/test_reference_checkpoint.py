@@ -25,7 +25,7 @@ from resflow_cuda.nn import LogitTransform
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "reference_resflow_small.pt"
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*did not converge")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*did not converge"), pytest.mark.parity]
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ struct ChainStep {
   std::vector<int64_t> input_shape;             // (B, in) or (B, C, H, W)
   std::vector<int64_t> output_shape;
   // For stride-1 convolutions that narrow the channels: the transposed map as a convolution with
-  // the flipped kernel, which oneDNN runs about 3x faster than conv_transpose2d when the
+  // the flipped kernel, which oneDNN runs several times faster than conv_transpose2d when the
   // transposed map widens few channels to many (e.g. 3 -> 128 at 16x16).
   at::Tensor flipped;
 

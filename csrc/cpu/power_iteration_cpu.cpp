@@ -88,9 +88,9 @@ void power_iteration_update_cpu(at::TensorList weights, at::TensorList us, at::T
 
 // ATen's conv2d sends a batch-1 float32 input of at most 20480 elements with a kernel of at most 3x3
 // to its unblocked im2col path; for these operators, whose outputs are far wider than such inputs
-// (the CIFAR-10 model's 3/12/48 -> 512 channels), oneDNN is 15-35 % faster at 8x8 to 32x32 (measured;
-// the wide inputs already go to oneDNN), so float32 convolutions call it directly. Same results up
-// to float rounding.
+// (the CIFAR-10 model's 3/12/48 -> 512 channels), oneDNN is faster at 8x8 to 32x32 (the wide
+// inputs already go to oneDNN; the README has the measurements), so float32 convolutions call it
+// directly. Same results up to float rounding.
 bool use_onednn(const at::Tensor& weight) {
   return weight.scalar_type() == at::kFloat && weight.numel() > 0 && at::hasMKLDNN() &&
          at::globalContext().userEnabledMkldnn();

@@ -8,18 +8,44 @@ map x + g(x) runs in ``inverse``; ``reduce_memory``: Neumann gradient with backw
 :class:`resflow_cuda.nn.iResBlock`. ``LipschitzMLP`` / ``LipschitzCNN`` have normflows' signatures,
 defaults and state_dict keys (``net.{i}.…``) with the fused LipSwish and our InducedNorm layers, so
 their fast path and ``resflow_cuda.update_lipschitz`` apply. Needs normflows installed.
+
+This module also registers normflows' own layers (``Swish``, ``InducedNormLinear``,
+``InducedNormConv2d``, ``LipschitzMLP`` / ``LipschitzCNN``) with :mod:`resflow_cuda.linearize`, so
+that residual branches built from them take the fast log-det path. Users need not import it for
+that: ``import resflow_cuda`` (which does not import normflows) has linearize() import it on the
+first call after normflows has been imported.
 """
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 try:
     from normflows.flows.base import Flow
+    from normflows.nets import lipschitz as _nfl
 except ImportError as exc:  # pragma: no cover - exercised only without normflows
     raise ImportError("resflow_cuda.integrations.normflows needs normflows (pip install normflows)") from exc
 
+from ..linearize import register_linear, register_lipswish, register_wrapper
 from ..nn import InducedNormConv2d, InducedNormLinear, iResBlock, LipSwish
+
+
+def _normflows_linear_weight(layer, input: Tensor) -> Tensor:
+    return layer.compute_weight(update=False)
+
+
+def _normflows_conv_weight(layer, input: Tensor) -> Tensor:
+    if not layer.initialized:
+        layer.spatial_dims.copy_(torch.tensor(input.shape[2:4]).to(layer.spatial_dims))
+    return layer.compute_weight(update=False)
+
+
+register_lipswish(_nfl.Swish)
+register_linear(_nfl.InducedNormLinear, conv=False, weight=_normflows_linear_weight)
+register_linear(_nfl.InducedNormConv2d, conv=True, weight=_normflows_conv_weight)
+for _wrapper in (_nfl.LipschitzMLP, _nfl.LipschitzCNN):
+    register_wrapper(_wrapper, lambda net: net.net)
 
 
 class Residual(Flow):

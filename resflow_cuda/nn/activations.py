@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional
+from ..linearize import register_lipswish
 
 
 class LipSwish(nn.Module):
@@ -32,6 +33,8 @@ class LipSwish(nn.Module):
             return "beta=<meta>"
         return f"beta={float(self.beta.detach().reshape(-1)[0]):.4g}"
 
+
+register_lipswish(LipSwish)
 
 # The reference's name for the same module.
 Swish = LipSwish

@@ -11,8 +11,9 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from ..estimators import check_estimator_args, series_plan
+from ..logdet import branch_estimate, branch_jacobian, exact_trace_logdet
 from ..solvers import RootReport, find_root
-from .iresblock import branch_estimate, branch_jacobian, check_estimator_args, exact_trace_logdet, series_plan
 
 __all__ = ["ImplicitBlock"]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -12,10 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import estimators as est
-from ..linearize import linearize
+from ..estimators import check_estimator_args, series_plan
+from ..logdet import branch_estimate, branch_jacobian, exact_trace_logdet
 
-__all__ = ["iResBlock", "InverseReport", "logdet_exact", "check_estimator_args", "series_plan",
-           "branch_jacobian", "exact_trace_logdet", "branch_estimate"]
+__all__ = ["iResBlock", "InverseReport"]
 
 logger = logging.getLogger(__name__)
 
@@ -233,133 +232,5 @@ class iResBlock(nn.Module):  # noqa: N801 (the reference's name)
                 f"neumann_grad={self.neumann_grad}, exact_trace={self.exact_trace}, brute_force={self.brute_force}")
 
 
-def check_estimator_args(owner: str, geom_p: float, lamb: float, n_dist: str, rng: str, n_power_series,
-                         integers) -> None:
-    """The argument checks of the log-det estimator that iResBlock and ImplicitBlock share; ``integers``
-    holds (name, value, least) for the block's integer arguments (bools are refused)."""
-    if not 0 < geom_p < 1:
-        raise ValueError(f"{owner}: expected geom_p in (0, 1), but got {geom_p}")
-    if not lamb > 0:
-        raise ValueError(f"{owner}: expected lamb > 0, but got {lamb}")
-    if n_dist not in est.DISTRIBUTIONS:
-        raise ValueError(f"{owner}: expected n_dist to be one of {est.DISTRIBUTIONS}, but got {n_dist!r}")
-    if rng not in est.RNGS:
-        raise ValueError(f"{owner}: expected rng to be one of {est.RNGS}, but got {rng!r}")
-    for name, value, least in integers:
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
-            raise ValueError(f"{owner}: expected {name} to be an integer >= {least}, but got {value!r}")
-    if n_power_series is not None and (not isinstance(n_power_series, (int, np.integer)) or n_power_series < 1):
-        raise ValueError(f"{owner}: expected n_power_series to be None or an integer >= 1, but got {n_power_series!r}")
-
-
-def series_plan(training: bool, n_power_series: int | None, offset: int, n_dist: str, geom_p: Tensor, lamb: Tensor,
-                n_samples: int, rng: str, device: torch.device) -> est.SeriesPlan:
-    """The terms of one estimate per the reference's decision tree: the truncated series in training
-    with ``n_power_series``, otherwise Russian roulette with ``offset`` exact terms (``geom_p`` is a
-    logit; only the parameter of ``n_dist`` is read, with one host sync)."""
-    if training and n_power_series is not None:
-        return est.truncated_plan(n_power_series)
-    if n_dist == "geometric":
-        p = torch.sigmoid(geom_p).item()
-        samples = est.draw_terms("geometric", p, math.nan, n_samples, rng, device)
-        return est.roulette_plan(samples, offset, lambda j: est.geometric_survival(p, j))
-    rate = lamb.item()
-    samples = est.draw_terms("poisson", math.nan, rate, n_samples, rng, device)
-    return est.roulette_plan(samples, offset, lambda j: est.poisson_survival(rate, j))
-
-
-def branch_jacobian(nnet: nn.Module, x: Tensor, fast_path: bool) -> tuple[Tensor, Tensor]:
-    """(g, J): the branch's output at x (B, D) and its Jacobians (B, D, D), with graph; forward mode
-    through the linearized branch when ``fast_path`` and it is a dense one, else D autograd passes."""
-    x = x.requires_grad_(True)
-    fast = linearize(nnet) if fast_path else None
-    if fast is not None and fast.dense:
-        return fast.jacobian(x)
-    g = nnet(x)
-    return g, est.batch_jacobian(g, x)
-
-
-def exact_trace_logdet(nnet: nn.Module, x: Tensor, plan: est.SeriesPlan,
-                       fast_path: bool = True) -> tuple[Tensor, Tensor]:
-    """(g, sum_k (-1)^(k+1)/k c_k tr(J^k)) from the full Jacobian of ``nnet`` at x (B, D), with graph."""
-    g, jac = branch_jacobian(nnet, x, fast_path)
-    logdet = est.batch_trace(jac)
-    jac_k = jac
-    for k in range(2, plan.n_terms + 1):
-        jac_k = torch.bmm(jac, jac_k)
-        logdet = logdet + plan.logdet_coeff(k) * est.batch_trace(jac_k)
-    return g, logdet
-
-
-def branch_estimate(nnet: nn.Module, x: Tensor, eps: Tensor, plan: est.SeriesPlan, *, training: bool,
-                    neumann_grad: bool, grad_in_forward: bool, fast_path: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(g, value, estimate) of log det(I + J_g(x)) for the branch ``nnet`` with probe ``eps``: the basic
-    or (in training with ``neumann_grad``) the Neumann estimator, with or without backward-in-forward;
-    on the linearized fast path when ``fast_path`` and the branch qualifies. ``value`` carries the
-    gradient (the Neumann surrogate in training), ``estimate`` is the log-det estimate (no graph)."""
-    neumann = training and neumann_grad
-
-    def branch(x_in: Tensor, create_graph: bool):
-        fast = linearize(nnet) if fast_path else None
-        if fast is not None and (neumann or not create_graph):
-            return fast(x_in)
-        if fast is not None and fast.dense and x_in.dim() == 2 and x_in.shape[1] < plan.n_terms:
-            g, jac = fast.jacobian(x_in)  # the basic estimator differentiated through every term
-            return g, est.JacobianVJP(g, x_in, jac)
-        g = nnet(x_in)
-        return g, est.AutogradVJP(g, x_in)
-
-    if training and grad_in_forward:
-        params = list(nnet.parameters())
-
-        def run(x_leaf: Tensor):
-            g, source = branch(x_leaf, True)
-            trainable = [p for p in params if p.requires_grad]
-            if neumann:
-                logdet, w_tilde = source.series(eps, plan, neumann=True, surrogate=False)
-                value, grads = source.surrogate_and_grads(w_tilde, eps, trainable)
-            else:
-                value = est.basic_estimator(source, eps, plan, create_graph=True)
-                logdet = value.detach()
-                grads = torch.autograd.grad(value.sum(), [x_leaf, *trainable], retain_graph=True,
-                                            allow_unused=True)
-            grads = iter(grads)
-            grad_x = next(grads)
-            grad_x = torch.zeros_like(x_leaf) if grad_x is None else grad_x
-            return g, value, logdet, grad_x, [next(grads) if p.requires_grad else None for p in params]
-
-        return est.MemoryEfficientLogDet.apply(run, x, *params)
-    x = x.requires_grad_(True)
-    g, source = branch(x, training)
-    if neumann:
-        value, logdet = est.neumann_estimator(source, eps, plan)
-    else:
-        value = est.basic_estimator(source, eps, plan, training)
-        logdet = value.detach()
-    return g, value, logdet
-
-
 def _max_or_zero(t: Tensor) -> float:
     return float(t.detach().max()) if t.numel() else 0.0
-
-
-def logdet_exact(block: nn.Module, x: Tensor) -> Tensor:
-    """log|det(I + J_g(x))| per sample, shape (B, 1), from the full Jacobian (one autograd pass per
-    input element: for small inputs, evaluation and tests). ``block`` is an :class:`iResBlock`
-    (or anything with an ``nnet``); x has any shape (B, ...)."""
-    if not isinstance(x, Tensor) or x.dim() < 2:
-        raise ValueError(f"logdet_exact: expected x to be a tensor of shape (B, ...) with at least 2 dimensions, "
-                         f"but got {getattr(x, 'shape', type(x).__name__)}")
-    nnet = getattr(block, "nnet", None)
-    if not isinstance(nnet, nn.Module):
-        raise TypeError(f"logdet_exact: expected block to have an nnet module (an iResBlock), "
-                        f"but got {type(block).__name__}")
-    batch, dim = x.shape[0], x[0].numel()
-    with torch.enable_grad():
-        x_in = x.detach().requires_grad_(True)
-        g = nnet(x_in).reshape(batch, dim)
-        rows = [torch.autograd.grad(g[:, d].sum(), x_in, retain_graph=True)[0].reshape(batch, dim)
-                for d in range(dim)]
-    jac = torch.stack(rows, 1) if rows else x.new_zeros(batch, 0, 0)
-    eye = torch.eye(dim, dtype=jac.dtype, device=jac.device)
-    return torch.linalg.slogdet(eye + jac).logabsdet.view(-1, 1)

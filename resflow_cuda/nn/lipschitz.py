@@ -30,94 +30,19 @@ import math
 
 import torch
 import torch.nn.functional as F
-import torch.nn.init as init
 from torch import Tensor, nn
 
-from .. import ops, reference
-from ..reference import normalize_u, normalize_v
+from .. import ops
+from ..functional import conv_operator, eager_power_iteration, normalize_u, normalize_v
+from ..linearize import register_linear
+from .lipschitz_base import (INF, _check_common, _check_norm, _InducedNormsMixin, _LipschitzMixin,
+                             _reset_parameters)
 
-__all__ = [
-    "SpectralNormLinear", "SpectralNormConv2d", "InducedNormLinear", "InducedNormConv2d", "LopLinear", "LopConv2d",
-    "get_linear", "get_conv2d", "update_lipschitz", "lipschitz_report", "asym_squash",
-]
-
-INF = float("inf")
+__all__ = ["SpectralNormLinear", "SpectralNormConv2d", "InducedNormLinear", "InducedNormConv2d"]
 
 
 def _pair(x):
     return tuple(x) if isinstance(x, collections.abc.Iterable) else (x, x)
-
-
-def leaky_elu(x: Tensor, a: float = 0.3) -> Tensor:
-    return a * x + (1 - a) * F.elu(x)
-
-
-def asym_squash(x: Tensor) -> Tensor:
-    """Maps a learnable norm parameter to an order in (1, 5); 0 gives 2 (the reference's map)."""
-    return torch.tanh(-leaky_elu(-x + 0.5493061829986572)) * 2 + 3
-
-
-def _check_common(coeff, n_iterations, atol, rtol):
-    if not coeff > 0:
-        raise ValueError(f"coeff must be > 0 (the Lipschitz bound of the layer), got {coeff}")
-    if n_iterations is not None and (not isinstance(n_iterations, int) or n_iterations < 0):
-        raise ValueError(f"n_iterations must be None or an integer >= 0, got {n_iterations!r}")
-    for name, value in (("atol", atol), ("rtol", rtol)):
-        if value is not None and not value >= 0:
-            raise ValueError(f"{name} must be None or >= 0, got {value}")
-
-
-def _check_norm(name, p):
-    if not torch.is_tensor(p) and not p >= 1:
-        raise ValueError(f"{name} must be a norm order >= 1 (or inf), got {p}")
-
-
-def _reset_parameters(module, zero_init=False):
-    init.kaiming_uniform_(module.weight, a=math.sqrt(5))
-    if zero_init:
-        # The reference's zero_init: a tiny, not a zero, weight (normalisation needs a non-zero W).
-        module.weight.data.div_(1000)
-    if module.bias is not None:
-        fan_in, _ = init._calculate_fan_in_and_fan_out(module.weight)
-        bound = 1 / math.sqrt(fan_in)
-        init.uniform_(module.bias, -bound, bound)
-
-
-class _LipschitzMixin:
-    """sigma -> W / max(1, sigma / coeff), and the reference's resolution of iteration settings."""
-
-    def _normalized(self, weight: Tensor, sigma: Tensor) -> Tensor:
-        with torch.no_grad():
-            self.scale.copy_(sigma)
-        if self.detach_sigma:
-            sigma = sigma.detach()
-        # torch.max, not clamp: equal gradients at sigma == coeff, as in the reference.
-        factor = torch.max(sigma.new_ones(1), sigma / self.coeff)
-        return weight / factor
-
-    def _iteration_settings(self, n_iterations, atol, rtol, default_max):
-        n_iterations = self.n_iterations if n_iterations is None else n_iterations
-        atol = self.atol if atol is None else atol
-        if rtol is None:
-            rtol = self.rtol
-        elif self.reference_rtol_quirk:
-            rtol = atol
-        if n_iterations is None and (atol is None or rtol is None):
-            raise ValueError("Need one of n_iteration or (atol, rtol).")
-        return n_iterations, atol, rtol, (default_max if n_iterations is None else n_iterations)
-
-
-
-class _InducedNormsMixin:
-    """The norm orders of the InducedNorm* layers: numbers, or learnable tensors mapped by asym_squash."""
-
-    def compute_domain_codomain(self):
-        if torch.is_tensor(self.domain):
-            return asym_squash(self.domain), asym_squash(self.codomain)
-        return self.domain, self.codomain
-
-    def _learnable_norms(self) -> bool:
-        return torch.is_tensor(self.domain) or torch.is_tensor(self.codomain)
 
 
 class SpectralNormLinear(_LipschitzMixin, nn.Module):
@@ -220,8 +145,8 @@ class InducedNormLinear(_InducedNormsMixin, _LipschitzMixin, nn.Module):
         domain, codomain = self.compute_domain_codomain()
         weight = self.weight.detach()
         if self._learnable_norms():
-            u, v, _, _ = _reference_power_iteration(weight, self.u, self.v, max_iterations, atol, rtol, domain,
-                                                    codomain)
+            u, v, _, _ = eager_power_iteration(weight, self.u, self.v, max_iterations, atol, rtol, domain,
+                                               codomain)
         else:
             u, v, _, _ = ops.power_iteration(weight, self.u, self.v, max_iterations, atol, rtol, domain, codomain,
                                              True)
@@ -489,9 +414,9 @@ class InducedNormConv2d(_InducedNormsMixin, _LipschitzConv2d):
                     if self._pointwise:
                         weight = self._matrix(weight)
                     else:
-                        operator = _conv_operator(weight, self._input_hw, self.stride, self.padding)
-                    u, v, _, _ = _reference_power_iteration(weight, u, v, max_iterations, atol, rtol, domain,
-                                                            codomain, *operator)
+                        operator = conv_operator(weight, self._input_hw, self.stride, self.padding)
+                    u, v, _, _ = eager_power_iteration(weight, u, v, max_iterations, atol, rtol, domain,
+                                                       codomain, *operator)
                 else:
                     u, v, _, _ = self._power_iterate(weight, u, v, max_iterations, atol, rtol, domain, codomain,
                                                      True)
@@ -513,7 +438,7 @@ class InducedNormConv2d(_InducedNormsMixin, _LipschitzConv2d):
             u = normalize_u(torch.mv(weight, self.v.detach()), codomain)
             v = normalize_v(torch.mv(weight.t(), u), domain)
             return torch.dot(u, torch.mv(weight, v))
-        matvec, rmatvec = _conv_operator(weight, self._input_hw, self.stride, self.padding)
+        matvec, rmatvec = conv_operator(weight, self._input_hw, self.stride, self.padding)
         u = normalize_u(matvec(self.v.detach()), codomain)
         v = normalize_v(rmatvec(u), domain)
         return torch.dot(u, matvec(v))
@@ -533,251 +458,6 @@ class InducedNormConv2d(_InducedNormsMixin, _LipschitzConv2d):
             f"learnable_ord={torch.is_tensor(self.domain)}")
 
 
-def _reference_power_iteration(weight, u, v, max_iterations, atol, rtol, domain, codomain, matvec=None,
-                               rmatvec=None):
-    """The Python loop, for tensor-valued (learnable) norm orders, which the reference treats with
-    its general dual map even where the order equals 2."""
-    return reference.power_iteration(weight, u, v, max_iterations, atol, rtol, domain, codomain, True, matvec,
-                                     rmatvec)
-
-
-def _conv_operator(weight, input_hw, stride, padding):
-    return reference.conv_operator(weight, input_hw, stride, padding)
-
-
-# ---------------------------------------------------------------------------------------------
-# Closed-form operator norms (Lop*) and the reference's layer factories
-# ---------------------------------------------------------------------------------------------
-
-
-def operator_norm_settings(domain, codomain):
-    """(max over input dimensions?, norm type) of the closed-form induced norms."""
-    settings = {(1, 1): (True, 1), (1, 2): (True, 2), (1, INF): (True, INF), (2, INF): (False, 2), (INF, INF): (False, 1)}
-    if (domain, codomain) not in settings:
-        raise ValueError(f'Unknown combination of domain "{domain}" and codomain "{codomain}"')
-    return settings[(domain, codomain)]
-
-
-def _max_except_dim(x: Tensor, dim: int) -> Tensor:
-    for axis in list(range(x.dim() - 1, dim, -1)) + list(range(dim - 1, -1, -1)):
-        x, _ = x.max(axis, keepdim=True)
-    return x
-
-
-def _norm_except_dim(w: Tensor, norm_type, dim: int) -> Tensor:
-    if norm_type in (1, 2):
-        return torch.norm_except_dim(w, norm_type, dim)
-    return _max_except_dim(w, dim)
-
-
-class _LopMixin:
-    """W / max(1, scale / coeff) with the closed-form norm of each row or column (local) or their max."""
-
-    def _setup_lop(self, coeff, domain, codomain, local_constraint):
-        if not coeff > 0:
-            raise ValueError(f"coeff must be > 0 (the Lipschitz bound of the layer), got {coeff}")
-        self.coeff, self.domain, self.codomain, self.local_constraint = coeff, domain, codomain, local_constraint
-        max_across_input_dims, self.norm_type = operator_norm_settings(domain, codomain)
-        self.max_across_dim = 1 if max_across_input_dims else 0
-        self.register_buffer("scale", torch.tensor(0.0))
-
-    def compute_weight(self):
-        scale = _norm_except_dim(self.weight, self.norm_type, dim=self.max_across_dim)
-        if not self.local_constraint:
-            scale = scale.max()
-        with torch.no_grad():
-            self.scale.copy_(scale.max())
-        factor = torch.max(scale.new_ones(1), scale / self.coeff)
-        return self.weight / factor
-
-    def _lop_repr(self):
-        return f", coeff={self.coeff}, domain={self.domain}, codomain={self.codomain}, local={self.local_constraint}"
-
-
-class LopLinear(_LopMixin, nn.Linear):
-    """Linear layer bounded by a closed-form operator norm (domain, codomain in {(1,1), (1,2),
-    (1,inf), (2,inf), (inf,inf)}); the reference's ``LopLinear``."""
-
-    def __init__(self, in_features, out_features, bias=True, coeff=0.97, domain=INF, codomain=INF,
-                 local_constraint=True, **unused_kwargs):
-        del unused_kwargs
-        super().__init__(in_features, out_features, bias)
-        self._setup_lop(coeff, domain, codomain, local_constraint)
-
-    def forward_weight(self, input: Tensor) -> Tensor:
-        """The weight forward applies to ``input``."""
-        return self.compute_weight()
-
-    def forward(self, input: Tensor) -> Tensor:
-        return F.linear(input, self.forward_weight(input), self.bias)
-
-    def extra_repr(self):
-        return super().extra_repr() + self._lop_repr()
-
-
-class LopConv2d(_LopMixin, nn.Conv2d):
-    """Convolution bounded by a closed-form operator norm of its weight; the reference's ``LopConv2d``."""
-
-    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, bias=True, coeff=0.97, domain=INF,
-                 codomain=INF, local_constraint=True, **unused_kwargs):
-        del unused_kwargs
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
-        self._setup_lop(coeff, domain, codomain, local_constraint)
-
-    def forward_weight(self, input: Tensor) -> Tensor:
-        """The weight forward applies to ``input``."""
-        return self.compute_weight()
-
-    def forward(self, input: Tensor) -> Tensor:
-        return F.conv2d(input, self.forward_weight(input), self.bias, self.stride, self.padding, 1, 1)
-
-    def extra_repr(self):
-        return super().extra_repr() + self._lop_repr()
-
-
-def _closed_form(domain, codomain) -> bool:
-    return (domain == 1 and codomain in (1, 2, INF)) or (codomain == INF and domain in (2, INF))
-
-
-def get_linear(in_features, out_features, bias=True, coeff=0.97, domain=None, codomain=None, **kwargs):
-    """LopLinear for the closed-form (domain, codomain) pairs, else InducedNormLinear (the reference's rule)."""
-    layer = LopLinear if _closed_form(domain, codomain) else InducedNormLinear
-    return layer(in_features, out_features, bias, coeff, domain, codomain, **kwargs)
-
-
-def get_conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=True, coeff=0.97, domain=None,
-               codomain=None, **kwargs):
-    """LopConv2d for the closed-form (domain, codomain) pairs, else InducedNormConv2d."""
-    layer = LopConv2d if _closed_form(domain, codomain) else InducedNormConv2d
-    return layer(in_channels, out_channels, kernel_size, stride, padding, bias, coeff, domain, codomain, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Model-wide updates and checks
-# ---------------------------------------------------------------------------------------------
-
-_ITERATED = (SpectralNormLinear, SpectralNormConv2d, InducedNormLinear, InducedNormConv2d)
-
-
-def _update_settings(m, n_iterations):
-    """The op settings (max_iterations, atol, rtol, domain, codomain, u_first) of updating `m` by plain
-    power iteration whose u, v and sigma go into its buffers as they are (no learnable orders, no lazy
-    initialisation pending, not the reference's 1x1 projmax case that keeps stale buffers); None otherwise."""
-    if isinstance(m, (InducedNormLinear, InducedNormConv2d)):
-        conv = isinstance(m, InducedNormConv2d)
-        if m._learnable_norms() or (conv and (not m._initialized or (m._pointwise and (m.domain == 1
-                                                                                        or m.codomain == INF)))):
-            return None
-        n_it, atol, rtol, max_it = m._iteration_settings(n_iterations, None, None, 200)
-        tol = n_it is None
-        return max_it, atol if tol else None, rtol if tol else None, float(m.domain), float(m.codomain), True
-    if isinstance(m, (SpectralNormLinear, SpectralNormConv2d)):
-        if isinstance(m, SpectralNormConv2d) and not m.initialized:
-            return None
-        _, atol, rtol, max_it = m._iteration_settings(n_iterations, None, None, 20000)
-        tol = atol is not None and rtol is not None
-        return max_it, atol if tol else None, rtol if tol else None, 2.0, 2.0, False
-    return None
-
-
-def update_lipschitz(model: nn.Module, n_iterations: int | None = None) -> None:
-    """``compute_weight(update=True, n_iterations=n_iterations)`` on every SpectralNorm* / InducedNorm*
-    layer of ``model`` (the reference training loops' ``update_lipschitz``; with ``n_iterations=None``
-    each layer uses its own setting), writing only what that leaves behind: u, v and ``scale``. All
-    matrix layers (linear and 1x1 convolutions) with equal settings share one op call that updates
-    them in place; convolutions with larger kernels run one op call each and take sigma from it
-    (equal to the reference's u^T A v up to float rounding, see ``ops.conv_power_iteration``), which
-    saves the convolution and the weight division of compute_weight. Call it after every optimiser
-    step and before evaluation."""
-    groups: dict = {}
-    with torch.no_grad():
-        for m in model.modules():
-            if not isinstance(m, _ITERATED):
-                continue
-            settings = _update_settings(m, n_iterations)
-            if settings is None:
-                m.compute_weight(update=True, n_iterations=n_iterations)
-                continue
-            weight = m.weight.detach()
-            if weight.dim() == 4 and not m._pointwise:
-                u, v, sigma, _ = m._power_iterate(weight, m.u, m.v, *settings)
-                m.u.copy_(u)
-                m.v.copy_(v)
-                m.scale.copy_(sigma.reshape(m.scale.shape))
-                continue
-            matrix = weight if weight.dim() == 2 else m._matrix(weight)
-            groups.setdefault((settings, weight.device), []).append((m, matrix))
-        for (settings, _), members in groups.items():
-            ops.power_iteration_update_([w for _, w in members], [m.u for m, _ in members],
-                                        [m.v for m, _ in members], [m.scale for m, _ in members], *settings)
-
-
-def _exact_dense_norm(matrix: Tensor) -> Tensor:
-    return torch.linalg.matrix_norm(matrix.detach().double(), 2)
-
-
-def _conv_norm_bound_fft(weight: Tensor, input_hw) -> Tensor:
-    """Spectral norm of the circular convolution on a grid large enough that no output wraps
-    around: an upper bound of the zero-padded (and strided) convolution's norm (the singular
-    values of a circular convolution are those of the per-frequency channel matrices)."""
-    kh, kw = weight.shape[2:]
-    grid = (input_hw[0] + kh - 1, input_hw[1] + kw - 1)
-    spectrum = torch.fft.fft2(weight.detach().double(), s=grid)  # (out, in, gh, gw)
-    per_frequency = spectrum.permute(2, 3, 0, 1)
-    return torch.linalg.matrix_norm(per_frequency, 2).max()
-
-
-def _conv_dense_matrix(layer: _LipschitzConv2d) -> Tensor:
-    matvec, _ = _conv_operator(layer.weight.detach().double(), layer._input_hw, layer.stride, layer.padding)
-    n_in = layer.in_channels * layer._input_hw[0] * layer._input_hw[1]
-    return torch.stack([matvec(e) for e in torch.eye(n_in, dtype=torch.float64, device=layer.weight.device)], 1)
-
-
-def lipschitz_report(model: nn.Module, exact_conv_max_inputs: int = 2048) -> list[dict]:
-    """A verified look at every Lipschitz layer of ``model``.
-
-    For each layer: ``sigma`` (the power-iteration estimate the layer normalises with, its ``scale``
-    buffer), ``sigma_exact`` and ``method`` (``"svd"`` for matrices and 1x1 convolutions, and for
-    k x k convolutions whose input has at most ``exact_conv_max_inputs`` entries; ``"fft-bound"``
-    otherwise, an upper bound from the circular convolution; ``"closed-form"`` for Lop*; None for
-    induced norms other than 2 -> 2), ``lipschitz`` (the exact norm of the normalised weight,
-    sigma_exact / max(1, sigma / coeff)) and ``meets_coeff`` (lipschitz <= coeff, with 1e-5 slack; None
-    when unknown: no exact norm, or an FFT bound above coeff).
-    Run :func:`update_lipschitz` first so that ``sigma`` is current. Convolutions must have seen
-    an input (their operator depends on the input size).
-    """
-    report = []
-    for name, m in model.named_modules():
-        if isinstance(m, (LopLinear, LopConv2d)):
-            with torch.no_grad():
-                m.compute_weight()
-            scale = float(m.scale)
-            entry = dict(sigma=scale, sigma_exact=scale, method="closed-form", lipschitz=min(scale, m.coeff))
-        elif isinstance(m, _ITERATED):
-            sigma = float(m.scale)
-            exact, method = None, None
-            if _is_spectral(m):
-                if isinstance(m, (SpectralNormLinear, InducedNormLinear)):
-                    exact, method = _exact_dense_norm(m.weight), "svd"
-                elif m._pointwise:
-                    exact, method = _exact_dense_norm(m._matrix(m.weight)), "svd"
-                elif m.in_channels * m._input_hw[0] * m._input_hw[1] <= exact_conv_max_inputs:
-                    exact, method = _exact_dense_norm(_conv_dense_matrix(m)), "svd"
-                else:
-                    exact, method = _conv_norm_bound_fft(m.weight, m._input_hw), "fft-bound"
-            entry = dict(sigma=sigma, sigma_exact=None if exact is None else float(exact), method=method,
-                         lipschitz=None if exact is None else float(exact) / max(1.0, sigma / m.coeff))
-        else:
-            continue
-        meets = None if entry["lipschitz"] is None else entry["lipschitz"] <= m.coeff * (1 + 1e-5)
-        if entry["method"] == "fft-bound" and not meets:
-            meets = None  # an upper bound above coeff decides nothing
-        entry.update(name=name, type=type(m).__name__, coeff=m.coeff, meets_coeff=meets)
-        report.append(entry)
-    return report
-
-
-def _is_spectral(m) -> bool:
-    """Does the layer bound the l2 -> l2 norm (with fixed orders)?"""
-    domain, codomain = getattr(m, "domain", 2), getattr(m, "codomain", 2)
-    return not torch.is_tensor(domain) and domain == 2 and codomain == 2
+for _layer, _conv in ((SpectralNormLinear, False), (InducedNormLinear, False), (SpectralNormConv2d, True),
+                     (InducedNormConv2d, True)):
+    register_linear(_layer, conv=_conv)

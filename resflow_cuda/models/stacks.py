@@ -1,25 +1,19 @@
-"""Whole models: the multi-scale ``ResidualFlow`` of the reference image experiments (with
-residual or, as its coupling baseline, coupling blocks) and the stack of residual blocks of its
-2-D toy script, built from this library's layers with the reference's module order, so that
-state_dict keys (and a reference checkpoint) carry over.
-
-Reference: residual-flows ``resflows/resflow.py`` and ``train_toy.py``.
-"""
+"""The pieces of the reference's models: the activation table, the fully connected residual
+branch, one scale of the multi-scale model (residual or coupling blocks) and the stack of residual
+blocks of the 2-D toy script (see :mod:`resflow_cuda.models`)."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .nn import ImplicitBlock, iResBlock
-from .nn.activations import LipSwish, LipschitzCube
-from .nn.coupling import ChannelCouplingBlock, CouplingBlock, MaskedCouplingBlock
-from .nn.flows import (ActNorm1d, ActNorm2d, InvertibleConv2d, InvertibleLinear, MovingBatchNorm1d,
-                       MovingBatchNorm2d, SequentialFlow, SqueezeLayer)
-from .nn.lipschitz import get_conv2d, get_linear
+from ..nn import (ActNorm1d, ActNorm2d, ChannelCouplingBlock, CouplingBlock, ImplicitBlock, InvertibleConv2d,
+                  InvertibleLinear, LipSwish, LipschitzCube, MaskedCouplingBlock, MovingBatchNorm1d, MovingBatchNorm2d,
+                  SequentialFlow, SqueezeLayer, get_conv2d, get_linear, iResBlock)
+
+__all__ = ["ACT_FNS", "FCNet", "FCWrapper", "StackedCouplingBlocks", "StackediResBlocks", "parse_vnorms", "toy_model"]
 
 # The reference's activation table: name -> factory(inplace).
 ACT_FNS = {
@@ -30,11 +24,6 @@ ACT_FNS = {
     "identity": lambda inplace: nn.Identity(),
     "relu": lambda inplace: nn.ReLU(inplace=inplace),
 }
-
-
-def standard_normal_logprob(z: Tensor) -> Tensor:
-    """Elementwise log N(z; 0, 1)."""
-    return -0.5 * math.log(2 * math.pi) - z.pow(2) / 2
 
 
 def parse_vnorms(vnorms: str) -> tuple[list[float], list[float]]:
@@ -284,178 +273,6 @@ class StackedCouplingBlocks(SequentialFlow):
                                       fc_actnorm, fc, fc_end, fc_nblocks, fc_idim, first_resblock))
 
 
-class ResidualFlow(nn.Module):
-    """The multi-scale Residual Flow (Chen et al., 2019) with the reference constructor, defaults,
-    module order and state_dict keys (``transforms.{scale}.chain.{j}.…``; ``classification_heads``
-    and ``logit_layer`` with ``classification=True``). Each scale is a :class:`StackediResBlocks`
-    with ``block_type='resblock'`` (default), or a :class:`StackedCouplingBlocks` with
-    ``block_type='coupling'``, the reference's coupling baseline (affine coupling layers, exact
-    log-det; the Lipschitz and estimator arguments are then unused).
-
-    ``forward(x, logpx=None, inverse=False, classify=False)`` maps ``(B, C, H, W)`` to ``z`` of shape
-    ``(B, C·H·W)`` (the factored-out parts of every scale, flattened, then the last scale), and
-    returns ``(z, logpx - logdet)`` when ``logpx`` is given, plus class logits with ``classify``.
-    ``inverse(z, logpz=None)`` runs the scales backwards. Extras: :meth:`sample`,
-    :meth:`log_prob` and :meth:`bits_per_dim`.
-
-    Deliberate differences: bad arguments raise ``ValueError`` naming them (the reference asserts),
-    including a ``block_type`` other than ``'resblock'`` or ``'coupling'`` (the reference builds
-    coupling blocks for any other value); the residual blocks are this library's iResBlock (fast
-    path, backward-in-forward semantics as documented there).
-    """
-
-    def __init__(self, input_size, n_blocks=(16, 16), intermediate_dim=64, factor_out=True, quadratic=False,
-                 init_layer=None, actnorm=False, fc_actnorm=False, batchnorm=False, dropout=0, fc=False, coeff=0.9,
-                 vnorms="122f", n_lipschitz_iters=None, sn_atol=None, sn_rtol=None, n_power_series=5,
-                 n_dist="geometric", n_samples=1, kernels="3-1-3", activation_fn="elu", fc_end=True, fc_idim=128,
-                 n_exact_terms=0, preact=False, neumann_grad=True, grad_in_forward=False, first_resblock=False,
-                 learn_p=False, classification=False, classification_hdim=64, n_classes=10,
-                 block_type="resblock") -> None:
-        super().__init__()
-        if len(input_size) != 4:
-            raise ValueError(f"input_size: expected (N, C, H, W), but got {tuple(input_size)!r}")
-        if block_type not in ("resblock", "coupling"):
-            raise ValueError(f"block_type: expected 'resblock' or 'coupling', but got {block_type!r}")
-        n_blocks = list(n_blocks)
-        self.n_scale = min(len(n_blocks), self._calc_n_scale(input_size))
-        if self.n_scale <= 0:
-            raise ValueError(f"input_size {tuple(input_size)}: H and W must be at least 4 for one scale")
-        self.n_blocks = n_blocks
-        self.factor_out = factor_out
-        self.classification = classification
-        self.classification_hdim = classification_hdim
-        self.n_classes = n_classes
-        self.block_type = block_type
-        self.input_size = tuple(input_size)
-        _, c, h, w = input_size
-        stack = StackediResBlocks if block_type == "resblock" else StackedCouplingBlocks
-        scales = []
-        for i in range(self.n_scale):
-            scales.append(stack(
-                (c, h, w), intermediate_dim, squeeze=i < self.n_scale - 1, init_layer=init_layer if i == 0 else None,
-                n_blocks=n_blocks[i], quadratic=quadratic, actnorm=actnorm, fc_actnorm=fc_actnorm,
-                batchnorm=batchnorm, dropout=dropout, fc=fc, coeff=coeff, vnorms=vnorms,
-                n_lipschitz_iters=n_lipschitz_iters, sn_atol=sn_atol, sn_rtol=sn_rtol, n_power_series=n_power_series,
-                n_dist=n_dist, n_samples=n_samples, kernels=kernels, activation_fn=activation_fn, fc_end=fc_end,
-                fc_idim=fc_idim, n_exact_terms=n_exact_terms, preact=preact, neumann_grad=neumann_grad,
-                grad_in_forward=grad_in_forward, first_resblock=first_resblock and i == 0, learn_p=learn_p))
-            c, h, w = (c * 2 if factor_out else c * 4), h // 2, w // 2
-        self.transforms = nn.ModuleList(scales)
-        self.dims = [tuple(o[1:]) for o in self.calc_output_size(input_size)]
-        if classification:
-            self._build_classifier(input_size)
-
-    @staticmethod
-    def _calc_n_scale(input_size) -> int:
-        _, _, h, w = input_size
-        n = 0
-        while h >= 4 and w >= 4:
-            n, h, w = n + 1, h // 2, w // 2
-        return n
-
-    def calc_output_size(self, input_size):
-        n, c, h, w = input_size
-        if not self.factor_out:
-            k = self.n_scale - 1
-            return [[n, c * 4**k, h // 2**k, w // 2**k]]
-        sizes = []
-        for i in range(self.n_scale):
-            if i < self.n_scale - 1:
-                c, h, w = c * 2, h // 2, w // 2
-            sizes.append((n, c, h, w))
-        return tuple(sizes)
-
-    def _build_classifier(self, input_size) -> None:
-        n, c, h, w = input_size
-        heads = []
-        for i in range(self.n_scale):
-            if i < self.n_scale - 1:
-                c, h, w = c * (2 if self.factor_out else 4), h // 2, w // 2
-            heads.append(nn.Sequential(nn.Conv2d(c, self.classification_hdim, 3, 1, 1),
-                                       ActNorm2d(self.classification_hdim), nn.ReLU(inplace=True),
-                                       nn.AdaptiveAvgPool2d((1, 1))))
-        self.classification_heads = nn.ModuleList(heads)
-        self.logit_layer = nn.Linear(self.classification_hdim * len(heads), self.n_classes)
-
-    def forward(self, x: Tensor, logpx: Tensor | None = None, inverse: bool = False, classify: bool = False):
-        if inverse:
-            return self.inverse(x, logpx)
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_size[1:]:
-            raise ValueError(f"ResidualFlow: expected input of shape (B, {', '.join(map(str, self.input_size[1:]))}), "
-                             f"but got {tuple(x.shape)}")
-        if classify and not self.classification:
-            raise ValueError("classify=True needs a model built with classification=True")
-        out, class_outs, f = [], [], None
-        for idx, scale in enumerate(self.transforms):
-            if logpx is None:
-                x = scale(x)
-            else:
-                x, logpx = scale(x, logpx)
-            if self.factor_out and idx < len(self.transforms) - 1:
-                d = x.shape[1] // 2
-                x, f = x[:, :d], x[:, d:]
-                out.append(f)
-            if classify:
-                # As the reference: with factor_out every head sees the last factored-out part, so the
-                # last scale's head sees the previous scale's (same shape), or x with a single scale.
-                class_outs.append(self.classification_heads[idx](f if self.factor_out and f is not None else x))
-        out.append(x)
-        z = torch.cat([o.reshape(o.shape[0], -1) for o in out], 1)
-        output = z if logpx is None else (z, logpx)
-        if classify:
-            return output, self.logit_layer(torch.cat(class_outs, dim=1).flatten(1))
-        return output
-
-    def inverse(self, z: Tensor, logpz: Tensor | None = None):
-        z = z.reshape(z.shape[0], -1)
-        if not self.factor_out:
-            x = z.view(z.shape[0], *self.dims[-1])
-            for scale in reversed(self.transforms):
-                if logpz is None:
-                    x = scale.inverse(x)
-                else:
-                    x, logpz = scale.inverse(x, logpz)
-            return x if logpz is None else (x, logpz)
-        sizes = [int(np.prod(d)) for d in self.dims]
-        parts = [p.reshape(z.shape[0], *d) for p, d in zip(torch.split(z, sizes, dim=1), self.dims)]
-        x = parts[-1]
-        for idx in range(len(self.transforms) - 1, -1, -1):
-            if idx < len(self.transforms) - 1:
-                x = torch.cat((x, parts[idx]), dim=1)
-            if logpz is None:
-                x = self.transforms[idx].inverse(x)
-            else:
-                x, logpz = self.transforms[idx].inverse(x, logpz)
-        return x if logpz is None else (x, logpz)
-
-    def log_prob(self, x: Tensor) -> Tensor:
-        """log p(x) per sample, shape (B,), under a standard normal base (with residual blocks the
-        log-det is the model's estimate in training mode, exact terms plus the roulette's tail in
-        eval mode; with coupling blocks it is exact)."""
-        z, delta = self(x, x.new_zeros(x.shape[0], 1))
-        return (standard_normal_logprob(z).sum(1, keepdim=True) - delta).squeeze(1)
-
-    def bits_per_dim(self, x: Tensor, nbits: int = 8, dequantize: bool = True) -> Tensor:
-        """Bits per dimension of a batch of images in [0, 1] with ``2**nbits`` levels, per sample
-        (B,): ``-(log p(x) - D log 2**nbits) / (D log 2)`` with uniform dequantisation
-        ``x = (x (2**nbits - 1) + u) / 2**nbits`` as the reference's training script (and, if the
-        model has one, its init layer such as LogitTransform inside log p)."""
-        nvals = 2**nbits
-        if dequantize:
-            x = (x * (nvals - 1) + torch.rand_like(x)) / nvals
-        dims = x[0].numel()
-        return -(self.log_prob(x) - dims * math.log(nvals)) / dims / math.log(2)
-
-    @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-        """n samples through the inverse from z ~ N(0, temperature²), on the device and in the dtype of
-        the model's weights (not of the blocks' scalar float64 ``geom_p``)."""
-        param = next(p for p in self.parameters() if p.dim() > 0)
-        dims = math.prod(self.input_size[1:])
-        z = torch.randn(n, dims, generator=generator, device=param.device, dtype=param.dtype) * temperature
-        return self.inverse(z)
-
-
 def toy_model(n_blocks: int = 100, dims=(128, 128, 128, 128), activation_fn: str = "swish", coeff: float = 0.9,
               vnorms: str = "222222", n_lipschitz_iters: int | None = 5, atol=None, rtol=None, actnorm: bool = False,
               batchnorm: bool = False, n_dist: str = "geometric", n_power_series=None, exact_trace: bool = False,
@@ -500,55 +317,3 @@ def toy_model(n_blocks: int = 100, dims=(128, 128, 128, 128), activation_fn: str
         if batchnorm:
             blocks.append(MovingBatchNorm1d(2))
     return SequentialFlow(blocks)
-
-
-class ExponentialMovingAverage:
-    """The reference training script's EMA of a module's parameters (same attributes and methods:
-    ``shadow_params`` keyed by parameter name, ``apply()`` after each step, the first call copying
-    the parameters so that data-dependent initialisation is included, ``swap()`` /
-    ``replace_with_ema()`` for evaluation, ``set(other)`` to copy another EMA's shadow, including one
-    unpickled from a reference checkpoint)."""
-
-    def __init__(self, module: nn.Module, decay: float = 0.999) -> None:
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"ExponentialMovingAverage: expected 0 <= decay <= 1, but got {decay}")
-        self.module = module
-        self.decay = decay
-        self.shadow_params: dict[str, Tensor] = {}
-        self.nparams = sum(p.numel() for p in module.parameters())
-
-    def init(self) -> None:
-        self.shadow_params = {name: p.detach().clone() for name, p in self.module.named_parameters()}
-
-    @torch.no_grad()
-    def apply(self) -> None:
-        if not self.shadow_params:
-            self.init()
-            return
-        for name, p in self.module.named_parameters():
-            self.shadow_params[name] -= (1 - self.decay) * (self.shadow_params[name] - p)
-
-    @torch.no_grad()
-    def set(self, other) -> None:
-        self.init()
-        for name, value in other.shadow_params.items():
-            self.shadow_params[name].copy_(value)
-
-    @torch.no_grad()
-    def replace_with_ema(self) -> None:
-        for name, p in self.module.named_parameters():
-            p.copy_(self.shadow_params[name])
-
-    @torch.no_grad()
-    def swap(self) -> None:
-        for name, p in self.module.named_parameters():
-            saved = self.shadow_params[name].clone()
-            self.shadow_params[name].copy_(p)
-            p.copy_(saved)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(decay={self.decay}, module={type(self.module).__name__}, nparams={self.nparams})"
-
-
-__all__ = ["ACT_FNS", "ExponentialMovingAverage", "FCNet", "FCWrapper", "ResidualFlow", "StackedCouplingBlocks",
-           "StackediResBlocks", "parse_vnorms", "standard_normal_logprob", "toy_model"]

@@ -1,0 +1,87 @@
+"""What the SpectralNorm* and InducedNorm* layers share: argument checks, the reference's
+initialisation, W / max(1, sigma / coeff) with the reference's iteration settings, and learnable
+norm orders (see :mod:`resflow_cuda.nn.lipschitz`)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import torch.nn.init as init
+from torch import Tensor
+
+__all__ = ["asym_squash"]
+
+INF = float("inf")
+
+
+def leaky_elu(x: Tensor, a: float = 0.3) -> Tensor:
+    return a * x + (1 - a) * F.elu(x)
+
+
+def asym_squash(x: Tensor) -> Tensor:
+    """Maps a learnable norm parameter to an order in (1, 5); 0 gives 2 (the reference's map)."""
+    return torch.tanh(-leaky_elu(-x + 0.5493061829986572)) * 2 + 3
+
+
+def _check_common(coeff, n_iterations, atol, rtol):
+    if not coeff > 0:
+        raise ValueError(f"coeff must be > 0 (the Lipschitz bound of the layer), got {coeff}")
+    if n_iterations is not None and (not isinstance(n_iterations, int) or n_iterations < 0):
+        raise ValueError(f"n_iterations must be None or an integer >= 0, got {n_iterations!r}")
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        if value is not None and not value >= 0:
+            raise ValueError(f"{name} must be None or >= 0, got {value}")
+
+
+def _check_norm(name, p):
+    if not torch.is_tensor(p) and not p >= 1:
+        raise ValueError(f"{name} must be a norm order >= 1 (or inf), got {p}")
+
+
+def _reset_parameters(module, zero_init=False):
+    init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+    if zero_init:
+        # The reference's zero_init: a tiny, not a zero, weight (normalisation needs a non-zero W).
+        module.weight.data.div_(1000)
+    if module.bias is not None:
+        fan_in, _ = init._calculate_fan_in_and_fan_out(module.weight)
+        bound = 1 / math.sqrt(fan_in)
+        init.uniform_(module.bias, -bound, bound)
+
+
+class _LipschitzMixin:
+    """sigma -> W / max(1, sigma / coeff), and the reference's resolution of iteration settings."""
+
+    def _normalized(self, weight: Tensor, sigma: Tensor) -> Tensor:
+        with torch.no_grad():
+            self.scale.copy_(sigma)
+        if self.detach_sigma:
+            sigma = sigma.detach()
+        # torch.max, not clamp: equal gradients at sigma == coeff, as in the reference.
+        factor = torch.max(sigma.new_ones(1), sigma / self.coeff)
+        return weight / factor
+
+    def _iteration_settings(self, n_iterations, atol, rtol, default_max):
+        n_iterations = self.n_iterations if n_iterations is None else n_iterations
+        atol = self.atol if atol is None else atol
+        if rtol is None:
+            rtol = self.rtol
+        elif self.reference_rtol_quirk:
+            rtol = atol
+        if n_iterations is None and (atol is None or rtol is None):
+            raise ValueError("Need one of n_iteration or (atol, rtol).")
+        return n_iterations, atol, rtol, (default_max if n_iterations is None else n_iterations)
+
+
+class _InducedNormsMixin:
+    """The norm orders of the InducedNorm* layers: numbers, or learnable tensors mapped by asym_squash."""
+
+    def compute_domain_codomain(self):
+        if torch.is_tensor(self.domain):
+            return asym_squash(self.domain), asym_squash(self.codomain)
+        return self.domain, self.codomain
+
+    def _learnable_norms(self) -> bool:
+        return torch.is_tensor(self.domain) or torch.is_tensor(self.codomain)
