@@ -172,10 +172,11 @@ def test_power_iteration_without_room_in_shared_memory_takes_the_device_loop(emu
         got = emu.power_iteration(w, u, v, *args, 0)
         expected = resflow_cuda.reference.power_iteration(w, u, v, *args)
         _assert_power_iteration_close(got, [*expected[:3], torch.tensor(expected[3])], torch.float32)
-    # More iterations than the device check interval, converging between two checks.
+    # Converging between two of the host's reads of the stop flag (iterations 1, 2, 4, 8, ...): the
+    # iterations queued after the flag was set change neither u, v nor the count.
     got = emu.power_iteration(w, u, v, 100, 1e-6, 1e-6, 2.0, 2.0, True, 0)
     expected = resflow_cuda.reference.power_iteration(w, u, v, 100, 1e-6, 1e-6)
-    assert 16 < expected[3] < 100 and expected[3] % 16 != 0
+    assert 16 < expected[3] < 100 and expected[3] & (expected[3] - 1) != 0
     _assert_power_iteration_close(got, [*expected[:3], torch.tensor(expected[3])], torch.float32)
 
 
@@ -215,19 +216,43 @@ def test_power_iteration_near_the_shared_memory_limit_leaves_room_for_static_arr
     _assert_power_iteration_close(got, expected, torch.float32)
 
 
-def test_power_iteration_update_writes_every_layer(emu):
-    shapes = [(8, 5), (3, 40), (8, 5)]
-    starts = [_pi_start(s, 2, 2, torch.float32, seed=i) for i, s in enumerate(shapes)]
+def _update_both_ways(emu, starts, sigma_dtypes=None, **kwargs):
     results = []
     for run in (emu.power_iteration_update_, cpu_ops.power_iteration_update_):
         us = [u.clone() for _, u, _ in starts]
         vs = [v.clone() for _, _, v in starts]
-        sigmas = [torch.zeros(()) for _ in starts]
-        run([w for w, _, _ in starts], us, vs, sigmas, 30, 1e-5, 1e-5, 2.0, 2.0, True)
+        sigmas = [torch.zeros((), dtype=d) for d in (sigma_dtypes or [w.dtype for w, _, _ in starts])]
+        run([w for w, _, _ in starts], us, vs, sigmas, 30, 1e-5, 1e-5, 2.0, 2.0, True, **kwargs)
         results.append((us, vs, sigmas))
-    for a, b in zip(results[0], results[1]):
+    return results
+
+
+def test_power_iteration_update_writes_every_layer_in_one_launch(emu):
+    shapes = [(8, 5), (3, 40), (8, 5)]
+    starts = [_pi_start(s, 2, 2, torch.float32, seed=i) for i, s in enumerate(shapes)]
+    before = emu.launch_count()
+    ours, theirs = _update_both_ways(emu, starts)
+    assert emu.launch_count() - before == 1  # every layer in one listed launch, u, v, sigma in place
+    for a, b in zip(ours, theirs):
         for x, y in zip(a, b):
             assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
+def test_power_iteration_update_takes_the_other_paths_where_the_listed_kernel_cannot(emu):
+    # One launch per dtype for float32 and float64; half types, a sigma of another dtype, a
+    # non-contiguous u and a matrix too long for shared memory go one by one, with the same results.
+    starts = [_pi_start((8, 5), 2, 2, torch.float32, seed=1), _pi_start((6, 7), 2, 2, torch.float64, seed=2),
+              _pi_start((4, 9), 2, 2, torch.float16, seed=3), _pi_start((5, 5), 2, 2, torch.float32, seed=4),
+              _pi_start((6200, 10), 2, 2, torch.float32, seed=5), _pi_start((7, 3), 2, 2, torch.float64, seed=6)]
+    w, u, v = starts[3]
+    starts[3] = (w, torch.stack([u, u], 1)[:, 0], v)  # non-contiguous u
+    sigma_dtypes = [torch.float32, torch.float64, torch.float16, torch.float32, torch.float32, torch.float32]
+    ours, theirs = _update_both_ways(emu, starts, sigma_dtypes)
+    for a, b in zip(ours, theirs):
+        for x, y in zip(a, b):
+            tol = dict(TOLERANCES[x.dtype])
+            tol["atol"] = max(tol["atol"], 10 * tol["rtol"])  # components near 0 of unit vectors
+            assert_close(x, y, **tol)
 
 
 def test_conv_power_iteration_device_loop_matches_the_cpu_op(emu):

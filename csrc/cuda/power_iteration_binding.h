@@ -8,7 +8,8 @@
 //  - convolution: ATen convolutions and the grid-wide dual-map kernels.
 // Neither synchronises with the host per iteration. Backend also provides flag_poll(flag): an
 // object that copies a device bool to the host behind the queued work (request), says whether
-// that copy has arrived (pending, arrived), and reads it (value, or wait for it).
+// that copy has arrived (pending, arrived), and reads it (value, or wait for it); and
+// to_device(host, like): a host tensor's copy on like's device, queued on the current stream.
 #pragma once
 
 #include <ATen/Context.h>
@@ -17,8 +18,11 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 
+#include <algorithm>
+#include <cstring>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "host/power_iteration_host.h"
 #include "power_iteration_kernels.cuh"
@@ -131,6 +135,13 @@ PowerIterationResult power_iteration_on_device(const Backend& backend, const Lin
   return result;
 }
 
+template <typename acc_t>
+PowerIterationArgs<acc_t> kernel_args(const PowerIterationOptions& opt) {
+  return {static_cast<int>(opt.max_iterations), opt.tolerance(), static_cast<acc_t>(opt.atol.value_or(0)),
+          static_cast<acc_t>(opt.rtol.value_or(0)), math::codomain_dual_map<acc_t>(opt.codomain),
+          math::domain_dual_map<acc_t>(opt.domain), opt.u_first};
+}
+
 template <class Backend>
 PowerIterationResult power_iteration_on(const Backend& backend, const at::Tensor& weight_in, const at::Tensor& u_in,
                                         const at::Tensor& v_in, int64_t max_iterations, c10::optional<double> atol,
@@ -168,14 +179,12 @@ PowerIterationResult power_iteration_on(const Backend& backend, const at::Tensor
     at::Tensor v_out = at::empty_like(v);
     at::Tensor sigma = at::empty({count}, weight.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     at::Tensor iterations = at::empty({count}, weight.options().dtype(at::kLong));
-    PowerIterationArgs<acc_t> args{static_cast<int>(m), static_cast<int>(n), static_cast<int>(max_iterations),
-                                   opt.tolerance(), static_cast<acc_t>(opt.atol.value_or(0)),
-                                   static_cast<acc_t>(opt.rtol.value_or(0)), math::codomain_dual_map<acc_t>(codomain),
-                                   math::domain_dual_map<acc_t>(domain), u_first};
-    launch_power_iteration<scalar_t, acc_t>(plan, weight.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
-                                            v.const_data_ptr<scalar_t>(), u_out.mutable_data_ptr<scalar_t>(),
+    const StridedJobs<scalar_t, acc_t> jobs{weight.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
+                                            v.const_data_ptr<scalar_t>(),       u_out.mutable_data_ptr<scalar_t>(),
                                             v_out.mutable_data_ptr<scalar_t>(), sigma.mutable_data_ptr<acc_t>(),
-                                            iterations.mutable_data_ptr<int64_t>(), args, backend.stream());
+                                            iterations.mutable_data_ptr<int64_t>(), static_cast<int>(m),
+                                            static_cast<int>(n)};
+    launch_power_iteration<scalar_t, acc_t>(plan, jobs, kernel_args<acc_t>(opt), backend.stream());
     backend.check_launch();
     result = batched ? PowerIterationResult{u_out, v_out, sigma, iterations}
                      : PowerIterationResult{u_out[0], v_out[0], sigma[0], iterations[0]};
@@ -183,14 +192,83 @@ PowerIterationResult power_iteration_on(const Backend& backend, const at::Tensor
   return result;
 }
 
+// The single-block kernel on every listed matrix in one launch, writing each one's u, v and sigma
+// where they are. Every entry is float32/float64 (scalar_t), contiguous, with a sigma of its dtype.
+template <typename scalar_t, class Backend>
+void update_listed(const Backend& backend, at::TensorList weights, at::TensorList us, at::TensorList vs,
+                   at::TensorList sigmas, const std::vector<size_t>& listed, const PowerIterationOptions& opt) {
+  using acc_t = scalar_t;
+  using Job = MatrixJob<scalar_t, acc_t>;
+  std::vector<Job> jobs;
+  size_t shared_bytes = 0;
+  for (const size_t i : listed) {
+    const int m = static_cast<int>(weights[i].size(0)), n = static_cast<int>(weights[i].size(1));
+    jobs.push_back({weights[i].const_data_ptr<scalar_t>(), us[i].const_data_ptr<scalar_t>(),
+                    vs[i].const_data_ptr<scalar_t>(), us[i].mutable_data_ptr<scalar_t>(),
+                    vs[i].mutable_data_ptr<scalar_t>(), sigmas[i].mutable_data_ptr<acc_t>(), nullptr, m, n});
+    const auto plan = plan_power_iteration<scalar_t, acc_t>(1, m, n, backend.max_shared_bytes(), 1);
+    shared_bytes = std::max(shared_bytes, plan.shared_bytes);
+  }
+  at::Tensor table = at::empty({static_cast<int64_t>(jobs.size() * sizeof(Job))}, at::TensorOptions(at::kByte));
+  std::memcpy(table.mutable_data_ptr(), jobs.data(), jobs.size() * sizeof(Job));
+  const at::Tensor device_table = backend.to_device(table, weights[listed.front()]);
+  const PowerIterationPlan plan{static_cast<int>(jobs.size()), kPowerIterationThreads, shared_bytes, true};
+  launch_power_iteration<scalar_t, acc_t>(plan, ListedJobs<scalar_t, acc_t>{static_cast<const Job*>(device_table.const_data_ptr())},
+                                          kernel_args<acc_t>(opt), backend.stream());
+  backend.check_launch();
+}
+
+// update_lipschitz's op: the matrices the single-block kernel takes (float32/float64, small enough,
+// contiguous u and v, sigma of the weight's dtype) go in one launch per dtype and device, writing
+// their layers' buffers directly; the others one at a time through power_iteration_on.
 template <class Backend>
 void power_iteration_update_on(const Backend& backend, at::TensorList weights, at::TensorList us, at::TensorList vs,
                                at::TensorList sigmas, int64_t max_iterations, c10::optional<double> atol,
                                c10::optional<double> rtol, double domain, double codomain, bool u_first) {
-  check_power_iteration_update("resflow_cuda.power_iteration_update_", weights, us, vs, sigmas);
-  update_in_place(weights, us, vs, sigmas, [&](const at::Tensor& w, const at::Tensor& u, const at::Tensor& v) {
-    return power_iteration_on(backend, w, u, v, max_iterations, atol, rtol, domain, codomain, u_first);
-  });
+  constexpr const char* op = "resflow_cuda.power_iteration_update_";
+  check_power_iteration_update(op, weights, us, vs, sigmas);
+  const auto opt = power_iteration_options(op, max_iterations, atol, rtol, domain, codomain, u_first);
+  std::vector<at::Tensor> contiguous(weights.size());
+  std::vector<bool> handled(weights.size(), false);
+  const auto listable = [&](size_t i) {
+    const at::Tensor& w = weights[i];
+    if ((w.scalar_type() != at::kFloat && w.scalar_type() != at::kDouble) || w.numel() == 0 ||
+        !us[i].is_contiguous() || !vs[i].is_contiguous() || sigmas[i].scalar_type() != w.scalar_type()) {
+      return false;
+    }
+    const auto fits = [&](auto type) {
+      using T = decltype(type);
+      return plan_power_iteration<T, T>(1, w.size(0), w.size(1), backend.max_shared_bytes(), backend.sm_count(w)).fits;
+    };
+    return w.scalar_type() == at::kFloat ? fits(float{}) : fits(double{});
+  };
+  for (size_t first = 0; first < weights.size(); ++first) {
+    if (handled[first] || !listable(first)) {
+      continue;
+    }
+    std::vector<size_t> listed;
+    for (size_t i = first; i < weights.size(); ++i) {
+      if (!handled[i] && weights[i].scalar_type() == weights[first].scalar_type() &&
+          weights[i].device() == weights[first].device() && listable(i)) {
+        contiguous[i] = weights[i].contiguous();
+        listed.push_back(i);
+        handled[i] = true;
+      }
+    }
+    const auto guard = backend.guard(weights[first]);
+    AT_DISPATCH_FLOATING_TYPES(weights[first].scalar_type(), "power_iteration_update_cuda", [&] {
+      update_listed<scalar_t>(backend, contiguous, us, vs, sigmas, listed, opt);
+    });
+  }
+  for (size_t i = 0; i < weights.size(); ++i) {
+    if (!handled[i]) {
+      update_in_place(weights.slice(i, 1), us.slice(i, 1), vs.slice(i, 1), sigmas.slice(i, 1),
+                      [&](const at::Tensor& w, const at::Tensor& u, const at::Tensor& v) {
+                        return power_iteration_on(backend, w, u, v, max_iterations, atol, rtol, domain, codomain,
+                                                  u_first);
+                      });
+    }
+  }
 }
 
 template <class Backend>

@@ -1,5 +1,6 @@
 // Power iteration for spectral and induced p->q norms of dense matrices, CUDA: the whole loop in
-// one launch, one block per matrix of a batch. u, v and the raw matrix-vector product live in
+// one launch, one block per matrix of a batch (equal shapes, strided) or of a list (any shapes:
+// every layer of a model in one launch). u, v and the raw matrix-vector product live in
 // dynamic shared memory (compute type); W is read from global memory twice per iteration with
 // coalesced loads (a warp per row for W v, a thread per column for W^T u). The dual maps
 // (resflow/power_iteration_math.h) and the reference's stopping test run in the block, so the
@@ -173,7 +174,6 @@ __device__ __forceinline__ StepChange<acc_t> block_apply_dual_map(acc_t* x, cons
 
 template <typename acc_t>
 struct PowerIterationArgs {
-  int m, n;  // rows (len u), columns (len v)
   int max_iterations;
   bool use_tolerance;
   acc_t atol, rtol;
@@ -181,62 +181,102 @@ struct PowerIterationArgs {
   bool u_first;
 };
 
+// One block's matrix (m x n, row-major) and where its results go; u_in may equal u_out and v_in
+// v_out (the block reads its vectors before it writes them). iterations may be null.
 template <typename scalar_t, typename acc_t>
+struct MatrixJob {
+  const scalar_t* weight;
+  const scalar_t* u_in;
+  const scalar_t* v_in;
+  scalar_t* u_out;
+  scalar_t* v_out;
+  acc_t* sigma;
+  int64_t* iterations;
+  int m, n;
+};
+
+// A contiguous batch of equal-shaped matrices (power_iteration): job b at offsets b·m·n, b·m, b·n.
+template <typename scalar_t, typename acc_t>
+struct StridedJobs {
+  const scalar_t* weight;
+  const scalar_t* u_in;
+  const scalar_t* v_in;
+  scalar_t* u_out;
+  scalar_t* v_out;
+  acc_t* sigma;
+  int64_t* iterations;
+  int m, n;
+  __device__ __forceinline__ MatrixJob<scalar_t, acc_t> operator[](int64_t b) const {
+    const int64_t mn = static_cast<int64_t>(m) * n;
+    return {weight + b * mn, u_in + b * m, v_in + b * n, u_out + b * m, v_out + b * n, sigma + b, iterations + b,
+            m, n};
+  }
+};
+
+// Matrices of any shapes, listed in device memory (power_iteration_update_: every layer of a model
+// in one launch, results written into the layers' buffers).
+template <typename scalar_t, typename acc_t>
+struct ListedJobs {
+  const MatrixJob<scalar_t, acc_t>* jobs;
+  __device__ __forceinline__ MatrixJob<scalar_t, acc_t> operator[](int64_t b) const { return jobs[b]; }
+};
+
+template <typename scalar_t, typename acc_t, class Jobs>
 __global__ void __launch_bounds__(kPowerIterationThreads)
-    power_iteration_kernel(const scalar_t* __restrict__ weight, const scalar_t* __restrict__ u_in,
-                           const scalar_t* __restrict__ v_in, scalar_t* __restrict__ u_out,
-                           scalar_t* __restrict__ v_out, acc_t* __restrict__ sigma_out,
-                           int64_t* __restrict__ iterations_out, PowerIterationArgs<acc_t> a) {
+    power_iteration_kernel(Jobs jobs, PowerIterationArgs<acc_t> a) {
   constexpr int BLOCK = kPowerIterationThreads;
+  const MatrixJob<scalar_t, acc_t> job = jobs[blockIdx.x];
+  const int m = job.m, n = job.n;
   RESFLOW_DYNAMIC_SHARED(double, power_iteration_shared);
   acc_t* u = reinterpret_cast<acc_t*>(power_iteration_shared);
-  acc_t* v = u + a.m;
-  acc_t* raw = v + a.n;
-  const int64_t b = blockIdx.x;
-  const scalar_t* w = weight + b * a.m * a.n;
-  for (int k = threadIdx.x; k < a.m; k += BLOCK) {
-    u[k] = static_cast<acc_t>(u_in[b * a.m + k]);
+  acc_t* v = u + m;
+  acc_t* raw = v + n;
+  const scalar_t* w = job.weight;
+  for (int k = threadIdx.x; k < m; k += BLOCK) {
+    u[k] = static_cast<acc_t>(job.u_in[k]);
   }
-  for (int k = threadIdx.x; k < a.n; k += BLOCK) {
-    v[k] = static_cast<acc_t>(v_in[b * a.n + k]);
+  for (int k = threadIdx.x; k < n; k += BLOCK) {
+    v[k] = static_cast<acc_t>(job.v_in[k]);
   }
   __syncthreads();
   int it = 0;
   while (it < a.max_iterations) {
     StepChange<acc_t> du, dv;
     if (a.u_first) {
-      block_matvec<scalar_t, acc_t, BLOCK>(w, v, raw, a.m, a.n);
-      du = block_apply_dual_map<acc_t, BLOCK>(u, raw, a.m, a.u_map);
-      block_rmatvec<scalar_t, acc_t, BLOCK>(w, u, raw, a.m, a.n);
-      dv = block_apply_dual_map<acc_t, BLOCK>(v, raw, a.n, a.v_map);
+      block_matvec<scalar_t, acc_t, BLOCK>(w, v, raw, m, n);
+      du = block_apply_dual_map<acc_t, BLOCK>(u, raw, m, a.u_map);
+      block_rmatvec<scalar_t, acc_t, BLOCK>(w, u, raw, m, n);
+      dv = block_apply_dual_map<acc_t, BLOCK>(v, raw, n, a.v_map);
     } else {
-      block_rmatvec<scalar_t, acc_t, BLOCK>(w, u, raw, a.m, a.n);
-      dv = block_apply_dual_map<acc_t, BLOCK>(v, raw, a.n, a.v_map);
-      block_matvec<scalar_t, acc_t, BLOCK>(w, v, raw, a.m, a.n);
-      du = block_apply_dual_map<acc_t, BLOCK>(u, raw, a.m, a.u_map);
+      block_rmatvec<scalar_t, acc_t, BLOCK>(w, u, raw, m, n);
+      dv = block_apply_dual_map<acc_t, BLOCK>(v, raw, n, a.v_map);
+      block_matvec<scalar_t, acc_t, BLOCK>(w, v, raw, m, n);
+      du = block_apply_dual_map<acc_t, BLOCK>(u, raw, m, a.u_map);
     }
     ++it;
     // Every thread holds the same reductions, so the whole block leaves together.
-    if (a.use_tolerance && math::step_converged(du.squared, acc_t(a.m), du.max, a.atol, a.rtol) &&
-        math::step_converged(dv.squared, acc_t(a.n), dv.max, a.atol, a.rtol)) {
+    if (a.use_tolerance && math::step_converged(du.squared, acc_t(m), du.max, a.atol, a.rtol) &&
+        math::step_converged(dv.squared, acc_t(n), dv.max, a.atol, a.rtol)) {
       break;
     }
   }
-  block_matvec<scalar_t, acc_t, BLOCK>(w, v, raw, a.m, a.n);
+  block_matvec<scalar_t, acc_t, BLOCK>(w, v, raw, m, n);
   acc_t partial = acc_t(0);
-  for (int k = threadIdx.x; k < a.m; k += BLOCK) {
+  for (int k = threadIdx.x; k < m; k += BLOCK) {
     partial += u[k] * raw[k];
   }
   const acc_t sigma = block_sum<acc_t, BLOCK>(partial);
-  for (int k = threadIdx.x; k < a.m; k += BLOCK) {
-    u_out[b * a.m + k] = static_cast<scalar_t>(u[k]);
+  for (int k = threadIdx.x; k < m; k += BLOCK) {
+    job.u_out[k] = static_cast<scalar_t>(u[k]);
   }
-  for (int k = threadIdx.x; k < a.n; k += BLOCK) {
-    v_out[b * a.n + k] = static_cast<scalar_t>(v[k]);
+  for (int k = threadIdx.x; k < n; k += BLOCK) {
+    job.v_out[k] = static_cast<scalar_t>(v[k]);
   }
   if (threadIdx.x == 0) {
-    sigma_out[b] = sigma;
-    iterations_out[b] = it;
+    *job.sigma = sigma;
+    if (job.iterations != nullptr) {
+      *job.iterations = it;
+    }
   }
 }
 
@@ -269,13 +309,11 @@ PowerIterationPlan plan_power_iteration(int64_t batch, int64_t m, int64_t n, siz
   return {static_cast<int>(batch), kPowerIterationThreads, bytes, shared_fits && (small || fills_gpu) && batch > 0};
 }
 
-template <typename scalar_t, typename acc_t>
-void launch_power_iteration(const PowerIterationPlan& plan, const scalar_t* weight, const scalar_t* u_in,
-                            const scalar_t* v_in, scalar_t* u_out, scalar_t* v_out, acc_t* sigma,
-                            int64_t* iterations, const PowerIterationArgs<acc_t>& args, cudaStream_t stream) {
-  const auto kernel = &power_iteration_kernel<scalar_t, acc_t>;
-  RESFLOW_LAUNCH(kernel, plan.blocks, plan.threads, plan.shared_bytes, stream)(weight, u_in, v_in, u_out, v_out, sigma,
-                                                                                iterations, args);
+template <typename scalar_t, typename acc_t, class Jobs>
+void launch_power_iteration(const PowerIterationPlan& plan, const Jobs& jobs, const PowerIterationArgs<acc_t>& args,
+                            cudaStream_t stream) {
+  const auto kernel = &power_iteration_kernel<scalar_t, acc_t, Jobs>;
+  RESFLOW_LAUNCH(kernel, plan.blocks, plan.threads, plan.shared_bytes, stream)(jobs, args);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -770,7 +770,14 @@ inline std::vector<const void*>& launched_kernels() {
   return launched;
 }
 
+// Launches completed in this process (tests compare it before and after a call).
+inline int64_t& launch_count() {
+  static int64_t count = 0;
+  return count;
+}
+
 inline void record_launch(const void* kernel) {
+  ++launch_count();
   auto& launched = launched_kernels();
   if (std::find(launched.begin(), launched.end(), kernel) == launched.end()) {
     launched.push_back(kernel);
@@ -850,6 +857,7 @@ class Launcher {
 }  // namespace detail
 
 using detail::last_static_shared_bytes;
+using detail::launch_count;
 using detail::launched_kernels;
 using detail::note_static_shared;
 

@@ -56,6 +56,7 @@ struct EmulatedBackend {
   size_t max_shared_bytes() const { return shared_bytes; }
   resflow_cuda::Convolutions convolutions() const { return resflow_cuda::aten_convolutions(); }
   HostFlagPoll flag_poll(const at::Tensor& flag) const { return HostFlagPoll(flag); }
+  at::Tensor to_device(const at::Tensor& host, const at::Tensor&) const { return host; }
   void check_launch() const {}
 };
 
@@ -158,6 +159,11 @@ std::vector<int64_t> power_iteration_plan(int64_t batch, int64_t m, int64_t n, i
 // [the static shared bytes the power-iteration plan reserves, the largest W it sends to one block].
 std::vector<int64_t> power_iteration_limits() {
   return {static_cast<int64_t>(cu::kPowerIterationStaticSharedBytes), static_cast<int64_t>(cu::kFusedMaxMatrixBytes)};
+}
+
+// Kernel launches completed in this process so far.
+int64_t launch_count() {
+  return resflow_emu::launch_count();
 }
 
 // Static shared bytes of the last emulated launch (cudaFuncAttributes::sharedSizeBytes on a GPU).
@@ -280,6 +286,7 @@ TORCH_LIBRARY(resflow_emulated, m) {
         &power_iteration_plan);
   m.def("power_iteration_limits() -> int[]", &power_iteration_limits);
   m.def("last_static_shared_bytes() -> int", &last_static_shared_bytes);
+  m.def("launch_count() -> int", &launch_count);
   m.def("probe(str which, int blocks, int threads, int width) -> Tensor", &probe);
   m.def("shared_reverse(Tensor x, bool with_barrier) -> Tensor");
   m.def("sanitizer() -> str", &sanitizer);
