@@ -12,17 +12,19 @@ from . import ops
 def lipswish(x: Tensor, beta: Tensor) -> Tensor:
     """LipSwish ``x * sigmoid(softplus(beta) * x) / 1.1`` (Residual Flows), fused in one kernel.
 
+    Args:
+        x: the input, float32/float64/float16/bfloat16 (half types compute in float).
+        beta: the raw parameter before softplus, shape [1] (or 0-dim); cast to x's dtype if it differs.
+
     Shapes:
-        x: any shape, float32/float64/float16/bfloat16 (half types compute in float).
-        beta: shape [1] (or 0-dim), the raw parameter before softplus.
-        returns: like x (same shape, dtype and, for dense x, strides). A 0-dim x gives a 0-dim
-            result, where the reference's broadcasting with the [1]-shaped beta gives shape [1].
+        x: any shape; beta: [1] or (); output: like x (same shape, dtype and, for dense x, strides).
+
+    Returns:
+        The activation of x.
 
     Autograd: first and second order in x and beta (gradcheck / gradgradcheck pass).
 
-    Deviation from the reference ``Swish``: when beta's dtype differs from x's (e.g. a float32
-    parameter under bfloat16 autocast), beta is cast to x's dtype and the result keeps x's dtype,
-    where the reference would promote to the wider type.
+    Parity with the reference (mixed dtypes, 0-dim x): docs/parity.md#lipswish
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"lipswish: expected x to be a torch.Tensor, but got {type(x).__name__}")
