@@ -45,7 +45,8 @@ class ImplicitBlock(nn.Module):
         n_dist: ``"geometric"`` or ``"poisson"``, the distribution of N.
         neumann_grad: in training, the Neumann-series gradient instead of differentiating every term.
         grad_in_forward: backward-in-forward: compute the log-det's gradient in forward and free its graph.
-        eps_forward: tolerance of the forward solve, ||F|| over the batch < eps_forward * sqrt(numel).
+        eps_forward: tolerance of the forward solve: ||x + g_x(x) - z - g_z(z)|| over the batch
+            < eps_forward * sqrt(numel).
         eps_backward: tolerance of the backward (adjoint) solve.
         eps_sample: tolerance of the inverse solve.
         threshold: step limit of Broyden's method.
