@@ -77,9 +77,21 @@ def poisson_survival(lamb: float, j: int) -> float:
 
 def draw_terms(dist: str, p: float, lamb: float, n_samples: int, rng: str = "numpy",
                device: torch.device | str | None = None) -> np.ndarray:
-    """Draws N_1..N_S: from NumPy's global RNG (``rng="numpy"``, the reference's draws) or from
-    torch's RNG on ``device`` (``rng="torch"``, so that ``torch.manual_seed`` alone reproduces a
-    run); the draws are read back to the host, which needs them to size the series."""
+    """Draws the numbers of terms N_1..N_S of the Russian roulette.
+
+    Args:
+        dist: ``"geometric"`` (support {1, 2, ...}) or ``"poisson"``.
+        p: the geometric distribution's success probability.
+        lamb: the Poisson distribution's rate.
+        n_samples: S, the number of draws.
+        rng: ``"numpy"`` (NumPy's global RNG, the reference's draws) or ``"torch"`` (torch's RNG on
+            ``device``, so that ``torch.manual_seed`` alone reproduces a run).
+        device: where torch draws.
+
+    Returns:
+        The draws, an int NumPy array of shape (S,) (read back to the host, which needs them to size
+        the series).
+    """
     if dist not in DISTRIBUTIONS:
         raise ValueError(f"n_dist must be one of {DISTRIBUTIONS}, got {dist!r}")
     if rng == "numpy":
@@ -139,8 +151,22 @@ def truncated_plan(n_terms: int) -> SeriesPlan:
 def series_plan(training: bool, n_power_series: int | None, offset: int, n_dist: str, geom_p: Tensor, lamb: Tensor,
                 n_samples: int, rng: str, device: torch.device) -> SeriesPlan:
     """The terms of one estimate per the reference's decision tree: the truncated series in training
-    with ``n_power_series``, otherwise Russian roulette with ``offset`` exact terms (``geom_p`` is a
-    logit; only the parameter of ``n_dist`` is read, with one host sync)."""
+    with ``n_power_series``, otherwise Russian roulette with ``offset`` exact terms.
+
+    Args:
+        training: the block's mode.
+        n_power_series: the truncated series' number of terms (used in training), or None.
+        offset: the roulette's exact terms.
+        n_dist: ``"geometric"`` or ``"poisson"``.
+        geom_p: the geometric distribution's success probability as a logit (a tensor).
+        lamb: the Poisson rate (a tensor).
+        n_samples: draws of the number of terms.
+        rng: ``"numpy"`` or ``"torch"`` (see :func:`draw_terms`).
+        device: where torch draws.
+
+    Returns:
+        A :class:`SeriesPlan`. Only the parameter of ``n_dist`` is read, with one host sync.
+    """
     if training and n_power_series is not None:
         return truncated_plan(n_power_series)
     if n_dist == "geometric":
@@ -217,8 +243,18 @@ def series_terms(vjp, eps: Tensor, plan: SeriesPlan, neumann: bool) -> tuple[Ten
 
 
 def basic_estimator(source, eps: Tensor, plan: SeriesPlan, create_graph: bool) -> Tensor:
-    """sum_k (-1)^(k+1)/k c_k <w_k, e> per sample; with ``create_graph`` differentiable through
-    every term (the reference's training path, memory grows with n)."""
+    """The basic estimator sum_k (-1)^(k+1)/k c_k <w_k, e> of log det(I + J), w_k = e^T J^k.
+
+    Args:
+        source: the VJP source (:class:`AutogradVJP`, :class:`JacobianVJP` or a linearized branch's).
+        eps: the probe e.
+        plan: the terms and coefficients.
+        create_graph: differentiable through every term (the reference's training path; memory
+            grows with the number of terms).
+
+    Shapes:
+        eps: like the branch's input (B, ...); output: (B,).
+    """
     if not create_graph:
         return source.series(eps, plan, neumann=False)[0]
     logdet = torch.zeros((), dtype=eps.dtype, device=eps.device)
@@ -230,8 +266,20 @@ def basic_estimator(source, eps: Tensor, plan: SeriesPlan, create_graph: bool) -
 
 
 def neumann_estimator(source, eps: Tensor, plan: SeriesPlan) -> tuple[Tensor, Tensor]:
-    """(surrogate, estimate): the differentiable surrogate <w~^T J, e> whose gradient is the
-    Neumann-series gradient, and the log-det estimate from the same terms (no graph)."""
+    """The Neumann estimator (training): a surrogate whose gradient is the Neumann-series gradient.
+
+    Args:
+        source: the VJP source.
+        eps: the probe e.
+        plan: the terms and coefficients.
+
+    Shapes:
+        eps: (B, ...); outputs: (B,).
+
+    Returns:
+        ``(surrogate, estimate)``: the differentiable <w~^T J, e> and the log-det estimate from the
+        same terms (no graph).
+    """
     estimate, w_tilde = source.series(eps, plan, neumann=True)
     return source.surrogate(w_tilde, eps), estimate
 

@@ -12,17 +12,19 @@ from . import ops
 def lipswish(x: Tensor, beta: Tensor) -> Tensor:
     """LipSwish ``x * sigmoid(softplus(beta) * x) / 1.1`` (Residual Flows), fused in one kernel.
 
+    Args:
+        x: the input, float32/float64/float16/bfloat16 (half types compute in float).
+        beta: the raw parameter before softplus, shape [1] (or 0-dim); cast to x's dtype if it differs.
+
     Shapes:
-        x: any shape, float32/float64/float16/bfloat16 (half types compute in float).
-        beta: shape [1] (or 0-dim), the raw parameter before softplus.
-        returns: like x (same shape, dtype and, for dense x, strides). A 0-dim x gives a 0-dim
-            result, where the reference's broadcasting with the [1]-shaped beta gives shape [1].
+        x: any shape; beta: [1] or (); output: like x (same shape, dtype and, for dense x, strides).
+
+    Returns:
+        The activation of x.
 
     Autograd: first and second order in x and beta (gradcheck / gradgradcheck pass).
 
-    Deviation from the reference ``Swish``: when beta's dtype differs from x's (e.g. a float32
-    parameter under bfloat16 autocast), beta is cast to x's dtype and the result keeps x's dtype,
-    where the reference would promote to the wider type.
+    Parity with the reference (mixed dtypes, 0-dim x): docs/parity.md#lipswish
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"lipswish: expected x to be a torch.Tensor, but got {type(x).__name__}")
@@ -36,8 +38,21 @@ def lipswish(x: Tensor, beta: Tensor) -> Tensor:
 def logdet_series_accumulate_(w: Tensor, eps: Tensor, logdet: Tensor, neumann: Tensor | None = None,
                               logdet_coeff: float = 1.0, neumann_coeff: float = 0.0) -> None:
     """One term of the log-det power series, in place: ``logdet[b] += logdet_coeff * <w_b, eps_b>``
-    per sample and ``neumann += neumann_coeff * w`` (see :func:`resflow_cuda.ops.logdet_series_accumulate_`
-    for shapes and dtypes). Under ``torch.no_grad()`` only."""
+    per sample and ``neumann += neumann_coeff * w``.
+
+    Args:
+        w: the term's vector w_k = eps^T J^k.
+        eps: the probe.
+        logdet: the per-sample accumulator (float32; float64 for float64 w).
+        neumann: the Neumann-vector accumulator, or None.
+        logdet_coeff: the weight of <w, eps>.
+        neumann_coeff: the weight of w in ``neumann``.
+
+    Shapes:
+        w, eps, neumann: (B, ...); logdet: (B,). See :func:`resflow_cuda.ops.logdet_series_accumulate_`.
+
+    Autograd: none; call it under ``torch.no_grad()``.
+    """
     ops.logdet_series_accumulate_(w, eps, logdet, neumann, float(logdet_coeff), float(neumann_coeff))
 
 
@@ -97,8 +112,18 @@ def eager_power_iteration(weight: Tensor, u: Tensor, v: Tensor, max_iterations: 
 
     Each step is u <- normalize_u(A v, codomain) then v <- normalize_v(A^T u, domain). With atol
     and rtol it stops after the first step where ||u - u_old||/sqrt(len u) < atol + rtol max(u)
-    and the same for v. A is ``weight`` (out x in) unless matvec / rmatvec apply the operator and
-    its transpose. Returns (u, v, sigma = u^T A v, iterations), without graph.
+    and the same for v.
+
+    Args:
+        weight: the matrix A (out x in), unless ``matvec`` / ``rmatvec`` are given.
+        u, v: the starting vectors.
+        max_iterations: step limit.
+        atol, rtol: the tolerance (both or neither).
+        domain, codomain: the norm orders p, q (numbers or tensors).
+        matvec, rmatvec: functions applying the operator and its transpose (see :func:`conv_operator`).
+
+    Returns:
+        ``(u, v, sigma = u^T A v, iterations)``, without graph.
     """
     matvec = matvec or (lambda x: torch.mv(weight, x))
     rmatvec = rmatvec or (lambda y: torch.mv(weight.t(), y))

@@ -89,9 +89,27 @@ def branch_estimate(nnet: nn.Module, x: Tensor, eps: Tensor, plan: est.SeriesPla
 
 
 def logdet_exact(block: nn.Module, x: Tensor) -> Tensor:
-    """log|det(I + J_g(x))| per sample, shape (B, 1), from the full Jacobian (one autograd pass per
-    input element: for small inputs, evaluation and tests). ``block`` is an :class:`iResBlock`
-    (or anything with an ``nnet``); x has any shape (B, ...)."""
+    """The exact log|det(I + J_g(x))| of a residual block per sample, from the full Jacobian.
+
+    One autograd pass per input element: for small inputs, evaluation and tests.
+
+    Args:
+        block: an :class:`~resflow_cuda.nn.iResBlock` (or anything with an ``nnet`` module g).
+        x: the input.
+
+    Shapes:
+        x: (B, ...), any shape with at least 2 dims; output: (B, 1).
+
+    Returns:
+        The log-determinants, without graph.
+
+    Example:
+        >>> from resflow_cuda import logdet_exact
+        >>> from resflow_cuda.nn import InducedNormLinear, LipSwish, iResBlock
+        >>> block = iResBlock(nn.Sequential(LipSwish(), InducedNormLinear(3, 3, n_iterations=5))).eval()
+        >>> logdet_exact(block, torch.randn(4, 3)).shape
+        torch.Size([4, 1])
+    """
     if not isinstance(x, Tensor) or x.dim() < 2:
         raise ValueError(f"logdet_exact: expected x to be a tensor of shape (B, ...) with at least 2 dimensions, "
                          f"but got {getattr(x, 'shape', type(x).__name__)}")

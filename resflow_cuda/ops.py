@@ -206,12 +206,26 @@ def power_iteration(weight: Tensor, u: Tensor, v: Tensor, max_iterations: int, a
     """Power iteration for the induced ``domain -> codomain`` norm of a dense weight.
 
     Each step is ``u <- normalize_u(W v, codomain)``, ``v <- normalize_v(W^T u, domain)`` (or v first
-    with ``u_first=False``, the SpectralNorm* order), for ``max_iterations`` steps, stopping early
-    when ``atol`` and ``rtol`` are given and the reference's test passes.
+    with ``u_first=False``, the SpectralNorm* order).
 
-    Shapes: weight (out, in) or (B, out, in); u (out,) / (B, out); v (in,) / (B, in); one float dtype
-    (half types compute in float32). Returns (u, v, sigma = u^T W v, iterations), sigma and
-    iterations of shape () or (B,). Not differentiable (the layers take gradients through sigma).
+    Args:
+        weight: the matrix W, or a batch of them.
+        u: the start of the output-side vector.
+        v: the start of the input-side vector.
+        max_iterations: number of steps (the limit, with a tolerance).
+        atol, rtol: with both, stop early when the reference's tolerance test passes.
+        domain: the input norm order p (>= 1 or inf).
+        codomain: the output norm order q (>= 1 or inf).
+        u_first: update u before v in each step.
+
+    Shapes:
+        weight (out, in) or (B, out, in); u (out,) / (B, out); v (in,) / (B, in); one float dtype
+        (half types compute in float32).
+
+    Returns:
+        ``(u, v, sigma, iterations)``: sigma = u^T W v and iterations of shape () or (B,).
+
+    Autograd: not differentiable (the layers take gradients through sigma).
     """
     return _OPS.power_iteration.default(weight, u, v, max_iterations, atol, rtol, float(domain), float(codomain),
                                         u_first)
@@ -221,13 +235,26 @@ def conv_power_iteration(weight: Tensor, u: Tensor, v: Tensor, input_size, strid
                          atol: float | None = None, rtol: float | None = None, domain: float = 2.0,
                          codomain: float = 2.0, u_first: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Power iteration for the convolution operator ``x -> conv2d(x, weight, stride, padding)`` on a
-    ``1 x C x H x W`` input (``input_size = (H, W)``); u and v are flattened output and input.
-    Otherwise as :func:`power_iteration`. u and v follow the reference's arithmetic; sigma is taken
-    from the last step's convolution (``<A^T u, v>``, or ``<u, A v>`` with ``u_first=False``)
-    where the reference convolves once more for ``u^T A v``: equal up to float rounding, one
-    convolution fewer per call (with a tolerance the layers often stop after one or two steps). On
-    CPU, float32 convolutions call oneDNN directly (ATen's conv2d runs narrow batch-1 inputs in its
-    slower im2col kernel), so float32 u and v too match the reference up to rounding."""
+    ``1 x C x H x W`` input.
+
+    Args:
+        weight: the convolution's weight (out_channels, in_channels, kh, kw).
+        u: the start of the flattened output-side vector.
+        v: the start of the flattened input-side vector.
+        input_size: the input's (H, W).
+        stride, padding: pairs, as ``conv2d``'s.
+        max_iterations, atol, rtol, domain, codomain, u_first: as :func:`power_iteration`.
+
+    Shapes:
+        u: (out_channels·H_out·W_out,); v: (in_channels·H·W,).
+
+    Returns:
+        ``(u, v, sigma, iterations)`` as :func:`power_iteration`; sigma comes from the last step's
+        convolution (equal to u^T A v up to float rounding). Parity with the reference:
+        docs/parity.md#conv_power_iteration
+
+    Autograd: not differentiable.
+    """
     return _OPS.conv_power_iteration.default(weight, u, v, list(input_size), list(stride), list(padding),
                                              max_iterations, atol, rtol, float(domain), float(codomain), u_first)
 
@@ -237,7 +264,8 @@ def power_iteration_update_(weights: list[Tensor], us: list[Tensor], vs: list[Te
                             domain: float = 2.0, codomain: float = 2.0, u_first: bool = True) -> None:
     """:func:`power_iteration` on many matrices of any shapes in one call, writing each result into
     its ``u``, ``v`` (in place) and ``sigma`` (a one-element tensor): the buffers of a model's
-    Lipschitz layers. Shapes as :func:`power_iteration` for one 2-D weight each."""
+    Lipschitz layers. Shapes as :func:`power_iteration` for one 2-D weight each. No autograd formula:
+    call it under ``torch.no_grad()``, as update_lipschitz does."""
     _OPS.power_iteration_update_.default(weights, us, vs, sigmas, max_iterations, atol, rtol, float(domain),
                                          float(codomain), u_first)
 

@@ -10,11 +10,8 @@ thu-ml/implicit-normalizing-flows): "good" Broyden updates of a low-rank inverse
 -I + U V^T per sample (one column per step), no line search, the batch stops when
 ||G||_2 over the whole batch is below ``eps * sqrt(numel)``, a protective stop when ||G|| grows
 beyond 1e6 times its start; the fixed-point stopping rule is (x_k - x_{k-1})^2 < eps + eps |x_0|
-elementwise. Deliberate differences: the first Broyden step is -H_0 G = G with H_0 = -I (a
-fixed-point step; the reference steps by -G, away from the root, and recovers later); the result is
-each sample's lowest-residual iterate (the reference takes the batch's lowest); non-finite
-residuals stop the iteration instead of running to the step limit; every solve returns a
-:class:`RootReport` with per-sample residuals.
+elementwise. Every solve returns a :class:`RootReport` with per-sample residuals, and each sample
+gets its lowest-residual iterate. Parity with the reference: docs/parity.md#solvers
 """
 
 from __future__ import annotations
@@ -82,9 +79,21 @@ def _apply_inverse_transposed(us: Tensor, vts: Tensor, x: Tensor) -> Tensor:
 
 
 def broyden(residual_fn: Callable[[Tensor], Tensor], x0: Tensor, max_steps: int, eps: float) -> tuple[Tensor, RootReport]:
-    """A root of ``residual_fn`` (G(x) = T(x) - x of a contraction T) near ``x0`` by Broyden's method,
-    at most ``max_steps`` steps; returns (x, report). No graph is built: call under ``no_grad`` or
-    with a residual that does not need one. See the module docstring for the rules."""
+    """A root of ``residual_fn`` near ``x0`` by Broyden's method (see the module docstring for the rules).
+
+    Args:
+        residual_fn: G(x) = T(x) - x of a contraction T, batched over dim 0.
+        x0: the start.
+        max_steps: step limit.
+        eps: tolerance: stop when ||G||_2 over the batch < eps * sqrt(numel).
+
+    Shapes:
+        x0 and the root: (B, ...), the shape ``residual_fn`` takes and returns.
+
+    Returns:
+        ``(x, report)``: each sample's lowest-residual iterate and a :class:`RootReport`. No graph
+        is built: call under ``no_grad`` or with a residual that does not need one.
+    """
     _check("broyden", x0, max_steps, eps)
     shape, batch = x0.shape, x0.shape[0]
     x = x0.detach().reshape(batch, -1)
@@ -100,7 +109,7 @@ def broyden(residual_fn: Callable[[Tensor], Tensor], x0: Tensor, max_steps: int,
     start = float(best_res.norm())
     us = x.new_zeros(batch, max_steps, dim)
     vts = x.new_zeros(batch, max_steps, dim)
-    update = gx
+    update = gx  # the first step -H_0 G with H_0 = -I: a fixed-point step (docs/parity.md#solvers)
     steps, diverged, total = 0, not math.isfinite(start), start
     while not diverged and total >= tolerance and steps < max_steps and batch > 0:
         x_new = x + update
@@ -131,9 +140,21 @@ def broyden(residual_fn: Callable[[Tensor], Tensor], x0: Tensor, max_steps: int,
 
 
 def fixed_point(map_fn: Callable[[Tensor], Tensor], x0: Tensor, max_steps: int, eps: float) -> tuple[Tensor, RootReport]:
-    """The fixed point of the contraction ``map_fn`` by iteration from ``x0``: stops when every
-    squared step is below ``eps + eps |x0|`` elementwise, after ``max_steps`` steps beyond the first,
-    or at a non-finite step; returns (x, report)."""
+    """The fixed point of the contraction ``map_fn`` by iteration from ``x0``.
+
+    Args:
+        map_fn: the contraction T, batched over dim 0.
+        x0: the start.
+        max_steps: step limit beyond the first step.
+        eps: tolerance: stop when every squared step is below ``eps + eps |x0|`` elementwise (or at a
+            non-finite step).
+
+    Shapes:
+        x0 and the fixed point: (B, ...).
+
+    Returns:
+        ``(x, report)``: the last iterate and a :class:`RootReport`.
+    """
     _check("fixed_point", x0, max_steps, eps)
     batch = x0.shape[0]
     tol = eps + eps * x0.detach().abs()
@@ -155,8 +176,21 @@ def fixed_point(map_fn: Callable[[Tensor], Tensor], x0: Tensor, max_steps: int, 
 def find_root(map_fn: Callable[[Tensor], Tensor], x0: Tensor, max_steps: int, eps: float,
               fallback_steps: int = 1000) -> tuple[Tensor, RootReport]:
     """The fixed point of ``map_fn`` by Broyden's method on T(x) - x from zeros (ImpFlow's start),
-    falling back to the fixed-point iteration from ``x0`` (at most ``fallback_steps``) when Broyden
-    diverges; returns (x, report of the method that produced x)."""
+    falling back to the fixed-point iteration from ``x0`` when Broyden diverges.
+
+    Args:
+        map_fn: the contraction T, batched over dim 0.
+        x0: the start of the fixed-point fallback (its shape is the solution's).
+        max_steps: step limit of Broyden's method.
+        eps: tolerance of both methods (see :func:`broyden` and :func:`fixed_point`).
+        fallback_steps: step limit of the fixed-point fallback.
+
+    Shapes:
+        x0 and the solution: (B, ...).
+
+    Returns:
+        ``(x, report)``, the report of the method that produced x. Runs under ``no_grad``.
+    """
     with torch.no_grad():
         start = torch.zeros_like(x0)
         x, report = broyden(lambda v: map_fn(v) - v, start, max_steps, eps)

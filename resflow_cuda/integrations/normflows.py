@@ -49,7 +49,29 @@ for _wrapper in (_nfl.LipschitzMLP, _nfl.LipschitzCNN):
 
 
 class Residual(Flow):
-    """normflows' ``Residual`` flow (same arguments and defaults) on :class:`resflow_cuda.nn.iResBlock`."""
+    """normflows' ``Residual`` flow (same arguments and defaults) on :class:`resflow_cuda.nn.iResBlock`.
+
+    Args:
+        net: the residual branch, e.g. :class:`LipschitzMLP` or :class:`LipschitzCNN`.
+        reverse: the map x + g(x) runs in ``inverse`` (normflows' convention for sampling-first flows).
+        reduce_memory: the Neumann gradient with backward-in-forward.
+        geom_p, lamb, n_power_series, exact_trace, brute_force, n_samples, n_exact_terms, n_dist: the
+            block's (see :class:`~resflow_cuda.nn.iResBlock`).
+
+    Shapes:
+        z: (B, ...); log_det: (B,).
+
+    Returns:
+        ``forward(z)`` and ``inverse(z)``: ``(z', log_det)``, the log-determinant of the map applied.
+        Parity with normflows: docs/parity.md#normflows-integration
+
+    Example:
+        >>> from resflow_cuda.integrations.normflows import LipschitzMLP, Residual
+        >>> flow = Residual(LipschitzMLP([2, 16, 2]))
+        >>> z, log_det = flow(torch.randn(8, 2))
+        >>> z.shape, log_det.shape
+        (torch.Size([8, 2]), torch.Size([8]))
+    """
 
     def __init__(self, net, reverse=True, reduce_memory=True, geom_p=0.5, lamb=2.0, n_power_series=None,
                  exact_trace=False, brute_force=False, n_samples=1, n_exact_terms=2, n_dist="geometric"):
@@ -94,8 +116,18 @@ class _LipschitzNet(nn.Module):
 
 
 class LipschitzMLP(_LipschitzNet):
-    """normflows' ``LipschitzMLP``: (LipSwish, InducedNormLinear) per layer, the last one initialised
-    near zero with ``init_zeros``."""
+    """normflows' ``LipschitzMLP``: (LipSwish, InducedNormLinear) per layer, with its state_dict keys.
+
+    Args:
+        channels: the widths, input first, e.g. [2, 64, 2].
+        lipschitz_const: the Lipschitz bound of every linear layer.
+        max_lipschitz_iter: power-iteration steps per update.
+        lipschitz_tolerance: atol and rtol of the power iteration.
+        init_zeros: start the last layer near zero.
+
+    Shapes:
+        input: (B, channels[0]); output: (B, channels[-1]).
+    """
 
     def __init__(self, channels, lipschitz_const=0.97, max_lipschitz_iter=5, lipschitz_tolerance=None,
                  init_zeros=True):
@@ -104,7 +136,16 @@ class LipschitzMLP(_LipschitzNet):
 
 
 class LipschitzCNN(_LipschitzNet):
-    """normflows' ``LipschitzCNN``: (LipSwish, InducedNormConv2d with 'same' padding) per layer."""
+    """normflows' ``LipschitzCNN``: (LipSwish, InducedNormConv2d with 'same' padding) per layer.
+
+    Args:
+        channels: the channel counts, input first.
+        kernel_size: the kernel size of each layer (odd).
+        lipschitz_const, max_lipschitz_iter, lipschitz_tolerance, init_zeros: as :class:`LipschitzMLP`.
+
+    Shapes:
+        input: (B, channels[0], H, W); output: (B, channels[-1], H, W).
+    """
 
     def __init__(self, channels, kernel_size, lipschitz_const=0.97, max_lipschitz_iter=5, lipschitz_tolerance=None,
                  init_zeros=True):

@@ -22,23 +22,65 @@ def standard_normal_logprob(z: Tensor) -> Tensor:
 
 
 class ResidualFlow(nn.Module):
-    """The multi-scale Residual Flow (Chen et al., 2019) with the reference constructor, defaults,
-    module order and state_dict keys (``transforms.{scale}.chain.{j}.…``; ``classification_heads``
-    and ``logit_layer`` with ``classification=True``). Each scale is a :class:`StackediResBlocks`
-    with ``block_type='resblock'`` (default), or a :class:`StackedCouplingBlocks` with
-    ``block_type='coupling'``, the reference's coupling baseline (affine coupling layers, exact
-    log-det; the Lipschitz and estimator arguments are then unused).
+    """The multi-scale Residual Flow (Chen et al., 2019) of the reference's image experiments.
 
-    ``forward(x, logpx=None, inverse=False, classify=False)`` maps ``(B, C, H, W)`` to ``z`` of shape
-    ``(B, C·H·W)`` (the factored-out parts of every scale, flattened, then the last scale), and
-    returns ``(z, logpx - logdet)`` when ``logpx`` is given, plus class logits with ``classify``.
-    ``inverse(z, logpz=None)`` runs the scales backwards. Extras: :meth:`sample`,
-    :meth:`log_prob` and :meth:`bits_per_dim`.
+    Each scale is a :class:`StackediResBlocks` (``block_type='resblock'``) or a
+    :class:`StackedCouplingBlocks` (``'coupling'``, the reference's coupling baseline, exact log-det);
+    scales but the last end with a squeeze and factor out half of the channels. The reference's
+    constructor, defaults, module order and state_dict keys. Parity with the reference:
+    docs/parity.md#residualflow
 
-    Deliberate differences: bad arguments raise ``ValueError`` naming them (the reference asserts),
-    including a ``block_type`` other than ``'resblock'`` or ``'coupling'`` (the reference builds
-    coupling blocks for any other value); the residual blocks are this library's iResBlock (fast
-    path, backward-in-forward semantics as documented there).
+    Args:
+        input_size: the data's (N, C, H, W) (N is not used).
+        n_blocks: blocks per scale; there are min(len(n_blocks), halvings of H, W while >= 4) scales.
+        intermediate_dim: hidden channels of the residual branches.
+        factor_out: factor out half of the channels after every scale but the last.
+        quadratic: an invertible 1x1 convolution (Glow) before every block.
+        init_layer: a flow layer run first (e.g. :class:`~resflow_cuda.nn.LogitTransform`).
+        actnorm: ActNorm after every block.
+        fc_actnorm: an ActNorm over the flattened input after every block.
+        batchnorm: a MovingBatchNorm2d after every convolution of the convolutional branches.
+        dropout: dropout probability before a branch's last layer (0: none).
+        fc: fully connected branches (:class:`FCNet`) instead of convolutional ones.
+        coeff: the Lipschitz bound of every layer of the branches.
+        vnorms: norm orders between the branch's layers, one character each ('f': inf), e.g. '122f'.
+        n_lipschitz_iters: power-iteration steps per update; None: to sn_atol / sn_rtol.
+        sn_atol: absolute tolerance of the power iteration.
+        sn_rtol: relative tolerance of the power iteration.
+        n_power_series: in training, that many series terms (biased); None: Russian roulette.
+        n_dist: ``"geometric"`` or ``"poisson"``, the distribution of the roulette's number of terms.
+        n_samples: draws of the number of terms per estimate.
+        n_exact_terms: terms always computed in training.
+        kernels: kernel sizes of the branch's convolutions, e.g. '3-1-3'.
+        activation_fn: the branches' activation, a key of :data:`ACT_FNS` ('swish' is LipSwish).
+        fc_end: end the last scale with 4 fully connected blocks.
+        fc_idim: hidden width of those blocks.
+        preact: start every branch with its activation (after a MovingBatchNorm2d with ``batchnorm``).
+        neumann_grad: the Neumann-series gradient of the log-det (see :class:`~resflow_cuda.nn.iResBlock`).
+        grad_in_forward: backward-in-forward (see :class:`~resflow_cuda.nn.iResBlock`).
+        first_resblock: in the first scale, ActNorm before the first block (with ``actnorm`` or
+            ``fc_actnorm``) and no pre-activation in the first branch.
+        learn_p: learnable norm orders (starting at 2) in place of vnorms'.
+        classification: add classification heads on every scale (``forward(..., classify=True)``).
+        classification_hdim: channels of each classification head.
+        n_classes: number of classes.
+        block_type: ``'resblock'`` or ``'coupling'``.
+
+    Shapes:
+        x: (B, C, H, W) of ``input_size``; z: (B, C·H·W), the factored-out parts of every scale,
+        flattened, then the last scale; logpx: (B, 1).
+
+    Returns:
+        ``forward(x)``: ``z``; ``forward(x, logpx)``: ``(z, logpx - logdet)``; with ``classify=True``
+        also the class logits (B, n_classes). ``inverse(z, logpz=None)`` runs the scales backwards.
+        Extras: :meth:`sample`, :meth:`log_prob` and :meth:`bits_per_dim`.
+
+    Example:
+        >>> from resflow_cuda.models import ResidualFlow
+        >>> flow = ResidualFlow((16, 1, 8, 8), n_blocks=(1, 1), intermediate_dim=8, fc_idim=16, n_lipschitz_iters=2)
+        >>> z, logpz = flow(torch.rand(4, 1, 8, 8), torch.zeros(4, 1))
+        >>> z.shape, flow.log_prob(torch.rand(4, 1, 8, 8)).shape
+        (torch.Size([4, 64]), torch.Size([4]))
     """
 
     def __init__(self, input_size, n_blocks=(16, 16), intermediate_dim=64, factor_out=True, quadratic=False,
@@ -194,11 +236,25 @@ class ResidualFlow(nn.Module):
 
 
 class ExponentialMovingAverage:
-    """The reference training script's EMA of a module's parameters (same attributes and methods:
-    ``shadow_params`` keyed by parameter name, ``apply()`` after each step, the first call copying
-    the parameters so that data-dependent initialisation is included, ``swap()`` /
-    ``replace_with_ema()`` for evaluation, ``set(other)`` to copy another EMA's shadow, including one
-    unpickled from a reference checkpoint)."""
+    """The reference training script's exponential moving average of a module's parameters.
+
+    ``shadow_params`` holds the average, keyed by parameter name. Call :meth:`apply` after each
+    optimiser step (the first call copies the parameters, so that data-dependent initialisation is
+    included), :meth:`swap` (twice) or :meth:`replace_with_ema` to evaluate with the average, and
+    :meth:`set` to copy another EMA's shadow (also one unpickled from a reference checkpoint).
+    Parity with the reference: docs/parity.md#exponentialmovingaverage
+
+    Args:
+        module: the module whose parameters to average.
+        decay: weight of the old average in each update, in [0, 1].
+
+    Example:
+        >>> from resflow_cuda.models import ExponentialMovingAverage
+        >>> model = nn.Linear(2, 2)
+        >>> ema = ExponentialMovingAverage(model, decay=0.99)
+        >>> ema.apply()  # after every optimiser step
+        >>> ema.swap(); ema.swap()  # evaluate with the average in between
+    """
 
     def __init__(self, module: nn.Module, decay: float = 0.999) -> None:
         if not 0.0 <= decay <= 1.0:

@@ -27,7 +27,14 @@ ACT_FNS = {
 
 
 def parse_vnorms(vnorms: str) -> tuple[list[float], list[float]]:
-    """The reference's norm string ('2222', '122f', ...; 'f' is infinity) as (domains, codomains)."""
+    """The reference's norm string as (domains, codomains) of the layers between its characters.
+
+    Args:
+        vnorms: one norm order per layer boundary, digits or 'f' (infinity), e.g. '2222' or '122f'.
+
+    Returns:
+        ``(ps[:-1], ps[1:])``: the input and output norm orders of each layer, as floats.
+    """
     if not isinstance(vnorms, str) or not vnorms or any(p != "f" and not p.isdigit() for p in vnorms):
         raise ValueError(f"vnorms: expected a string of digits and 'f' (e.g. '122f'), but got {vnorms!r}")
     ps = [math.inf if p == "f" else float(p) for p in vnorms]
@@ -40,7 +47,14 @@ def _check_activation(name: str) -> None:
 
 
 class FCWrapper(nn.Module):
-    """Runs a flow layer for flat inputs on ``(B, C, H, W)`` by flattening and restoring the shape."""
+    """Runs a flow layer for flat inputs on ``(B, C, H, W)`` by flattening and restoring the shape.
+
+    Args:
+        fc_module: a flow layer on (B, C·H·W) with ``forward(x, logpx=None)`` and ``inverse``.
+
+    Shapes:
+        x, y: (B, C, H, W); logpx: (B, 1).
+    """
 
     def __init__(self, fc_module: nn.Module) -> None:
         super().__init__()
@@ -62,11 +76,33 @@ class FCWrapper(nn.Module):
 
 
 class FCNet(nn.Module):
-    """The fully connected residual branch on ``(B, C, H, W)``: flatten, ``[act if preact]``,
+    """The reference's fully connected residual branch on ``(B, C, H, W)``: flatten, ``[act if preact]``,
     ``nhidden`` × (Lipschitz linear to ``idim``, act), ``[Dropout]``, Lipschitz linear back to
-    ``C·H·W``, reshape (attribute ``nnet``, as the reference). With ``lipschitz_layer=nn.Linear``
-    the layers are plain linear ones, and ``div_in=2`` makes the input half as wide (the coupling
-    baseline's conditioner, which sees half of the channels). Dropout is not in place."""
+    ``C·H·W``, reshape (the layers are in ``nnet``, as the reference's).
+    Parity with the reference: docs/parity.md#fcnet
+
+    Args:
+        input_shape: (C, H, W).
+        idim: hidden width.
+        lipschitz_layer: the linear layer factory, e.g. :func:`~resflow_cuda.nn.get_linear`; ``nn.Linear``
+            for plain linear layers (then the Lipschitz arguments are unused).
+        nhidden: number of hidden layers.
+        coeff: the Lipschitz bound of every layer.
+        domains: input norm order of each layer (the last entry is the output layer's).
+        codomains: output norm order of each layer.
+        n_iterations: power-iteration steps per update.
+        activation_fn: a key of :data:`ACT_FNS`.
+        preact: start with the activation.
+        dropout: dropout probability before the output layer (0: none; not in place).
+        sn_atol: absolute tolerance of the power iteration.
+        sn_rtol: relative tolerance of the power iteration.
+        learn_p: learnable norm orders (starting at 2) in place of domains / codomains.
+        div_in: the input is ``C·H·W / div_in`` wide (2: the coupling baseline's conditioner, which
+            sees half of the channels).
+
+    Shapes:
+        x: (B, C·H·W / div_in) or any shape with that many entries per sample; output: (B, C, H, W).
+    """
 
     def __init__(self, input_shape, idim: int, lipschitz_layer, nhidden: int, coeff: float, domains, codomains,
                  n_iterations, activation_fn: str, preact: bool, dropout: float, sn_atol, sn_rtol, learn_p: bool = False,
@@ -144,9 +180,20 @@ def _scale_chain(initial_size, block, squeeze, init_layer, n_blocks, quadratic, 
 
 
 class StackediResBlocks(SequentialFlow):
-    """One scale of the ResidualFlow (a SequentialFlow; keys ``chain.{j}.…``): optional init layer
-    and ActNorm, ``n_blocks`` × ([InvertibleConv2d], iResBlock, [ActNorm2d], [FC ActNorm1d]), then a
-    squeeze, or for the last scale the FC end blocks (see ResidualFlow)."""
+    """One scale of the :class:`ResidualFlow`: a SequentialFlow (keys ``chain.{j}.…``) of
+    ``[init_layer]``, ``[ActNorm]``, ``n_blocks`` × ([InvertibleConv2d], iResBlock, [ActNorm2d],
+    [FC ActNorm1d]), then a squeeze, or for the last scale ``fc_nblocks`` fully connected blocks.
+
+    Args:
+        initial_size: the input's (C, H, W).
+        idim: hidden channels of the residual branches.
+        squeeze: end with a squeeze (every scale but the last); else with the FC end blocks.
+        fc_nblocks: number of FC end blocks (with ``fc_end``).
+        the others: as :class:`ResidualFlow`.
+
+    Shapes:
+        x: (B, C, H, W); output: (B, 4C, H/2, W/2) with ``squeeze``, else (B, C, H, W); logpx: (B, 1).
+    """
 
     def __init__(self, initial_size, idim, squeeze=True, init_layer=None, n_blocks=1, quadratic=False, actnorm=False,
                  fc_actnorm=False, batchnorm=False, dropout=0, fc=False, coeff=0.9, vnorms="122f",
@@ -198,9 +245,9 @@ class StackediResBlocks(SequentialFlow):
 
 
 class StackedCouplingBlocks(SequentialFlow):
-    """One scale of ``ResidualFlow(block_type='coupling')``, the reference's coupling baseline (a
-    SequentialFlow; keys ``chain.{j}.…``), with the module order of :class:`StackediResBlocks`
-    and coupling layers in place of the residual blocks:
+    """One scale of ``ResidualFlow(block_type='coupling')``, the reference's coupling baseline: the
+    module order of :class:`StackediResBlocks` (keys ``chain.{j}.…``) with coupling layers in place
+    of the residual blocks:
 
     - image blocks: :class:`~resflow_cuda.nn.ChannelCouplingBlock` (``mask_type`` ``channel0/1``,
       the network sees half of the ``c`` channels and returns ``c``) when ``init_layer`` is
@@ -215,13 +262,14 @@ class StackedCouplingBlocks(SequentialFlow):
     - the mask alternates ``…0``, ``…1``, ``…0``… over the coupling layers of the scale (image and
       FC ones counted together), starting with ``…0``.
 
-    The Lipschitz, series and estimator arguments are accepted and ignored, as in the reference.
-    Deliberate difference: the ``MovingBatchNorm2d`` layers have the channel count of the tensor
-    they see (the reference gives the pre-activation one ``c`` channels where the network's input
-    has ``c/2``, and the last one ``c`` where a checkerboard network returns ``2c``, so those
-    configurations fail there), and dropout is not in place (the reference's in-place dropout after
-    an in-place ELU or ReLU breaks backward). An odd channel count with a channel split raises
-    ``ValueError``.
+    Args:
+        as :class:`StackediResBlocks`; the Lipschitz, series and estimator arguments are accepted and
+        ignored, as in the reference. An odd channel count with a channel split raises ``ValueError``.
+
+    Shapes:
+        as :class:`StackediResBlocks`.
+
+    Parity with the reference: docs/parity.md#stackedcouplingblocks
     """
 
     def __init__(self, initial_size, idim, squeeze=True, init_layer=None, n_blocks=1, quadratic=False, actnorm=False,
@@ -277,15 +325,35 @@ def toy_model(n_blocks: int = 100, dims=(128, 128, 128, 128), activation_fn: str
               vnorms: str = "222222", n_lipschitz_iters: int | None = 5, atol=None, rtol=None, actnorm: bool = False,
               batchnorm: bool = False, n_dist: str = "geometric", n_power_series=None, exact_trace: bool = False,
               brute_force: bool = False, n_samples: int = 1, arch: str = "iresnet", **block_options) -> SequentialFlow:
-    """The 2-D model of the reference's ``train_toy.py`` (``--arch iresnet``): ``[ActNorm1d(2)]``
-    then ``n_blocks`` × (iResBlock over a pre-activation Lipschitz MLP 2→dims→2, ``[ActNorm1d(2)]``,
-    ``[MovingBatchNorm1d(2)]``). The MLP is (act, linear) per layer, InducedNormLinear with
-    ``zero_init`` on the output layer; the blocks use the basic estimator
-    (``neumann_grad=False, grad_in_forward=False``) unless ``block_options`` say otherwise.
+    """The 2-D model of the reference's ``train_toy.py`` (``--arch iresnet``), or ImpFlow's (``"implicit"``).
 
-    ``arch="implicit"`` builds ImpFlow's toy model (its ``train_toy.py --arch implicit``) instead: the same
-    chain with an :class:`~resflow_cuda.nn.ImplicitBlock` per block over two MLPs built as ImpFlow builds
-    them (linear, then (act, linear) per further layer: no pre-activation)."""
+    ``[ActNorm1d(2)]`` then ``n_blocks`` × (iResBlock over a pre-activation Lipschitz MLP 2→dims→2,
+    ``[ActNorm1d(2)]``, ``[MovingBatchNorm1d(2)]``). The MLP is (act, linear) per layer,
+    InducedNormLinear with ``zero_init`` on the output layer; the blocks use the basic estimator
+    (``neumann_grad=False, grad_in_forward=False``) unless ``block_options`` say otherwise.
+    ``arch="implicit"`` puts an :class:`~resflow_cuda.nn.ImplicitBlock` over two MLPs in each block,
+    built as ImpFlow builds them (linear, then (act, linear) per further layer: no pre-activation).
+    Parity with the reference: docs/parity.md#toy_model
+
+    Args:
+        n_blocks: number of blocks.
+        dims: hidden widths of each MLP.
+        activation_fn: a key of :data:`ACT_FNS`.
+        coeff: the Lipschitz bound of every linear layer.
+        vnorms: norm orders between the MLP's layers (see :func:`parse_vnorms`).
+        n_lipschitz_iters: power-iteration steps per update.
+        atol: absolute tolerance of the power iteration.
+        rtol: relative tolerance of the power iteration.
+        actnorm: an ActNorm1d(2) first and after every block.
+        batchnorm: a MovingBatchNorm1d(2) after every block.
+        n_dist, n_power_series, exact_trace, brute_force, n_samples: the blocks' (see
+            :class:`~resflow_cuda.nn.iResBlock`).
+        arch: ``"iresnet"`` or ``"implicit"``.
+        **block_options: further keyword arguments of the blocks.
+
+    Returns:
+        A :class:`~resflow_cuda.nn.SequentialFlow` on (B, 2).
+    """
     _check_activation(activation_fn)
     if arch not in ("iresnet", "implicit"):
         raise ValueError(f"arch: expected 'iresnet' or 'implicit', but got {arch!r}")

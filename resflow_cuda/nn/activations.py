@@ -12,13 +12,20 @@ from ..linearize import register_lipswish
 class LipSwish(nn.Module):
     """LipSwish ``x * sigmoid(softplus(beta) * x) / 1.1``, a 1-Lipschitz Swish (Chen et al., 2019).
 
-    Drop-in for the reference ``Swish`` (residual-flows ``resflows/layers/base/activations.py``,
-    normflows ``nets.lipschitz.Swish``): one parameter ``beta`` of shape [1] initialised to 0.5,
-    the same state_dict key, the same values; forward and backward are one fused kernel each.
+    One learnable parameter ``beta`` of shape [1], initialised to 0.5; forward and backward are one
+    fused kernel each. Drop-in for the reference ``Swish``. Parity with the reference: docs/parity.md#lipswish
 
-    Shapes: input any shape; output the same shape and dtype.
+    Shapes:
+        input: any shape; output: the same shape and dtype.
+
     Autograd: first and second order (the Residual Flows log-det gradient needs the second).
-    Deviation: see :func:`resflow_cuda.functional.lipswish` for mixed dtypes (no promotion).
+
+    Example:
+        >>> from resflow_cuda.nn import LipSwish
+        >>> act = LipSwish()
+        >>> x = torch.randn(4, 3, requires_grad=True)
+        >>> torch.allclose(act(x), x * torch.sigmoid(nn.functional.softplus(act.beta) * x) / 1.1)
+        True
     """
 
     def __init__(self) -> None:

@@ -32,13 +32,17 @@ SCALE_FNS = ("sigmoid", "exp")
 
 
 def coupling_mask(x: Tensor, mask_type: str) -> Tensor:
-    """The reference's mask for ``x`` (1 where a coupling layer keeps the input, 0 where it
-    transforms it), on ``x``'s device and in its dtype, in a shape that broadcasts against ``x``.
+    """The reference's coupling mask for ``x``: 1 where a coupling layer keeps the input, 0 where it
+    transforms it. Parity with the reference: docs/parity.md#coupling_mask
 
-    ``'checkerboard0'``: 1 where ``h + w`` is even, ``'checkerboard1'``: where it is odd (the
-    reference tiles a 2×2 pattern and crops it, which is the same for odd H or W); shape
-    ``(1, 1, H, W)``, for 4-D ``x`` only. ``'channel0'`` / ``'channel1'``: 1 on the first / second
-    half of dim 1, which must have an even size; shape ``(1, C, 1, ...)``.
+    Args:
+        x: the input, whose device, dtype and shape the mask takes.
+        mask_type: ``'checkerboard0'`` (1 where ``h + w`` is even), ``'checkerboard1'`` (odd), ``'channel0'``
+            (1 on the first half of dim 1) or ``'channel1'`` (the second half).
+
+    Shapes:
+        x: (B, C, H, W) for checkerboard masks; (B, C, ...) with even C for channel masks.
+        output: (1, 1, H, W) for checkerboard masks, (1, C, 1, ...) for channel masks (broadcasts against x).
     """
     _check_mask_type(mask_type)
     if mask_type.startswith("checkerboard"):
@@ -190,8 +194,7 @@ class AffineCoupling(_Coupling):
 
     With ``scale_fn='sigmoid'`` and a channel mask this is the reference's
     :class:`ChannelCouplingBlock`; with a checkerboard mask its :class:`MaskedCouplingBlock`.
-    The log-scale is computed as ``logsigmoid(s + 2)`` (not ``log(sigmoid(·))``), so it stays
-    finite where the sigmoid underflows.
+    The log-scale is ``logsigmoid(s + 2)``, finite where the sigmoid underflows (docs/parity.md#maskedcouplingblock).
 
     Shapes: ``(B, dim)`` or ``(B, dim, *spatial)`` for channel masks, ``(B, dim, H, W)`` for
     checkerboard masks; log-densities ``(B, 1)``.
@@ -268,18 +271,19 @@ class AdditiveCoupling(_Coupling):
 
 
 class CouplingBlock(AffineCoupling):
-    """The reference's coupling layer for a split along dim 1 (``(B, D)`` features, or the channels
-    of ``(B, C, H, W)``): with ``d = dim // 2``, ``x_a = x[:, :d]`` and ``x_b = x[:, d:]`` (the
-    other way round with ``swap=True``), ``nnet(x_a) = [s, t]`` (``d`` channels each),
-    ``y_b = x_b · sigmoid(s + 2) + t``, log-det ``Σ log sigmoid(s + 2)``.
+    """The reference's coupling layer for a split along dim 1 (features of ``(B, D)`` or channels of
+    ``(B, C, H, W)``): with ``d = dim // 2``, ``x_a = x[:, :d]`` and ``x_b = x[:, d:]`` (the other way
+    round with ``swap=True``), ``nnet(x_a) = [s, t]``, ``y_b = x_b · sigmoid(s + 2) + t``, log-det
+    ``Σ log sigmoid(s + 2)``. An :class:`AffineCoupling` with mask ``'channel1'`` if ``swap`` else
+    ``'channel0'`` and ``scale_fn='sigmoid'``. Parity with the reference: docs/parity.md#couplingblock
 
-    Same attributes and state_dict keys as the reference (``d``, ``swap``, ``nnet.…``); an
-    :class:`AffineCoupling` with mask ``'channel1'`` if ``swap`` else ``'channel0'`` and
-    ``scale_fn='sigmoid'``. Deliberate difference: an odd ``dim`` raises ``ValueError`` (the
-    reference asserts), as do inputs whose dim 1 is not ``dim`` and networks returning the wrong
-    shape.
+    Args:
+        dim: size of dim 1 of the input (even).
+        nnet: the conditioner, from ``(B, d, *)`` to ``(B, 2d, *)`` (``s`` then ``t``, ``d`` channels each).
+        swap: keep the second half and transform the first.
 
-    Shapes: ``(B, dim, *)``; log-densities ``(B, 1)``.
+    Shapes:
+        ``(B, dim, *)``; log-densities ``(B, 1)``.
     """
 
     def __init__(self, dim: int, nnet: nn.Module, swap: bool = False) -> None:
@@ -292,11 +296,16 @@ class CouplingBlock(AffineCoupling):
 
 
 class ChannelCouplingBlock(CouplingBlock):
-    """The reference's channel-wise coupling for images: :class:`CouplingBlock` with
-    ``mask_type='channel0'`` (keep the first half of the channels) or ``'channel1'`` (keep the
-    second half, i.e. ``swap=True``). Unknown mask types raise ``ValueError``.
+    """The reference's channel-wise coupling for images: :class:`CouplingBlock` that keeps the first
+    or the second half of the channels. Parity with the reference: docs/parity.md#channelcouplingblock
 
-    Shapes: ``(B, dim, H, W)`` (any input with ``dim`` in dim 1 works); log-densities ``(B, 1)``.
+    Args:
+        dim: number of channels (even).
+        nnet: the conditioner, from ``(B, dim/2, H, W)`` to ``(B, dim, H, W)`` (``s`` then ``t``).
+        mask_type: ``'channel0'`` (keep the first half) or ``'channel1'`` (keep the second, ``swap=True``).
+
+    Shapes:
+        ``(B, dim, H, W)`` (any input with ``dim`` in dim 1 works); log-densities ``(B, 1)``.
     """
 
     def __init__(self, dim: int, nnet: nn.Module, mask_type: str = "channel0") -> None:
@@ -309,20 +318,17 @@ class ChannelCouplingBlock(CouplingBlock):
 
 class MaskedCouplingBlock(AffineCoupling):
     """The reference's mask-based coupling for images: with the mask ``b`` (see
-    :func:`coupling_mask`), ``nnet(b·x) = [s', t]`` (``dim`` channels each), ``s = sigmoid(s' + 2)``,
+    :func:`coupling_mask`), ``nnet(b·x) = [s', t]``, ``s = sigmoid(s' + 2)``,
     ``y = (x·s + t)·(1 - b) + b·x``, log-det ``Σ (1 - b)·log s``; inverse
-    ``x = b·y + (1 - b)·(y - t) / s``.
+    ``x = b·y + (1 - b)·(y - t) / s``. Parity with the reference: docs/parity.md#maskedcouplingblock
 
-    ``mask_type`` is ``'checkerboard0'`` (default) or ``'checkerboard1'``, and, as the reference,
-    also ``'channel0'`` / ``'channel1'`` (masked, i.e. ``nnet`` then sees the full-size input with
-    half of the channels zeroed). Masks are built on the input's device and in its dtype
-    (the reference builds channel masks on the CPU in float32). Attributes and state_dict keys as
-    the reference (``d = dim``, ``mask_type``, ``nnet.…``). Deliberate differences: unknown mask
-    types raise ``ValueError`` at construction (the reference raises at the first forward, and
-    accepts ``None`` for an all-zero mask, which is refused here); the log-scale is
-    ``logsigmoid(s' + 2)``.
+    Args:
+        dim: number of channels.
+        nnet: the conditioner, from ``(B, dim, H, W)`` to ``(B, 2·dim, H, W)`` (``s'`` then ``t``).
+        mask_type: ``'checkerboard0'``, ``'checkerboard1'``, or, masked, ``'channel0'`` / ``'channel1'``.
 
-    Shapes: ``(B, dim, H, W)``; log-densities ``(B, 1)``.
+    Shapes:
+        ``(B, dim, H, W)``; log-densities ``(B, 1)``.
     """
 
     def __init__(self, dim: int, nnet: nn.Module, mask_type: str = "checkerboard0") -> None:
@@ -340,14 +346,20 @@ class InvertibleConv2dLU(nn.Module):
     lower-triangular ``L`` (parameter; only its strict lower triangle is used), a strictly upper
     triangular ``U`` (parameter; only its strict upper triangle is used), the signs of the
     diagonal ``sign_S`` (buffer) and ``log_S = log|diag|`` (parameter). Initialised from the LU
-    factorisation of a random orthogonal matrix (torch's global RNG), as Glow. Tensor names as
-    normflows' ``Invertible1x1Conv(use_lu=True)`` (without its ``eye`` buffer).
+    factorisation of a random orthogonal matrix (torch's global RNG), as Glow.
+    Parity with normflows' ``Invertible1x1Conv``: docs/parity.md#invertibleconv2dlu
 
     ``forward``: ``y = W x`` over channels, log-det ``H·W·Σ log_S`` (``Σ log_S`` for ``(B, C)``
     inputs, where the layer is a linear map); ``inverse`` applies ``W⁻¹ = (U + diag)⁻¹ L⁻¹ Pᵀ``
     from two triangular solves.
 
-    Shapes: ``(B, C, H, W)`` or ``(B, C)``; log-densities ``(B, 1)``. Autograd: any order.
+    Args:
+        num_channels: number of channels C.
+
+    Shapes:
+        ``(B, C, H, W)`` or ``(B, C)``; log-densities ``(B, 1)``.
+
+    Autograd: any order.
     """
 
     def __init__(self, num_channels: int) -> None:

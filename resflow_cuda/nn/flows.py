@@ -26,12 +26,14 @@ class ActNormNd(nn.Module):
     """Per-channel affine ``y = (x + bias) * exp(weight)`` initialised from the first batch:
     ``bias = -mean``, ``weight = -log(max(var, 0.2)) / 2`` (unbiased variance, per channel over the
     batch and positions), after which ``initialized`` (an int64 buffer) is 1. The log-det is
-    ``sum(weight)`` times the positions per channel.
+    ``sum(weight)`` times the positions per channel. Parity with the reference: docs/parity.md#actnorm1d-actnorm2d
 
-    Deliberate differences: ``weight`` and ``bias`` start at zero instead of uninitialised memory
-    (the data initialisation overwrites both either way), and whether the layer is initialised is
-    cached in Python after the first check, so a forward does not read the buffer from the device
-    (loading a state_dict clears the cache).
+    Args:
+        num_features: number of channels C.
+        eps: unused, kept for the signature.
+
+    Shapes:
+        x, y: (B, C) (ActNorm1d) or (B, C, H, W) (ActNorm2d); logpx: (B, 1).
     """
 
     _view: tuple = ()
@@ -269,8 +271,19 @@ class MovingBatchNormNd(nn.Module):
     """Mean-only batch normalisation, as the reference: ``y = x - m + bias`` where ``m`` is the
     running mean before this batch's update (with ``bn_lag > 0``, a bias-corrected lagged mean
     that includes the batch mean); in training the running mean then moves toward the batch mean
-    by ``decay`` and ``step`` is incremented. Log-det 0, as in the reference. ``eps`` is unused,
-    kept for the signature."""
+    by ``decay`` and ``step`` is incremented. Log-det 0, as in the reference.
+    Parity with the reference: docs/parity.md#movingbatchnorm1d-movingbatchnorm2d
+
+    Args:
+        num_features: number of channels C.
+        eps: unused, kept for the signature.
+        decay: step of the running mean toward the batch mean.
+        bn_lag: lag of the mean used in training (0: the running mean).
+        affine: learn a per-channel ``bias``.
+
+    Shapes:
+        x, y: (B, C) (MovingBatchNorm1d) or (B, C, H, W) (MovingBatchNorm2d); logpx: (B, 1).
+    """
 
     _view: tuple = ()
 

@@ -23,53 +23,57 @@ BRUTE_FORCE_MAX_DIM = 10
 
 
 class ImplicitBlock(nn.Module):
-    """Implicit invertible block: ``forward(x)`` returns the z with
-    F(z, x) = g_x(x) - g_z(z) + x - z = 0, for two branches with Lip(g_x), Lip(g_z) < 1.
+    """Implicit invertible block (ImpFlow): ``forward(x)`` is the z with z + g_z(z) = x + g_x(x).
 
-    Drop-in for ImpFlow's ``imBlock`` (thu-ml/implicit-normalizing-flows,
-    ``lib/layers/implicit_block.py``): the same constructor arguments and defaults, attributes
-    ``nnet_x``, ``nnet_z``, parameter ``lamb`` (float32) and buffers ``last_n_samples``, ``last_firmom``,
-    ``last_secmom`` (``geom_p`` is a plain float32 logit outside the state_dict, as there), the same random draws
-    in the same order (NumPy's global RNG for the number of terms, then Rademacher probes for x and
-    for z from torch's RNG) and calling conventions:
-    ``forward(x, logpx=None)`` -> ``z`` or ``(z, logpx - logdet)``, ``inverse(z, logpz=None)`` -> ``x`` or
-    ``(x, logpz + logdet)``, with logdet = log det(I + J_gx(x)) - log det(I + J_gz(z)) of shape (B, 1).
+    Drop-in for ImpFlow's ``imBlock``: the same arguments, defaults, state_dict and random draws.
+    z is found by Broyden's method (fixed-point iteration if it diverges, :mod:`resflow_cuda.solvers`)
+    and differentiated implicitly, so memory does not grow with the solver's steps; the log-det is
+    estimated as in :class:`~resflow_cuda.nn.iResBlock`, or exact for inputs (B, D <= 10) in eval mode.
+    Parity with the reference: docs/parity.md#implicitblock
 
-    Solves: forward z from x + g_x(x) = z + g_z(z) by Broyden's method from zeros, at most
-    ``threshold`` steps, stopping when ||F|| over the batch is below ``eps_forward * sqrt(numel)``;
-    when Broyden diverges, fixed-point iteration z <- x + g_x(x) - g_z(z) (at most 1000 steps).
-    The inverse solves the same equation for x with ``eps_sample``. One differentiable evaluation
-    z = (g_x(x) - g_z(z*)) + x at the root (x detached) carries the parameter gradients, and the
-    gradient is implicit: backward solves u^T (I + J_gz(z)) = grad with the same solver
-    (``eps_backward``), passes u to the parameters and u^T (I + J_gx(x)) to x. Memory does not grow
-    with the solver's steps (no graph is kept through them). See :mod:`resflow_cuda.solvers`.
+    Args:
+        nnet_x: the branch g_x of the input, with Lip(g_x) < 1.
+        nnet_z: the branch g_z of the output, with Lip(g_z) < 1 (a second module, not nnet_x).
+        geom_p: success probability of the geometric number of terms N (a float32 logit, not in the state_dict).
+        lamb: rate of the Poisson number of terms, with ``n_dist="poisson"``.
+        n_power_series: in training, that many terms (biased) instead of Russian roulette.
+        exact_trace: terms from the traces of the full Jacobians' powers (inputs (B, D)).
+        brute_force: the exact determinants in training too (inputs (B, D) with D <= 10).
+        n_samples: draws of N per estimate.
+        n_exact_terms: terms always computed in training.
+        n_exact_terms_test: terms always computed in eval.
+        n_dist: ``"geometric"`` or ``"poisson"``, the distribution of N.
+        neumann_grad: in training, the Neumann-series gradient instead of differentiating every term.
+        grad_in_forward: backward-in-forward: compute the log-det's gradient in forward and free its graph.
+        eps_forward: tolerance of the forward solve: ||x + g_x(x) - z - g_z(z)|| over the batch
+            < eps_forward * sqrt(numel).
+        eps_backward: tolerance of the backward (adjoint) solve.
+        eps_sample: tolerance of the inverse solve.
+        threshold: step limit of Broyden's method.
+        rng: ``"numpy"`` (the reference's draws; probes on the CPU) or ``"torch"`` (torch's RNG on x's device).
+        fast_path: run branches of supported layers (:mod:`resflow_cuda.linearize`) in fused op calls.
+        fallback_steps: step limit of the fixed-point fallback.
 
-    Log-det: the same decision tree as the reference: in eval (or with ``brute_force``) and inputs
-    (B, D) with D <= 10, ``torch.logdet`` of the full Jacobians; otherwise the truncated series
-    (``n_power_series`` in training) or Russian roulette with ``n_exact_terms`` (training) or
-    ``n_exact_terms_test`` (eval) exact terms, the basic or Neumann estimator and backward-in-forward
-    (``grad_in_forward``, default True here) as in :class:`~resflow_cuda.nn.iResBlock`, whose estimator
-    code and linearized fast path both branches use.
+    Shapes:
+        x, z: (B, ...), at least 2 dims; (B, D) with ``exact_trace`` or ``brute_force``.
+        logpx, logpz: (B, 1) or a scalar; logdet = log det(I + J_gx(x)) - log det(I + J_gz(z)): (B, 1).
 
-    Keyword-only additions:
-        rng: ``"numpy"`` (the reference's draws, probes drawn on the CPU) or ``"torch"`` (the number of
-            terms from torch's RNG and the probes drawn on x's device).
-        fast_path: as in iResBlock.
-        fallback_steps: step limit of the fixed-point fallback (1000, the reference's).
+    Returns:
+        ``forward(x)``: ``z``; ``forward(x, logpx)``: ``(z, logpx - logdet)``.
+        ``inverse(z)``: ``x``; ``inverse(z, logpz)``: ``(x, logpz + logdet)``. After every solve
+        ``last_forward_report``, ``last_inverse_report`` or ``last_backward_report`` holds a
+        :class:`~resflow_cuda.solvers.RootReport`; an unconverged forward or inverse solve warns.
 
-    After every solve ``last_forward_report``, ``last_inverse_report`` or ``last_backward_report``
-    holds a :class:`~resflow_cuda.solvers.RootReport` with per-sample residuals and convergence; a
-    forward or inverse solve that did not converge warns (the reference logs only), the backward
-    solve logs at INFO level (``eps_backward = 1e-10`` is below float32 resolution by design).
+    Autograd: first order in the input and the parameters (implicit gradients, forward and inverse).
 
-    Deliberate differences: no frozen copies ``nnet_x_copy`` / ``nnet_z_copy`` (the reference re-syncs
-    them every forward to run the backward's VJPs without touching parameter gradients; autograd.grad
-    with respect to inputs does that here); a reference state_dict loads, its copy entries are
-    dropped, and ours loads into the reference with ``strict=False``. The Broyden details of
-    :mod:`resflow_cuda.solvers` (first step, per-sample best iterate). The inverse is differentiable
-    (the same implicit gradient with the branches' roles swapped; the reference refuses). Bad
-    arguments raise ``ValueError``; non-finite inputs raise instead of running the solver to its limit.
-    Backward-in-forward uses the full upstream gradient per sample, as iResBlock.
+    Example:
+        >>> from resflow_cuda.nn import ImplicitBlock, InducedNormLinear, LipSwish
+        >>> def mlp(): return nn.Sequential(InducedNormLinear(2, 16, n_iterations=5), LipSwish(),
+        ...                                 InducedNormLinear(16, 2, n_iterations=5))
+        >>> block, x = ImplicitBlock(mlp(), mlp()), torch.randn(8, 2)
+        >>> z, logpz = block(x, torch.zeros(8, 1))
+        >>> torch.allclose(z + block.nnet_z(z), x + block.nnet_x(x), atol=1e-4)
+        True
     """
 
     def __init__(self, nnet_x: nn.Module, nnet_z: nn.Module, geom_p: float = 0.5, lamb: float = 2.,
@@ -121,8 +125,8 @@ class ImplicitBlock(nn.Module):
         self.register_buffer("last_secmom", torch.zeros(1))
 
     def forward(self, x: Tensor, logpx: Tensor | float | None = None, restore: bool = False):
-        """x -> z, or (z, logpx - logdet) with ``logpx``. ``restore`` is accepted for the reference's
-        calling convention and has no effect (there are no copies to initialise)."""
+        """x -> z, or (z, logpx - logdet) with ``logpx``. ``restore`` has no effect (the reference's
+        calling convention; docs/parity.md#implicitblock)."""
         z = self._solve(x, self.nnet_x, self.nnet_z, self.eps_forward, "forward")
         if logpx is None:
             return z

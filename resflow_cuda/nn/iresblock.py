@@ -34,50 +34,57 @@ class InverseReport:
 
 
 class iResBlock(nn.Module):  # noqa: N801 (the reference's name)
-    """Invertible residual block ``y = x + g(x)`` with an estimated log det(I + J_g).
+    """Invertible residual block ``y = x + g(x)`` with an estimated log det(I + J_g(x)).
 
-    Drop-in for residual-flows' ``resflows.layers.iResBlock`` (and the ``iresblock`` inside
-    normflows' ``Residual``): the same constructor arguments and defaults, parameters and buffers
-    (``nnet.*``, ``geom_p`` as a float64 logit, ``lamb``, ``last_n_samples``, ``last_firmom``,
-    ``last_secmom``, in that order), random draws in the same order (NumPy's global RNG for the
-    number of terms, then ``torch.randn_like`` for the probe), so that a seeded run gives the
-    reference's values to rounding; the same decision tree (exact 2-D determinant in eval or with
-    ``brute_force``, ``exact_trace``, truncated ``n_power_series`` in training, Russian roulette
-    with ``n_exact_terms`` in training and 20 in eval, basic or Neumann estimator,
-    ``grad_in_forward``) and return conventions:
-    ``forward(x)`` -> ``x + g(x)``; ``forward(x, logpx)`` -> ``(y, logpx - logdet)`` with logdet of
-    shape (B, 1); ``inverse(y, logpy=None)`` -> ``x`` or ``(x, logpy + logdet(x))``.
+    Drop-in for residual-flows' ``iResBlock`` (and the ``iresblock`` of normflows' ``Residual``): the
+    same arguments, defaults, state_dict and random draws. The log-det is exact for inputs (B, 2) in
+    eval mode, else a Russian-roulette (unbiased) or truncated power-series estimate.
+    Parity with the reference: docs/parity.md#iresblock
 
-    Keyword-only additions (defaults keep the reference's behaviour):
-        rng: ``"numpy"`` (reference draws) or ``"torch"`` (N drawn with torch's RNG on x's device).
-        logdet_estimate: with the Neumann estimator in training the reference returns a surrogate
-            whose gradient is right but whose value is not a log-det; True returns the log-det
-            estimate of the same terms instead (same gradient, no extra VJPs). Either way
-            ``last_logdet_estimate`` holds the estimate of the latest call.
-        inverse_atol, inverse_rtol, inverse_max_iterations: the fixed-point stopping rule
-            (x_k - x_{k-1})^2 < atol + rtol |y| elementwise; stop once more than
-            inverse_max_iterations iterations ran (the reference's rule). The test is on the
-            squared step, so the defaults stop at steps of about 3e-3: pass smaller tolerances
-            for an accurate inverse (1e-12 gives about 1e-6).
-        inverse_per_sample: stop each sample when it has converged instead of when the whole batch
-            has (results then differ from the reference's by up to the tolerance).
-        fast_path: when ``nnet`` is made of supported layers (:mod:`resflow_cuda.linearize`), run
-            the series and the Neumann gradient over its cached linearization in two op calls
-            instead of one autograd pass per term (same values to rounding). Used for the Neumann
-            estimator and for every estimate without graph (eval). The basic estimator in training
-            differentiates through every term: for inputs (B, D) with D smaller than the number of
-            terms and a dense branch it builds the Jacobians in forward mode (one matrix product of
-            (1 + D) B rows per layer) and takes the terms from them, otherwise it keeps autograd;
-            exact 2-D determinants and ``exact_trace`` build their Jacobians the same way.
+    Args:
+        nnet: the residual branch g, with Lip(g) < 1 (e.g. Lipschitz layers and LipSwish).
+        geom_p: success probability of the geometric number of terms N (stored as a float64 logit).
+        lamb: rate of the Poisson number of terms, with ``n_dist="poisson"``.
+        n_power_series: in training, that many terms (the biased i-ResNet series) instead of roulette.
+        exact_trace: terms from the traces of the full Jacobian's powers (inputs (B, D)).
+        brute_force: the exact determinant in training too (inputs (B, 2)).
+        n_samples: draws of N per estimate (the series has max N + exact terms).
+        n_exact_terms: terms always computed in training (eval: 20).
+        n_dist: ``"geometric"`` or ``"poisson"``, the distribution of N.
+        neumann_grad: in training, the Neumann-series gradient (memory independent of the number of
+            terms) instead of differentiating through every term.
+        grad_in_forward: backward-in-forward: compute the log-det's gradient in forward and free its graph.
+        rng: ``"numpy"`` (NumPy's global RNG, the reference's draws) or ``"torch"`` (torch's RNG on x's device).
+        logdet_estimate: return the log-det estimate instead of the Neumann estimator's surrogate (same gradient).
+        inverse_atol: absolute tolerance of the fixed-point inverse, on the squared step
+            (x_k - x_{k-1})^2 < atol + rtol |y|: 1e-12 gives an inverse accurate to about 1e-6.
+        inverse_rtol: relative tolerance of the fixed-point inverse, on the squared step.
+        inverse_max_iterations: iteration limit of the fixed-point inverse.
+        inverse_per_sample: stop each sample once it has converged, not the whole batch.
+        fast_path: run a branch of supported layers (:mod:`resflow_cuda.linearize`) in fused op calls.
 
-    Deliberate differences, all for inputs the reference mishandles:
-        - backward-in-forward uses the full upstream gradient of the per-sample log-det for x (the
-          reference uses its first element for all samples) and raises a clear error when that
-          gradient differs between samples and the branch has parameters;
-        - ``brute_force=True`` or ``exact_trace=True`` with an input of the wrong shape raises
-          instead of silently using the estimator / failing deep inside;
-        - an inverse that does not converge warns with the iteration count and residual (the
-          reference logs only), and a non-finite y raises.
+    Shapes:
+        x: (B, ...), at least 2 dims; (B, 2) with ``brute_force``, (B, D) with ``exact_trace``.
+        logpx: (B, 1) or a scalar.
+        y: like x; logdet: (B, 1).
+
+    Returns:
+        ``forward(x)``: ``y = x + g(x)``; ``forward(x, logpx)``: ``(y, logpx - logdet)``.
+        ``inverse(y)``: ``x``; ``inverse(y, logpy)``: ``(x, logpy + logdet)``. After each call
+        ``last_logdet_estimate`` (B, 1) holds the estimate and ``last_inverse_report`` an
+        :class:`InverseReport`.
+
+    Autograd: first order in x and the parameters (the log-det's gradient itself differentiates
+    through the branch once more, which its layers must support).
+
+    Example:
+        >>> from resflow_cuda.nn import InducedNormLinear, LipSwish, iResBlock
+        >>> net = nn.Sequential(InducedNormLinear(2, 32, coeff=0.9, n_iterations=5), LipSwish(),
+        ...                     InducedNormLinear(32, 2, coeff=0.9, n_iterations=5))
+        >>> block, x = iResBlock(net, inverse_atol=1e-12, inverse_rtol=1e-12), torch.randn(8, 2)
+        >>> y, logpy = block(x, torch.zeros(8, 1))  # logpy = 0 - logdet, shape (8, 1)
+        >>> torch.allclose(block.inverse(y), x, atol=1e-5)
+        True
     """
 
     def __init__(self, nnet: nn.Module, geom_p: float = 0.5, lamb: float = 2., n_power_series: int | None = None,

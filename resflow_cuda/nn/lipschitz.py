@@ -1,26 +1,6 @@
-"""Lipschitz-constrained linear and convolution layers of Residual Flows.
-
-Drop-in versions of residual-flows' ``SpectralNormLinear``, ``SpectralNormConv2d``,
-``InducedNormLinear``, ``InducedNormConv2d``, ``LopLinear``, ``LopConv2d``, ``get_linear`` and
-``get_conv2d`` (``resflows/layers/base/lipschitz.py`` and ``mixed_lipschitz.py``; normflows ships
-copies of the InducedNorm* layers): the same constructor arguments and defaults, parameters and
-buffers with the same names, order and dtypes, the same random draws at construction, and the
-weight ``W / max(1, sigma / coeff)`` with ``sigma = u^T W v`` and the gradient flowing through sigma.
-The power iteration runs in one op call (``resflow_cuda.ops.power_iteration`` /
-``conv_power_iteration``) instead of a Python loop: for float64 convolutions with the reference's u
-and v bit for bit on CPU, for float32 ones (oneDNN called directly, where ATen's conv2d picks its
-im2col kernel for narrow inputs) and for the op's sigma, which update_lipschitz stores (it comes from
-the loop's last convolution), up to float rounding; for matrices up to float rounding (a fused kernel).
-
-Differences from the reference, each on purpose:
-
-- ``compute_weight(rtol=...)``: the reference replaces an explicitly passed rtol by atol; here the
-  given rtol is used, unless the layer was built with ``reference_rtol_quirk=True``.
-- ``detach_sigma=True`` (default False, the reference's behaviour) treats sigma as a constant in
-  the gradient of the normalised weight.
-- Convolutions record the input size without a host synchronisation in ``forward`` and load
-  checkpoints saved before or after their first forward, without the reference's dummy forward.
-- Learnable norm orders (tensor-valued ``domain``/``codomain``) keep the reference's Python loop.
+"""Lipschitz-constrained linear and convolution layers of Residual Flows: the weight W / max(1, sigma / coeff),
+where sigma, an operator norm of W, is estimated by power iteration in one op call. Drop-in versions of
+residual-flows' layers; parity with the reference: docs/parity.md#lipschitz-layers
 """
 
 from __future__ import annotations
@@ -46,11 +26,30 @@ def _pair(x):
 
 
 class SpectralNormLinear(_LipschitzMixin, nn.Module):
-    """Linear layer with W / max(1, ||W||_2 / coeff), power iteration in training forward.
+    """Linear layer with the weight W / max(1, ||W||_2 / coeff): its Lipschitz constant is at most coeff.
 
-    Parameters/buffers: ``weight``, ``bias``, ``scale``, ``u``, ``v`` (the reference's). ``forward``
-    runs ``n_iterations`` (or to the atol/rtol tolerance, at most 20000) steps in training mode;
-    200 at construction. Shapes: input (..., in_features) -> (..., out_features).
+    ||W||_2 is estimated by power iteration in every training forward (200 steps at construction).
+    Drop-in for residual-flows' ``SpectralNormLinear``. Parity with the reference: docs/parity.md#spectralnormlinear
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``.
+        coeff: the Lipschitz bound.
+        n_iterations: power-iteration steps per update; None: to the atol / rtol tolerance (at most 20000).
+        atol: absolute tolerance of the power iteration.
+        rtol: relative tolerance of the power iteration.
+        detach_sigma: treat the estimated norm as a constant in the weight's gradient.
+        reference_rtol_quirk: ``compute_weight(rtol=...)`` uses atol instead, as the reference does.
+
+    Shapes:
+        input: (..., in_features); output: (..., out_features).
+
+    Example:
+        >>> from resflow_cuda.nn import SpectralNormLinear, lipschitz_report
+        >>> layer = SpectralNormLinear(16, 8, coeff=0.5, n_iterations=5)
+        >>> layer(torch.randn(4, 16)).shape
+        torch.Size([4, 8])
+        >>> round(lipschitz_report(layer)[0]["lipschitz"], 3)  # the exact norm of the weight used
+        0.5
     """
 
     def __init__(self, in_features, out_features, bias=True, coeff=0.97, n_iterations=None, atol=None, rtol=None,
@@ -96,13 +95,29 @@ class SpectralNormLinear(_LipschitzMixin, nn.Module):
 
 
 class InducedNormLinear(_InducedNormsMixin, _LipschitzMixin, nn.Module):
-    """Linear layer with W / max(1, ||W||_{domain->codomain} / coeff) (generalised spectral norm).
+    """Linear layer with the weight W / max(1, ||W||_{domain->codomain} / coeff) (induced p -> q norm).
 
-    Parameters/buffers: ``weight``, ``bias``, ``scale``, ``u``, ``v``. ``forward`` never iterates; call
-    ``compute_weight(update=True)`` (or :func:`update_lipschitz`) after each optimiser step. At
-    construction: 200 iterations, plus the reference's 10 random restarts unless p = q = 2 (keeping,
-    as the reference does, the last restart that beats the first estimate).
-    Shapes: input (..., in_features) -> (..., out_features).
+    ``forward`` never iterates: call :func:`~resflow_cuda.nn.update_lipschitz` after each optimiser step.
+    Drop-in for residual-flows' (and normflows') ``InducedNormLinear``.
+    Parity with the reference: docs/parity.md#inducednormlinear
+
+    Args:
+        in_features, out_features, bias, coeff, atol, rtol, detach_sigma, reference_rtol_quirk: as
+            :class:`SpectralNormLinear`.
+        domain: the input norm order p (>= 1 or inf; a tensor: learnable, mapped into (1, 5)).
+        codomain: the output norm order q, likewise.
+        n_iterations: power-iteration steps per update; None: to the atol / rtol tolerance (at most 200).
+        zero_init: start from a near-zero weight (the kaiming one / 1000).
+
+    Shapes:
+        input: (..., in_features); output: (..., out_features).
+
+    Example:
+        >>> from resflow_cuda.nn import InducedNormLinear, update_lipschitz
+        >>> layer = InducedNormLinear(16, 8, coeff=0.9, domain=2, codomain=2, n_iterations=5)
+        >>> update_lipschitz(layer)  # after each optimiser step
+        >>> layer(torch.randn(4, 16)).shape
+        torch.Size([4, 8])
     """
 
     def __init__(self, in_features, out_features, bias=True, coeff=0.97, domain=2, codomain=2, n_iterations=None,
@@ -263,11 +278,18 @@ class _LipschitzConv2d(_LipschitzMixin, nn.Module):
 
 
 class SpectralNormConv2d(_LipschitzConv2d):
-    """Convolution with W / max(1, ||conv||_2 / coeff), the operator norm of the convolution on the
-    input size of the first forward (matrix norm for 1x1 kernels); power iteration in training forward.
+    """Convolution whose operator norm ||conv||_2 is at most coeff (W / max(1, ||conv||_2 / coeff)).
 
-    Buffers: ``spatial_dims``, ``scale``, then ``u``, ``v`` from the first forward (the reference's;
-    ``initialized`` is a Python attribute as there). Order v then u, as the reference.
+    The operator is the convolution on the input size of the first forward (the matrix for 1x1
+    kernels); power iteration runs in every training forward. Drop-in for residual-flows'
+    ``SpectralNormConv2d``. Parity with the reference: docs/parity.md#spectralnormconv2d
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, bias: as ``nn.Conv2d``.
+        coeff, n_iterations, atol, rtol, detach_sigma, reference_rtol_quirk: as :class:`SpectralNormLinear`.
+
+    Shapes:
+        input: (B, in_channels, H, W), H and W those of the first forward; output: (B, out_channels, H', W').
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, padding, bias=True, coeff=0.97,
@@ -331,12 +353,26 @@ class SpectralNormConv2d(_LipschitzConv2d):
 
 
 class InducedNormConv2d(_InducedNormsMixin, _LipschitzConv2d):
-    """Convolution with W / max(1, ||conv||_{domain->codomain} / coeff) on the input size of the
-    first forward (matrix norm for 1x1 kernels). ``forward`` never iterates after the first call.
+    """Convolution whose induced domain -> codomain operator norm is at most coeff.
 
-    Buffers (order): ``initialized``, ``spatial_dims``, ``scale``, ``u``, ``v``; u and v get their
-    operator sizes at the first forward (200 iterations or the tolerance, then the 10 restarts for
-    non-(2, 2) norms). ``zero_init`` is normflows' addition (default False as there).
+    The operator is the convolution on the input size of the first forward (the matrix for 1x1
+    kernels); ``forward`` never iterates after the first call: call
+    :func:`~resflow_cuda.nn.update_lipschitz` after each optimiser step. Drop-in for residual-flows'
+    (and normflows') ``InducedNormConv2d``. Parity with the reference: docs/parity.md#inducednormconv2d
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, bias: as ``nn.Conv2d``.
+        coeff, domain, codomain, n_iterations, atol, rtol, zero_init, detach_sigma, reference_rtol_quirk:
+            as :class:`InducedNormLinear`.
+
+    Shapes:
+        input: (B, in_channels, H, W), H and W those of the first forward; output: (B, out_channels, H', W').
+
+    Example:
+        >>> from resflow_cuda.nn import InducedNormConv2d
+        >>> conv = InducedNormConv2d(3, 8, kernel_size=3, stride=1, padding=1, coeff=0.9, n_iterations=5)
+        >>> conv(torch.randn(2, 3, 16, 16)).shape  # the first forward fixes H and W
+        torch.Size([2, 8, 16, 16])
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, padding, bias=True, coeff=0.97, domain=2,

@@ -40,14 +40,25 @@ def _update_settings(m, n_iterations):
 
 
 def update_lipschitz(model: nn.Module, n_iterations: int | None = None) -> None:
-    """``compute_weight(update=True, n_iterations=n_iterations)`` on every SpectralNorm* / InducedNorm*
-    layer of ``model`` (the reference training loops' ``update_lipschitz``; with ``n_iterations=None``
-    each layer uses its own setting), writing only what that leaves behind: u, v and ``scale``. All
-    matrix layers (linear and 1x1 convolutions) with equal settings share one op call that updates
-    them in place; convolutions with larger kernels run one op call each and take sigma from it
-    (equal to the reference's u^T A v up to float rounding, see ``ops.conv_power_iteration``), which
-    saves the convolution and the weight division of compute_weight. Call it after every optimiser
-    step and before evaluation."""
+    """Runs the power iteration of every SpectralNorm* / InducedNorm* layer of ``model``, in place.
+
+    The training loops' ``update_lipschitz``: call it after every optimiser step and before
+    evaluation. Each layer ends as after ``compute_weight(update=True, n_iterations=n_iterations)``
+    (u, v and ``scale``); matrix layers with equal settings share one op call.
+    Parity with the reference: docs/parity.md#update_lipschitz
+
+    Args:
+        model: the module whose Lipschitz layers to update (any depth).
+        n_iterations: power-iteration steps for every layer; None: each layer's own setting.
+
+    Example:
+        >>> from resflow_cuda.nn import InducedNormLinear, LipSwish, update_lipschitz
+        >>> model = nn.Sequential(InducedNormLinear(2, 32, n_iterations=5), LipSwish(),
+        ...                       InducedNormLinear(32, 2, n_iterations=5))
+        >>> optimizer = torch.optim.Adam(model.parameters())
+        >>> model(torch.randn(8, 2)).pow(2).mean().backward(); optimizer.step()
+        >>> update_lipschitz(model)
+    """
     groups: dict = {}
     with torch.no_grad():
         for m in model.modules():
@@ -93,17 +104,24 @@ def _conv_dense_matrix(layer: _LipschitzConv2d) -> Tensor:
 
 
 def lipschitz_report(model: nn.Module, exact_conv_max_inputs: int = 2048) -> list[dict]:
-    """A verified look at every Lipschitz layer of ``model``.
+    """A verified look at every Lipschitz layer of ``model``: estimated and exact norms, and the bound met.
 
-    For each layer: ``sigma`` (the power-iteration estimate the layer normalises with, its ``scale``
-    buffer), ``sigma_exact`` and ``method`` (``"svd"`` for matrices and 1x1 convolutions, and for
-    k x k convolutions whose input has at most ``exact_conv_max_inputs`` entries; ``"fft-bound"``
-    otherwise, an upper bound from the circular convolution; ``"closed-form"`` for Lop*; None for
-    induced norms other than 2 -> 2), ``lipschitz`` (the exact norm of the normalised weight,
-    sigma_exact / max(1, sigma / coeff)) and ``meets_coeff`` (lipschitz <= coeff, with 1e-5 slack; None
-    when unknown: no exact norm, or an FFT bound above coeff).
-    Run :func:`update_lipschitz` first so that ``sigma`` is current. Convolutions must have seen
-    an input (their operator depends on the input size).
+    Run :func:`update_lipschitz` first so that ``sigma`` is current. Convolutions must have seen an
+    input (their operator depends on the input size).
+
+    Args:
+        model: the module whose Lipschitz layers (SpectralNorm*, InducedNorm*, Lop*) to check.
+        exact_conv_max_inputs: k x k convolutions with at most this many input entries get an exact
+            norm (SVD of the dense operator); larger ones an FFT upper bound.
+
+    Returns:
+        One dict per layer: ``name``, ``type``, ``coeff``; ``sigma`` (the power-iteration estimate the
+        layer normalises with, its ``scale`` buffer); ``sigma_exact`` and ``method`` (``"svd"`` for
+        matrices, 1x1 convolutions and small k x k ones; ``"fft-bound"``, an upper bound from the
+        circular convolution; ``"closed-form"`` for Lop*; None for induced norms other than 2 -> 2);
+        ``lipschitz`` (the exact norm of the normalised weight, sigma_exact / max(1, sigma / coeff));
+        ``meets_coeff`` (lipschitz <= coeff with 1e-5 slack; None when unknown: no exact norm, or an
+        FFT bound above coeff).
     """
     report = []
     for name, m in model.named_modules():

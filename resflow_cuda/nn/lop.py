@@ -59,8 +59,19 @@ class _LopMixin:
 
 
 class LopLinear(_LopMixin, nn.Linear):
-    """Linear layer bounded by a closed-form operator norm (domain, codomain in {(1,1), (1,2),
-    (1,inf), (2,inf), (inf,inf)}); the reference's ``LopLinear``."""
+    """Linear layer bounded by a closed-form operator norm; the reference's ``LopLinear``.
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``.
+        coeff: the Lipschitz bound.
+        domain: the input norm order; (domain, codomain) in {(1,1), (1,2), (1,inf), (2,inf), (inf,inf)}.
+        codomain: the output norm order.
+        local_constraint: normalise each row / column by its own norm instead of the largest.
+        **unused_kwargs: ignored (the reference's signature).
+
+    Shapes:
+        input: (..., in_features); output: (..., out_features).
+    """
 
     def __init__(self, in_features, out_features, bias=True, coeff=0.97, domain=INF, codomain=INF,
                  local_constraint=True, **unused_kwargs):
@@ -80,7 +91,15 @@ class LopLinear(_LopMixin, nn.Linear):
 
 
 class LopConv2d(_LopMixin, nn.Conv2d):
-    """Convolution bounded by a closed-form operator norm of its weight; the reference's ``LopConv2d``."""
+    """Convolution bounded by a closed-form operator norm of its weight; the reference's ``LopConv2d``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, bias: as ``nn.Conv2d``.
+        coeff, domain, codomain, local_constraint: as :class:`LopLinear`.
+
+    Shapes:
+        input: (B, in_channels, H, W); output: (B, out_channels, H', W').
+    """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, padding, bias=True, coeff=0.97, domain=INF,
                  codomain=INF, local_constraint=True, **unused_kwargs):
