@@ -147,6 +147,10 @@ def test_no_implementation_module_imports_the_reference():
 def test_every_module_is_at_most_500_lines():
     long = {name: n for name, path in _modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    long = {str(p.relative_to(benchmarks)): n for p in benchmarks.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"benchmark modules over {MAX_LINES} lines: {long}"
 
 
 def test_the_checks_find_a_cycle_an_upward_import_and_a_reference_import():
