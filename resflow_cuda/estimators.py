@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from . import ops
 
 __all__ = [
     "SeriesPlan", "AutogradVJP", "JacobianVJP", "geometric_survival", "poisson_survival", "draw_terms", "roulette_plan",
-    "truncated_plan", "series_plan", "check_estimator_args", "series_terms", "basic_estimator", "neumann_estimator",
+    "truncated_plan", "HostCopies", "series_plan", "check_estimator_args", "series_terms", "basic_estimator", "neumann_estimator",
     "MemoryEfficientLogDet", "batch_jacobian", "batch_trace",
 ]
 
@@ -148,8 +149,29 @@ def truncated_plan(n_terms: int) -> SeriesPlan:
     return SeriesPlan((1.0,) * n_terms)
 
 
+class HostCopies:
+    """Host copies of a block's scalar parameters that steer its draws (``sigmoid(geom_p)``, ``lamb``).
+
+    A copy is read from its tensor only when the tensor has changed since the last read (its version
+    counter, storage or device: an optimiser step that updates it, ``load_state_dict``, ``.to()``), so a
+    training or evaluation step costs no host sync. Not part of the state_dict.
+    """
+
+    def __init__(self) -> None:
+        self._copies: dict[str, tuple[tuple, float]] = {}
+
+    def read(self, name: str, tensor: Tensor, transform: Callable[[Tensor], Tensor] | None = None) -> float:
+        """``transform(tensor).item()``, from the copy when ``tensor`` has not changed since it was made."""
+        key = (tensor._version, tensor.data_ptr(), tensor.device)
+        copy = self._copies.get(name)
+        if copy is None or copy[0] != key:
+            with torch.no_grad():
+                copy = self._copies[name] = (key, (tensor if transform is None else transform(tensor)).item())
+        return copy[1]
+
+
 def series_plan(training: bool, n_power_series: int | None, offset: int, n_dist: str, geom_p: Tensor, lamb: Tensor,
-                n_samples: int, rng: str, device: torch.device) -> SeriesPlan:
+                n_samples: int, rng: str, device: torch.device, host: HostCopies | None = None) -> SeriesPlan:
     """The terms of one estimate per the reference's decision tree: the truncated series in training
     with ``n_power_series``, otherwise Russian roulette with ``offset`` exact terms.
 
@@ -163,17 +185,20 @@ def series_plan(training: bool, n_power_series: int | None, offset: int, n_dist:
         n_samples: draws of the number of terms.
         rng: ``"numpy"`` or ``"torch"`` (see :func:`draw_terms`).
         device: where torch draws.
+        host: the block's :class:`HostCopies`; without it the parameter is read from its tensor.
 
     Returns:
-        A :class:`SeriesPlan`. Only the parameter of ``n_dist`` is read, with one host sync.
+        A :class:`SeriesPlan`. Only the parameter of ``n_dist`` is read: from the host copy when it is
+        current, else with one host sync.
     """
     if training and n_power_series is not None:
         return truncated_plan(n_power_series)
+    host = HostCopies() if host is None else host
     if n_dist == "geometric":
-        p = torch.sigmoid(geom_p).item()
+        p = host.read("geom_p", geom_p, torch.sigmoid)
         samples = draw_terms("geometric", p, math.nan, n_samples, rng, device)
         return roulette_plan(samples, offset, lambda j: geometric_survival(p, j))
-    rate = lamb.item()
+    rate = host.read("lamb", lamb)
     samples = draw_terms("poisson", math.nan, rate, n_samples, rng, device)
     return roulette_plan(samples, offset, lambda j: poisson_survival(rate, j))
 
@@ -321,12 +346,7 @@ class MemoryEfficientLogDet(torch.autograd.Function):
         param_grads = ctx.param_grads
         if any(gp is not None for gp in param_grads) and grad_value.numel() > 0:
             first = grad_value.reshape(-1)[0]
-            if not bool(torch.all(grad_value == first)):
-                raise RuntimeError(
-                    "iResBlock(grad_in_forward=True): the upstream gradient of the per-sample log-det is not the "
-                    "same for every sample (a weighted or per-sample loss), but backward-in-forward sums the "
-                    "parameter gradients over the batch in forward, so they cannot be weighted per sample. "
-                    "Build the block with grad_in_forward=False for such losses.")
+            _require_uniform(grad_value, first)
             param_grads = [None if gp is None else gp * first for gp in param_grads]
         out_params = []
         for gp, dp in zip(param_grads, dg[1:]):
@@ -338,6 +358,30 @@ class MemoryEfficientLogDet(torch.autograd.Function):
                 out_params.append(gp + dp)
         ctx.g = ctx.x = ctx.param_grads = None
         return (None, out_x, *out_params)
+
+
+_NON_UNIFORM = ("iResBlock(grad_in_forward=True): the upstream gradient of the per-sample log-det is not the same "
+                "for every sample (a weighted or per-sample loss), but backward-in-forward sums the parameter "
+                "gradients over the batch in forward, so they cannot be weighted per sample. Build the block with "
+                "grad_in_forward=False for such losses.")
+
+
+def _require_uniform(grad_value: Tensor, first: Tensor) -> None:
+    """Refuses a non-uniform upstream gradient without a host sync: on CUDA as a device-side assert
+    (the error surfaces at the next synchronisation), on the CPU by reading the gradient where it
+    already is (host memory, no dispatcher op); elsewhere with one read."""
+    if grad_value.device.type == "cuda":
+        torch._assert_async(torch.all(grad_value == first), _NON_UNIFORM)
+        return
+    if grad_value.device.type == "cpu":
+        values = grad_value.detach().reshape(-1)
+        values = values.numpy() if values.dtype in (torch.float32, torch.float64, torch.float16) else \
+            values.float().numpy()
+        uniform = bool((values == values[0]).all())
+    else:
+        uniform = bool(torch.all(grad_value == first))
+    if not uniform:
+        raise RuntimeError(_NON_UNIFORM)
 
 
 def batch_jacobian(g: Tensor, x: Tensor) -> Tensor:

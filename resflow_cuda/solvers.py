@@ -26,6 +26,7 @@ from torch import Tensor
 __all__ = ["RootReport", "broyden", "fixed_point", "find_root"]
 
 DIVERGENCE_FACTOR = 1e6
+SOLVE_EVENT = "resflow_cuda.find_root"
 
 
 @dataclass
@@ -191,7 +192,9 @@ def find_root(map_fn: Callable[[Tensor], Tensor], x0: Tensor, max_steps: int, ep
     Returns:
         ``(x, report)``, the report of the method that produced x. Runs under ``no_grad``.
     """
-    with torch.no_grad():
+    # Named for the profiler: the solvers' convergence tests read the device, and tests and
+    # benchmarks tell those host syncs apart from the rest of a step.
+    with torch.no_grad(), torch.profiler.record_function(SOLVE_EVENT):
         start = torch.zeros_like(x0)
         x, report = broyden(lambda v: map_fn(v) - v, start, max_steps, eps)
         if report.diverged:

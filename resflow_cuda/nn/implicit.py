@@ -11,9 +11,9 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..estimators import check_estimator_args, series_plan
+from ..estimators import HostCopies, check_estimator_args, series_plan
 from ..logdet import branch_estimate, branch_jacobian, exact_trace_logdet
-from ..solvers import RootReport, find_root
+from ..solvers import SOLVE_EVENT, RootReport, find_root
 
 __all__ = ["ImplicitBlock"]
 
@@ -146,7 +146,9 @@ class ImplicitBlock(nn.Module):
         if not isinstance(given, Tensor) or given.dim() < 2:
             raise ValueError(f"ImplicitBlock.{direction}: expected a tensor of shape (B, ...) with at least 2 "
                              f"dimensions, but got {getattr(given, 'shape', type(given).__name__)}")
-        if not bool(torch.isfinite(given).all()):
+        with torch.profiler.record_function(SOLVE_EVENT):  # the solve's own read: a NaN/Inf cannot be solved
+            finite = bool(torch.isfinite(given).all())
+        if not finite:
             raise ValueError(f"ImplicitBlock.{direction}: the input contains NaN or Inf; the root finder cannot "
                              f"converge")
         with torch.no_grad():
@@ -190,7 +192,8 @@ class ImplicitBlock(nn.Module):
                                  f"(B, D) with D <= {BRUTE_FORCE_MAX_DIM}, but got {list(x.shape)}")
             offset = self.n_exact_terms if self.training else self.n_exact_terms_test
             plan = series_plan(self.training, self.n_power_series, offset, self.n_dist, self.geom_p, self.lamb,
-                               self.n_samples, self.rng, x.device)
+                               self.n_samples, self.rng, x.device, self.__dict__.setdefault("_host_copies",
+                                                                                           HostCopies()))
             if self.exact_trace:
                 if x.dim() != 2:
                     raise ValueError(f"ImplicitBlock(exact_trace=True): needs inputs of shape (B, D), "

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import estimators as est
-from ..estimators import check_estimator_args, series_plan
+from ..estimators import HostCopies, check_estimator_args, series_plan
 from ..logdet import branch_estimate, branch_jacobian, exact_trace_logdet
 
 __all__ = ["iResBlock", "InverseReport"]
@@ -223,7 +223,7 @@ class iResBlock(nn.Module):  # noqa: N801 (the reference's name)
     def _plan(self, x: Tensor) -> est.SeriesPlan:
         offset = self.n_exact_terms if self.training else EVAL_EXACT_TERMS
         return series_plan(self.training, self.n_power_series, offset, self.n_dist, self.geom_p, self.lamb,
-                           self.n_samples, self.rng, x.device)
+                           self.n_samples, self.rng, x.device, self.__dict__.setdefault("_host_copies", HostCopies()))
 
     def _exact_trace(self, x: Tensor, plan: est.SeriesPlan) -> tuple[Tensor, Tensor]:
         if x.dim() != 2:
