@@ -50,7 +50,7 @@ CASES_WITHOUT_NORMFLOWS = ("lipswish", "update_lipschitz", "family_step")
 # compute-sanitizer checks only our kernels (mangled names contain the namespace resflow_cuda).
 KERNEL_FILTER = "kns=resflow_cuda"
 DRIVER_START, DRIVER_OK = "gpu_driver: start", "gpu_driver: OK"
-REFUSALS = ("not supported", "unable to", "no cuda-capable device", "cannot be run")
+REFUSALS = ("not supported", "unable to", "no cuda-capable device", "cannot be run", "internal sanitizer error")
 
 _PROBE = r"""
 import importlib.util, json, os, sys, types
@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every stage's time limit")
     parser.add_argument("--dry-run", action="store_true", help="print the stages and exit without running any")
     args = parser.parse_args(argv)
+    if args.timeout_scale <= 0:
+        parser.error("--timeout-scale must be positive")
     out = Path(args.out).resolve()
     stages, meta = plan(out, scale=args.timeout_scale)
     if args.stages:
