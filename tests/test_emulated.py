@@ -236,6 +236,14 @@ def test_power_iteration_update_writes_every_layer_in_one_launch(emu):
     for a, b in zip(ours, theirs):
         for x, y in zip(a, b):
             assert_close(x, y, atol=1e-6, rtol=1e-5)
+    # More layers than one launch's parameters hold (48): a second launch.
+    starts = [_pi_start((4 + i % 3, 3), 2, 2, torch.float32, seed=i) for i in range(50)]
+    before = emu.launch_count()
+    ours, theirs = _update_both_ways(emu, starts)
+    assert emu.launch_count() - before == 2
+    for a, b in zip(ours, theirs):
+        for x, y in zip(a, b):
+            assert_close(x, y, atol=1e-6, rtol=1e-5)
 
 
 def test_power_iteration_update_takes_the_other_paths_where_the_listed_kernel_cannot(emu):

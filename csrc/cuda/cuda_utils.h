@@ -120,11 +120,6 @@ struct CudaBackend {
   size_t max_shared_bytes() const { return kDefaultMaxSharedBytes; }
   Convolutions convolutions() const { return convolutions_without_tf32(); }
   DeviceFlagPoll flag_poll(const at::Tensor& flag) const { return DeviceFlagPoll(flag); }
-  // Through pinned memory, so the copy is queued without waiting (the host allocator keeps the
-  // pinned block until the copy has run).
-  at::Tensor to_device(const at::Tensor& host, const at::Tensor& like) const {
-    return host.pin_memory().to(like.device(), /*non_blocking=*/true);
-  }
   void check_launch() const { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
 };
 

@@ -8,8 +8,7 @@
 //  - convolution: ATen convolutions and the grid-wide dual-map kernels.
 // Neither synchronises with the host per iteration. Backend also provides flag_poll(flag): an
 // object that copies a device bool to the host behind the queued work (request), says whether
-// that copy has arrived (pending, arrived), and reads it (value, or wait for it); and
-// to_device(host, like): a host tensor's copy on like's device, queued on the current stream.
+// that copy has arrived (pending, arrived), and reads it (value, or wait for it).
 #pragma once
 
 #include <ATen/Context.h>
@@ -19,7 +18,6 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
-#include <cstring>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -192,35 +190,38 @@ PowerIterationResult power_iteration_on(const Backend& backend, const at::Tensor
   return result;
 }
 
-// The single-block kernel on every listed matrix in one launch, writing each one's u, v and sigma
-// where they are. Every entry is float32/float64 (scalar_t), contiguous, with a sigma of its dtype.
+// The single-block kernel on the listed matrices, kListedJobs per launch, writing each one's u, v
+// and sigma where they are. Every entry is float32/float64 (scalar_t), contiguous, with a sigma of
+// its dtype.
 template <typename scalar_t, class Backend>
 void update_listed(const Backend& backend, at::TensorList weights, at::TensorList us, at::TensorList vs,
                    at::TensorList sigmas, const std::vector<size_t>& listed, const PowerIterationOptions& opt) {
   using acc_t = scalar_t;
-  using Job = MatrixJob<scalar_t, acc_t>;
-  std::vector<Job> jobs;
-  size_t shared_bytes = 0;
-  for (const size_t i : listed) {
-    const int m = static_cast<int>(weights[i].size(0)), n = static_cast<int>(weights[i].size(1));
-    jobs.push_back({weights[i].const_data_ptr<scalar_t>(), us[i].const_data_ptr<scalar_t>(),
-                    vs[i].const_data_ptr<scalar_t>(), us[i].mutable_data_ptr<scalar_t>(),
-                    vs[i].mutable_data_ptr<scalar_t>(), sigmas[i].mutable_data_ptr<acc_t>(), nullptr, m, n});
-    const auto plan = plan_power_iteration<scalar_t, acc_t>(1, m, n, backend.max_shared_bytes(), 1);
-    shared_bytes = std::max(shared_bytes, plan.shared_bytes);
+  for (size_t first = 0; first < listed.size(); first += kListedJobs) {
+    ListedJobs<scalar_t, acc_t> jobs{};
+    size_t shared_bytes = 0;
+    const size_t count = std::min(listed.size() - first, static_cast<size_t>(kListedJobs));
+    for (size_t j = 0; j < count; ++j) {
+      const size_t i = listed[first + j];
+      const int m = static_cast<int>(weights[i].size(0)), n = static_cast<int>(weights[i].size(1));
+      jobs.jobs[j] = {weights[i].const_data_ptr<scalar_t>(), us[i].const_data_ptr<scalar_t>(),
+                      vs[i].const_data_ptr<scalar_t>(),      us[i].mutable_data_ptr<scalar_t>(),
+                      vs[i].mutable_data_ptr<scalar_t>(),    sigmas[i].mutable_data_ptr<acc_t>(),
+                      nullptr,                               m,
+                      n};
+      shared_bytes = std::max(shared_bytes,
+                              plan_power_iteration<scalar_t, acc_t>(1, m, n, backend.max_shared_bytes(), 1).shared_bytes);
+    }
+    const PowerIterationPlan plan{static_cast<int>(count), kPowerIterationThreads, shared_bytes, true};
+    launch_power_iteration<scalar_t, acc_t>(plan, jobs, kernel_args<acc_t>(opt), backend.stream());
+    backend.check_launch();
   }
-  at::Tensor table = at::empty({static_cast<int64_t>(jobs.size() * sizeof(Job))}, at::TensorOptions(at::kByte));
-  std::memcpy(table.mutable_data_ptr(), jobs.data(), jobs.size() * sizeof(Job));
-  const at::Tensor device_table = backend.to_device(table, weights[listed.front()]);
-  const PowerIterationPlan plan{static_cast<int>(jobs.size()), kPowerIterationThreads, shared_bytes, true};
-  launch_power_iteration<scalar_t, acc_t>(plan, ListedJobs<scalar_t, acc_t>{static_cast<const Job*>(device_table.const_data_ptr())},
-                                          kernel_args<acc_t>(opt), backend.stream());
-  backend.check_launch();
 }
 
 // update_lipschitz's op: the matrices the single-block kernel takes (float32/float64, small enough,
-// contiguous u and v, sigma of the weight's dtype) go in one launch per dtype and device, writing
-// their layers' buffers directly; the others one at a time through power_iteration_on.
+// contiguous u and v, sigma of the weight's dtype) go in one launch per dtype and device (per
+// kListedJobs matrices), writing their layers' buffers directly; the others one at a time through
+// power_iteration_on.
 template <class Backend>
 void power_iteration_update_on(const Backend& backend, at::TensorList weights, at::TensorList us, at::TensorList vs,
                                at::TensorList sigmas, int64_t max_iterations, c10::optional<double> atol,

@@ -196,61 +196,79 @@ struct MatrixJob {
 };
 
 // A contiguous batch of equal-shaped matrices (power_iteration): job b at offsets b·m·n, b·m, b·n.
+// The kernel asks for each pointer where it uses it, so that the pointers stay in the parameter
+// space instead of registers (keeping them live made ptxas spill around the float slow paths).
 template <typename scalar_t, typename acc_t>
 struct StridedJobs {
-  const scalar_t* weight;
-  const scalar_t* u_in;
-  const scalar_t* v_in;
-  scalar_t* u_out;
-  scalar_t* v_out;
-  acc_t* sigma;
-  int64_t* iterations;
-  int m, n;
-  __device__ __forceinline__ MatrixJob<scalar_t, acc_t> operator[](int64_t b) const {
-    const int64_t mn = static_cast<int64_t>(m) * n;
-    return {weight + b * mn, u_in + b * m, v_in + b * n, u_out + b * m, v_out + b * n, sigma + b, iterations + b,
-            m, n};
-  }
+  const scalar_t* weight_;
+  const scalar_t* u_in_;
+  const scalar_t* v_in_;
+  scalar_t* u_out_;
+  scalar_t* v_out_;
+  acc_t* sigma_;
+  int64_t* iterations_;
+  int m_, n_;
+  __device__ __forceinline__ int m(int64_t) const { return m_; }
+  __device__ __forceinline__ int n(int64_t) const { return n_; }
+  __device__ __forceinline__ const scalar_t* weight(int64_t b) const { return weight_ + b * m_ * n_; }
+  __device__ __forceinline__ const scalar_t* u_in(int64_t b) const { return u_in_ + b * m_; }
+  __device__ __forceinline__ const scalar_t* v_in(int64_t b) const { return v_in_ + b * n_; }
+  __device__ __forceinline__ scalar_t* u_out(int64_t b) const { return u_out_ + b * m_; }
+  __device__ __forceinline__ scalar_t* v_out(int64_t b) const { return v_out_ + b * n_; }
+  __device__ __forceinline__ acc_t* sigma(int64_t b) const { return sigma_ + b; }
+  __device__ __forceinline__ int64_t* iterations(int64_t b) const { return iterations_ + b; }
 };
 
-// Matrices of any shapes, listed in device memory (power_iteration_update_: every layer of a model
-// in one launch, results written into the layers' buffers).
+// Up to kListedJobs matrices of any shapes, passed by value in the kernel's parameters
+// (power_iteration_update_: a model's layers in one launch per kListedJobs, results written into
+// the layers' buffers). No upload of a job table, so a CUDA graph captures it safely.
+constexpr int kListedJobs = 48;
+
 template <typename scalar_t, typename acc_t>
 struct ListedJobs {
-  const MatrixJob<scalar_t, acc_t>* jobs;
-  __device__ __forceinline__ MatrixJob<scalar_t, acc_t> operator[](int64_t b) const { return jobs[b]; }
+  MatrixJob<scalar_t, acc_t> jobs[kListedJobs];
+  __device__ __forceinline__ int m(int64_t b) const { return jobs[b].m; }
+  __device__ __forceinline__ int n(int64_t b) const { return jobs[b].n; }
+  __device__ __forceinline__ const scalar_t* weight(int64_t b) const { return jobs[b].weight; }
+  __device__ __forceinline__ const scalar_t* u_in(int64_t b) const { return jobs[b].u_in; }
+  __device__ __forceinline__ const scalar_t* v_in(int64_t b) const { return jobs[b].v_in; }
+  __device__ __forceinline__ scalar_t* u_out(int64_t b) const { return jobs[b].u_out; }
+  __device__ __forceinline__ scalar_t* v_out(int64_t b) const { return jobs[b].v_out; }
+  __device__ __forceinline__ acc_t* sigma(int64_t b) const { return jobs[b].sigma; }
+  __device__ __forceinline__ int64_t* iterations(int64_t b) const { return jobs[b].iterations; }
 };
+static_assert(sizeof(ListedJobs<double, double>) + sizeof(PowerIterationArgs<double>) <= 4096,
+              "a kernel's parameters must fit in 4 KiB");
 
 template <typename scalar_t, typename acc_t, class Jobs>
 __global__ void __launch_bounds__(kPowerIterationThreads)
     power_iteration_kernel(Jobs jobs, PowerIterationArgs<acc_t> a) {
   constexpr int BLOCK = kPowerIterationThreads;
-  const MatrixJob<scalar_t, acc_t> job = jobs[blockIdx.x];
-  const int m = job.m, n = job.n;
+  const int64_t b = blockIdx.x;
+  const int m = jobs.m(b), n = jobs.n(b);
   RESFLOW_DYNAMIC_SHARED(double, power_iteration_shared);
   acc_t* u = reinterpret_cast<acc_t*>(power_iteration_shared);
   acc_t* v = u + m;
   acc_t* raw = v + n;
-  const scalar_t* w = job.weight;
   for (int k = threadIdx.x; k < m; k += BLOCK) {
-    u[k] = static_cast<acc_t>(job.u_in[k]);
+    u[k] = static_cast<acc_t>(jobs.u_in(b)[k]);
   }
   for (int k = threadIdx.x; k < n; k += BLOCK) {
-    v[k] = static_cast<acc_t>(job.v_in[k]);
+    v[k] = static_cast<acc_t>(jobs.v_in(b)[k]);
   }
   __syncthreads();
   int it = 0;
   while (it < a.max_iterations) {
     StepChange<acc_t> du, dv;
     if (a.u_first) {
-      block_matvec<scalar_t, acc_t, BLOCK>(w, v, raw, m, n);
+      block_matvec<scalar_t, acc_t, BLOCK>(jobs.weight(b), v, raw, m, n);
       du = block_apply_dual_map<acc_t, BLOCK>(u, raw, m, a.u_map);
-      block_rmatvec<scalar_t, acc_t, BLOCK>(w, u, raw, m, n);
+      block_rmatvec<scalar_t, acc_t, BLOCK>(jobs.weight(b), u, raw, m, n);
       dv = block_apply_dual_map<acc_t, BLOCK>(v, raw, n, a.v_map);
     } else {
-      block_rmatvec<scalar_t, acc_t, BLOCK>(w, u, raw, m, n);
+      block_rmatvec<scalar_t, acc_t, BLOCK>(jobs.weight(b), u, raw, m, n);
       dv = block_apply_dual_map<acc_t, BLOCK>(v, raw, n, a.v_map);
-      block_matvec<scalar_t, acc_t, BLOCK>(w, v, raw, m, n);
+      block_matvec<scalar_t, acc_t, BLOCK>(jobs.weight(b), v, raw, m, n);
       du = block_apply_dual_map<acc_t, BLOCK>(u, raw, m, a.u_map);
     }
     ++it;
@@ -260,22 +278,22 @@ __global__ void __launch_bounds__(kPowerIterationThreads)
       break;
     }
   }
-  block_matvec<scalar_t, acc_t, BLOCK>(w, v, raw, m, n);
+  block_matvec<scalar_t, acc_t, BLOCK>(jobs.weight(b), v, raw, m, n);
   acc_t partial = acc_t(0);
   for (int k = threadIdx.x; k < m; k += BLOCK) {
     partial += u[k] * raw[k];
   }
   const acc_t sigma = block_sum<acc_t, BLOCK>(partial);
   for (int k = threadIdx.x; k < m; k += BLOCK) {
-    job.u_out[k] = static_cast<scalar_t>(u[k]);
+    jobs.u_out(b)[k] = static_cast<scalar_t>(u[k]);
   }
   for (int k = threadIdx.x; k < n; k += BLOCK) {
-    job.v_out[k] = static_cast<scalar_t>(v[k]);
+    jobs.v_out(b)[k] = static_cast<scalar_t>(v[k]);
   }
   if (threadIdx.x == 0) {
-    *job.sigma = sigma;
-    if (job.iterations != nullptr) {
-      *job.iterations = it;
+    *jobs.sigma(b) = sigma;
+    if (jobs.iterations(b) != nullptr) {
+      *jobs.iterations(b) = it;
     }
   }
 }

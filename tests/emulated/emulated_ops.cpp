@@ -56,7 +56,6 @@ struct EmulatedBackend {
   size_t max_shared_bytes() const { return shared_bytes; }
   resflow_cuda::Convolutions convolutions() const { return resflow_cuda::aten_convolutions(); }
   HostFlagPoll flag_poll(const at::Tensor& flag) const { return HostFlagPoll(flag); }
-  at::Tensor to_device(const at::Tensor& host, const at::Tensor&) const { return host; }
   void check_launch() const {}
 };
 
