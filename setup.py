@@ -1,16 +1,18 @@
 """Build of resflow_cuda: one extension, ``resflow_cuda._C``, with torch.utils.cpp_extension + ninja.
 
 Install with ``pip install --no-build-isolation -e .`` (torch must already be installed: the
-extension is built against the torch you run).
+extension is built against the torch you run; without the flag pip builds in an isolated
+environment that cannot see it, and this script stops with a message that says so).
 
 Environment:
   RESFLOW_CUDA=auto|1|0   auto (default): build the CUDA kernels when torch is a CUDA build and a
                           CUDA toolkit (nvcc) is found, with or without a visible GPU; 1: the same
                           but fail if either is missing; 0: CPU only.
   CUDA_HOME / CUDA_PATH   the toolkit; otherwise the one behind the nvcc on PATH, then /usr/local/cuda.
-  TORCH_CUDA_ARCH_LIST    GPU architectures, e.g. "8.0;9.0". Unset: the visible GPUs' archs, or with
-                          no GPU visible build_flags.DEFAULT_ARCH_LIST (torch's own fallback is every arch
-                          it knows, which is slow to compile).
+  TORCH_CUDA_ARCH_LIST    GPU architectures, e.g. "8.0;9.0"; overrides RESFLOW_CUDA_ARCH.
+  RESFLOW_CUDA_ARCH       without TORCH_CUDA_ARCH_LIST: dist (default) builds the distributable list
+                          build_flags.DEFAULT_ARCH_LIST (7.5 to 9.0, PTX of 9.0 for newer GPUs); native
+                          builds only the visible GPUs' archs (fast; falls back to dist with no GPU).
   DEBUG=1                 -O0 -g host code and -G device code.
   MAX_JOBS                parallel compile jobs (ninja); defaults to the CPU count.
 """
@@ -27,7 +29,8 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
-VERSION = "0.1.0"
+# The version is written once, in resflow_cuda/version.py; read here without importing the package.
+VERSION = re.search(r'^__version__ = "([^"]+)"', (ROOT / "resflow_cuda" / "version.py").read_text(), re.M).group(1)
 sys.path.insert(0, str(ROOT))
 from build_flags import DEFAULT_ARCH_LIST  # noqa: E402
 from build_flags import nvcc_flags  # noqa: E402
@@ -41,6 +44,62 @@ X86_CAPABILITY_FLAGS = {
 
 def log(msg):
     print(f"[resflow_cuda setup] {msg}", flush=True)
+
+
+# Commands that need only the metadata and the file list, not a compiler or torch: an sdist, and the
+# metadata steps a PEP 517 frontend runs before it builds a wheel.
+METADATA_COMMANDS = {"sdist", "egg_info", "dist_info", "check", "clean", "--name", "--version"}
+BUILD_COMMANDS = {"build", "build_ext", "build_py", "bdist", "bdist_wheel", "bdist_egg", "install", "develop",
+                  "editable_wheel"}
+
+
+def torch_outside_isolation():
+    """The torch version that this Python sees without the isolated build environment's PYTHONPATH
+    (pip's build isolation hides site-packages that way), or None."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+    try:
+        out = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"], env=env,
+                             capture_output=True, text=True, timeout=120, cwd=os.path.expanduser("~"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def no_torch_message():
+    installed = torch_outside_isolation()
+    if installed:
+        where = [f"  torch {installed} is installed for {sys.executable}, but pip's isolated build",
+                 "  environment (the default) cannot see it. Build without isolation:"]
+        commands = []
+    else:
+        where = ["  Either torch is not installed, or pip's isolated build environment (the default) hides",
+                 "  it. Install torch first (the README says which wheel: CPU-only or CUDA), then build",
+                 "  without isolation:"]
+        commands = ["      pip install torch"]
+    return "\n".join([
+        "",
+        "resflow_cuda: cannot build: torch is not importable in this build environment.",
+        "  The extension is compiled against the torch you will run (its C++ ABI and CUDA version must",
+        "  match), so it is built with the torch already installed, not in an isolated environment.",
+        *where,
+        *commands,
+        '      pip install "setuptools>=77" wheel ninja     # the build\'s tools, if not there yet',
+        "      pip install --no-build-isolation .           # -e . for development; or the sdist's path",
+        "",
+    ])
+
+
+def import_torch():
+    """torch, or None for the metadata-only commands (an sdist needs no torch); any other command
+    without torch stops with one message that names --no-build-isolation and why."""
+    try:
+        import torch
+    except ImportError:
+        args = set(sys.argv[1:])
+        if args & METADATA_COMMANDS and not args & BUILD_COMMANDS:
+            return None
+        sys.exit(no_torch_message())
+    return torch
 
 
 def nvcc_top(nvcc):
@@ -81,8 +140,6 @@ def nvcc_version(cuda_home):
 def decide_cuda():
     """Returns (build_cuda, cuda_home, reason). Must run before torch.utils.cpp_extension is
     imported, because that module reads CUDA_HOME at import time."""
-    import torch
-
     mode = os.environ.get("RESFLOW_CUDA", "auto").strip().lower()
     if mode not in ("auto", "1", "0"):
         sys.exit(f"RESFLOW_CUDA must be auto, 1 or 0, got {mode!r}")
@@ -111,21 +168,33 @@ def decide_cuda():
     return False, None, problem
 
 
-BUILD_CUDA, CUDA_HOME, NO_CUDA_REASON = decide_cuda()
-if BUILD_CUDA:
-    os.environ["CUDA_HOME"] = CUDA_HOME
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        import torch
+def cuda_arch_list():
+    """TORCH_CUDA_ARCH_LIST when set; else RESFLOW_CUDA_ARCH: dist (default), the distributable
+    DEFAULT_ARCH_LIST, or native, the visible GPUs' archs (dist when none is visible). torch's own
+    fallback would be every arch it knows, slow to compile."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    mode = os.environ.get("RESFLOW_CUDA_ARCH", "dist").strip().lower()
+    if mode not in ("dist", "native"):
+        sys.exit(f"RESFLOW_CUDA_ARCH must be dist or native, got {mode!r}")
+    if mode == "native" and torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return ";".join(sorted({"{}.{}".format(*torch.cuda.get_device_capability(i))
+                                for i in range(torch.cuda.device_count())}))
+    if mode == "native":
+        log("RESFLOW_CUDA_ARCH=native but no GPU is visible: building the distributable arch list")
+    return DEFAULT_ARCH_LIST
 
-        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-            archs = sorted({"{}.{}".format(*torch.cuda.get_device_capability(i))
-                            for i in range(torch.cuda.device_count())})
-            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
-        else:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
 
-import torch  # noqa: E402
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+torch = import_torch()
+if torch is None:  # sdist or metadata without torch: no extension to describe
+    BUILD_CUDA, CUDA_HOME, NO_CUDA_REASON = False, None, "torch is not importable"
+else:
+    BUILD_CUDA, CUDA_HOME, NO_CUDA_REASON = decide_cuda()
+    if BUILD_CUDA:
+        os.environ["CUDA_HOME"] = CUDA_HOME
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
+    # after decide_cuda: torch.utils.cpp_extension reads CUDA_HOME at import time
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 DEBUG = os.environ.get("DEBUG", "0") == "1"
 IS_X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -150,7 +219,8 @@ def cpu_capabilities():
     return ["DEFAULT"] + (list(X86_CAPABILITY_FLAGS) if IS_X86 else [])
 
 
-class BuildWithCpuCapabilities(BuildExtension):
+# without torch (an sdist, metadata) setup() gets no extension and never uses this class
+class BuildWithCpuCapabilities(BuildExtension if torch is not None else object):
     """BuildExtension that also compiles csrc/cpu/vec/*.cpp once per CPU capability, each with its
     own -m flags and CPU_CAPABILITY namespace (as ATen does), and links them into the extension.
     The objects come after the extension's own in the link, so wherever an inline function from a
@@ -212,15 +282,19 @@ def print_config():
         log(f"  {key:<22} {value}")
 
 
-print_config()
-
-setup(
+METADATA = dict(
     name="resflow_cuda",
     version=VERSION,
     # benchmarks/ ships as resflow_cuda.benchmarks (the resflow-bench command), subpackages included.
     packages=find_packages(include=["resflow_cuda", "resflow_cuda.*"]) + ["resflow_cuda.benchmarks"]
     + [f"resflow_cuda.benchmarks.{name}" for name in find_packages(str(ROOT / "benchmarks"))],
     package_dir={"resflow_cuda.benchmarks": "benchmarks"},
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildWithCpuCapabilities.with_options(use_ninja=True)},
+    package_data={"resflow_cuda": ["py.typed"]},
 )
+
+if torch is None:
+    log("torch is not importable: metadata and sdist only (building the extension needs torch)")
+    setup(**METADATA)
+else:
+    print_config()
+    setup(**METADATA, ext_modules=[extension()], cmdclass={"build_ext": BuildWithCpuCapabilities.with_options(use_ninja=True)})

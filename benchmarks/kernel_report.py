@@ -359,7 +359,7 @@ def main(argv=None) -> int:
     cuobjdump = find_cuobjdump()
     if shutil.which("nvcc") is None or cuobjdump is None:
         print("kernel_report needs nvcc on PATH and cuobjdump with nvdisasm "
-              "(pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)", file=sys.stderr)
+              "(the kernel-report extra: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 
@@ -90,6 +91,72 @@ def render(data: dict) -> str:
             lines += [f"- {'met' if t['met'] else '**not met**'}: {t['text']} ({t['detail']})" for t in targets]
             lines.append("")
     return "\n".join(lines)
+
+
+def _targets_of(row: dict, targets: list[dict]) -> list[dict]:
+    """The targets about one configuration: their text starts with its label and mode, in either
+    order, before the colon (as the cases write them)."""
+    label, mode = row["label"], row["config"].get("mode", "")
+    names = {f"{label} {mode}".strip(), f"{mode} {label}".strip()}
+    return [t for t in targets if t["case"] == row["case"] and t["text"].split(":")[0].strip() in names]
+
+
+def summary(data: dict) -> list[str]:
+    """One line per case and configuration: resflow_cuda's speed-up over the eager reference and
+    over torch.compile, its peak memory over the reference's, and whether the configuration's
+    targets are met; then the count of targets met."""
+    ours = [r for r in data["results"] if r["provider"] == "resflow_cuda" and r["config"].get("mode") != "peak memory"]
+    peaks = {(r["case"], r["label"], r["config"].get("mode")): r.get("peak_mib") for r in data["results"]
+             if r["provider"] == "eager" and r["status"] == "ok"}
+    case_w = max([len(r["case"]) for r in ours] + [4])
+    config_w = max([len(f"{r['label']} {r['config'].get('mode', '')}") for r in ours] + [6])
+    lines = ["", f"resflow-bench summary ({data['meta']['device']}): resflow_cuda against the eager reference "
+                 "(× = speed-up; peak = its peak memory / the reference's)",
+             f"  {'case'.ljust(case_w)}  {'config'.ljust(config_w)}  {'× reference':>11}  {'× compile':>9}  "
+             f"{'peak':>6}  targets"]
+    for r in ours:
+        name = f"{r['case'].ljust(case_w)}  {(r['label'] + ' ' + r['config'].get('mode', '')).ljust(config_w)}"
+        if r["status"] != "ok":
+            lines.append(f"  {name}  {r['status']}: {r.get('error', '')}"[:160])
+            continue
+        ref_peak = peaks.get((r["case"], r["label"], r["config"].get("mode")))
+        peak = (f"{r['peak_mib'] / ref_peak:.2f}×" if r.get("peak_mib") is not None and ref_peak else "–")
+        targets = _targets_of(r, data["targets"])
+        missed = [t for t in targets if not t["met"]]
+        verdict = ("–" if not targets else "met" if not missed
+                   else "NOT met: " + "; ".join(f"{t['text'].split(':', 1)[1].strip()} ({t['detail']})" for t in missed))
+        lines.append(f"  {name}  {_fmt(r.get('speedup_vs_eager'), '.2f', '×'):>11}  "
+                     f"{_fmt(r.get('speedup_vs_compile'), '.2f', '×'):>9}  {peak:>6}  {verdict}")
+    met = sum(t["met"] for t in data["targets"])
+    lines.append(f"targets: {met} of {len(data['targets'])} met")
+    return lines
+
+
+def print_summary(data: dict, results_md: str | Path | None = None) -> None:
+    """The summary as the last lines of the run's output (stdout)."""
+    lines = summary(data)
+    if results_md is not None:
+        lines[-1] += f"; every row, floor and note: {results_md}"
+    print("\n".join(lines), flush=True)
+
+
+class Progress:
+    """Configurations done out of all, with the time left estimated from the time per
+    configuration so far (the cases' configurations differ in cost, so it is a rough guide)."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.start = total, 0, time.monotonic()
+
+    def step(self) -> str:
+        self.done += 1
+        elapsed = time.monotonic() - self.start
+        left = elapsed / self.done * (self.total - self.done)
+        return (f"{self.done}/{self.total} configurations done, {_duration(elapsed)} so far"
+                + (f", ~{_duration(left)} left" if self.done < self.total else ""))
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 # The keys every results.json has (benchmarks/README.md documents them).

@@ -6,7 +6,9 @@ torch.utils.benchmark, measure its peak memory in a fresh process, and put it be
 torch.compile times and the floors (the bytes the configuration must move at the bandwidth of a
 large copy, and its FLOPs at the rate of a large matmul, both measured in the same run).
 Writes results.json (with environment metadata; schema in benchmarks/README.md), results.md
-(rendered from the JSON only) and PNG charts into --out, and prints the Markdown.
+(rendered from the JSON only) and PNG charts into --out, prints the Markdown, and ends with a
+summary: one line per case and configuration (speed-ups, peak-memory ratio, targets met). Progress
+lines on stderr count the configurations done and estimate the time left.
 
     resflow-bench --quick            # seconds to a minute: the CI smoke run
     resflow-bench                    # the full suite
@@ -62,7 +64,7 @@ def ceilings(device: str, min_run_time: float, repeats: int = 3) -> dict:
                    "a 2048 x 2048 float32 matmul (2 n^3 FLOPs)"}
 
 
-def run_case(case, device: str, quick: bool, min_run_time: float, limits: dict, log) -> list[dict]:
+def run_case(case, device: str, quick: bool, min_run_time: float, limits: dict, log, progress=None) -> list[dict]:
     rows = []
     for index, config in enumerate(case.configs(quick)):
         inputs = case.make_inputs(config, device)
@@ -126,6 +128,8 @@ def run_case(case, device: str, quick: bool, min_run_time: float, limits: dict, 
             peak = f", peak {row['peak_mib']:.1f} MiB" if "peak_mib" in row else ""
             log(f"  {case.name} {config.label} {config.mode} {name}: {t.median_s * 1e6:.1f} µs{peak}")
         _add_ratios(rows, base)
+        if progress is not None:
+            log(f"[resflow-bench] {progress.step()}")
     return rows
 
 
@@ -163,10 +167,11 @@ def main(argv=None) -> int:
     data = {"meta": environment(args.device, allocator), "quick": args.quick, "min_run_time_s": min_run_time,
             "ceilings": limits, "gpu_floors": [dataclasses.asdict(g) for g in roofline.GPUS], "cases": {name: CASES[name].title for name in args.cases}, "results": [],
             "targets": []}
+    progress = report.Progress(sum(len(CASES[name].configs(args.quick)) for name in args.cases))
     for name in args.cases:
         case = CASES[name]
         log(f"[resflow-bench] {name} on {args.device} ({torch.get_num_threads()} threads)")
-        rows = run_case(case, args.device, args.quick, min_run_time, limits, log)
+        rows = run_case(case, args.device, args.quick, min_run_time, limits, log, progress)
         if hasattr(case, "memory"):
             rows += case.memory(args.device, args.quick, log)
         data["results"] += rows
@@ -188,6 +193,7 @@ def main(argv=None) -> int:
     broken = [r for r in data["results"] if r["provider"] == RESFLOW and r["status"] != "ok"]
     for r in broken:
         log(f"[resflow-bench] resflow_cuda {r['case']} {r['label']} {r['config']['mode']}: {r['status']}: {r.get('error')}")
+    report.print_summary(data, out / "results.md")
     return 1 if broken else 0
 
 

@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-__version__ = "0.1.0"
+from .version import __version__
 
 try:
     from . import _C

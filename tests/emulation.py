@@ -3,7 +3,7 @@
 The extension compiles the kernel headers of csrc/cuda with the host compiler against the CPU
 emulation of the CUDA execution model. ``RESFLOW_EMU_SANITIZE=thread`` or ``=address`` builds it
 with ThreadSanitizer or AddressSanitizer + UBSan (the process must then be started with the
-sanitizer runtime in LD_PRELOAD; see README, "Emulated CUDA suite").
+sanitizer runtime in LD_PRELOAD; see docs/cuda.md, "Emulated CUDA suite").
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 
 import pytest
@@ -14,8 +16,37 @@ from resflow_cuda.benchmarks import report, run
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    code = run.main(["--quick", "--cases", "update_lipschitz", "--min-run-time", "0.01", "--out", str(out)])
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = run.main(["--quick", "--cases", "update_lipschitz", "--min-run-time", "0.01", "--out", str(out)])
+    (out / "stdout.txt").write_text(stdout.getvalue())
+    (out / "stderr.txt").write_text(stderr.getvalue())
     return code, out, json.loads((out / "results.json").read_text())
+
+
+def test_quick_run_ends_with_a_summary_and_shows_progress(quick_run):
+    _, out, data = quick_run
+    lines = (out / "stdout.txt").read_text().rstrip("\n").splitlines()
+    # the last lines: a header, one line per configuration, the count of targets met
+    configs = [r for r in data["results"] if r["provider"] == "resflow_cuda"]
+    start = next(i for i, line in enumerate(lines) if line.startswith("resflow-bench summary (cpu)"))
+    body = lines[start + 2:]
+    assert len(body) == len(configs) + 1, lines[start:]
+    for r, line in zip(configs, body):
+        assert line.split()[:1] == ["update_lipschitz"] and f"{r['label']} {r['config']['mode']}" in line
+        assert f"{r['speedup_vs_eager']:.2f}×" in line and f"{r['speedup_vs_compile']:.2f}×" in line
+        targets = report._targets_of(r, data["targets"])
+        assert len(targets) == 1 and line.endswith("met") == targets[0]["met"], (line, targets)
+    met = sum(t["met"] for t in data["targets"])
+    assert body[-1].startswith(f"targets: {met} of {len(data['targets'])} met") and str(out / "results.md") in body[-1]
+    first = configs[0]  # --quick measures peak memory on the first configuration: the ratio is shown
+    eager = next(r for r in data["results"] if r["provider"] == "eager" and r["label"] == first["label"]
+                 and r["config"] == first["config"])
+    ratio = f"{first['peak_mib'] / eager['peak_mib']:.2f}×" if eager["peak_mib"] > 0 else "–"
+    assert f" {ratio} " in body[0]
+    progress = [line for line in (out / "stderr.txt").read_text().splitlines() if "configurations done" in line]
+    assert progress[0].startswith(f"[resflow-bench] 1/{len(configs)} configurations done") and "left" in progress[0]
+    assert progress[-1].startswith(f"[resflow-bench] {len(configs)}/{len(configs)} configurations done")
 
 
 def test_quick_run_writes_json_markdown_and_charts(quick_run):

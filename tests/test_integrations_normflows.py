@@ -59,7 +59,7 @@ def _float64_default():
     """normflows' InducedNorm layers (like residual-flows') normalise by
     ``torch.max(torch.ones(1), sigma / coeff)``: the float32 ``ones(1)`` wins type promotion over the 0-dim
     float64 ``sigma``, so a float64 model's factor is rounded to float32 (relative error up to 2**-24),
-    while ours stays in float64 (a deliberate difference, README "Lipschitz layers"). Under a float64
+    while ours stays in float64 (a deliberate difference, docs/guide.md "Lipschitz layers"). Under a float64
     default dtype ``ones(1)`` is float64 and that rounding is gone; normflows' forward creates no other
     tensor from the default dtype (its draws are ``randn_like`` and NumPy's), so nothing else changes."""
     previous = torch.get_default_dtype()

@@ -75,7 +75,8 @@ __global__ void local_array_kernel(const float* __restrict__ x, float* __restric
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None or kr.find_cuobjdump() is None,
-                    reason="needs nvcc on PATH and cuobjdump (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+                    reason="needs nvcc on PATH and cuobjdump + nvdisasm (the kernel-report extra: "
+                           "pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
 def test_budget_check_fails_on_a_kernel_with_local_memory(tmp_path):
     source = tmp_path / "probe.cu"
     source.write_text(SPILLING)

@@ -20,7 +20,7 @@ MAX_LINES = 500
 # sits alone at the bottom (it imports nothing of the package); the package's __init__ is the top.
 LAYERS = [
     ("reference", ["resflow_cuda.reference"]),
-    ("extension", ["resflow_cuda._C", "resflow_cuda._extension"]),
+    ("extension", ["resflow_cuda.version", "resflow_cuda._C", "resflow_cuda._extension"]),
     ("ops", ["resflow_cuda.ops"]),
     ("functional / solvers", ["resflow_cuda.functional", "resflow_cuda.solvers"]),
     ("estimators", ["resflow_cuda.estimators"]),
