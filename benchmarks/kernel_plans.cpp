@@ -46,8 +46,9 @@ int main() {
     }
     for (const auto& m : matrices) {
       const auto plan = plan_power_iteration<float, float>(m.batch, m.m, m.n, kDefaultMaxSharedBytes, gpu.sms);
-      print(gpu.arch, gpu.sms, "power_iteration_kernel", m.label, plan.blocks, plan.threads, plan.shared_bytes, 1,
-            plan.fits);
+      for (const char* k : {"power_iteration_kernel", "power_iteration_list_kernel"}) {
+        print(gpu.arch, gpu.sms, k, m.label, plan.blocks, plan.threads, plan.shared_bytes, 1, plan.fits);
+      }
     }
     for (const auto& v : vectors) {
       const long blocks = plan_elementwise<float>(v.len, gpu.sms, false).blocks;

@@ -235,7 +235,8 @@ BUDGETS = (
            lambda k: _base(k) in _ELEMENTWISE and _template_args(k)[0] != "float",
            lambda k: all(p["occupancy"] >= 0.5 for p in k["launches"])),
     Budget("shared memory fits every power-iteration size the kernel serves (512x512, 3072x128, float32)",
-           lambda k: _base(k) == "power_iteration_kernel" and _template_args(k)[:1] == ["float"],
+           lambda k: _base(k) in ("power_iteration_kernel", "power_iteration_list_kernel")
+           and _template_args(k)[:1] == ["float"],
            lambda k: all(p["fits"] and p["dynamic_shared_bytes"] + k["static_shared_bytes"] <= 48 * 1024
                          for p in k["launches"] if p["size"] in ("512x512", "3072x128"))),
 )

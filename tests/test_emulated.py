@@ -247,7 +247,7 @@ def test_power_iteration_update_writes_every_layer_in_one_launch(emu):
 
 
 def test_power_iteration_update_takes_the_other_paths_where_the_listed_kernel_cannot(emu):
-    # One launch per dtype for float32 and float64; half types, a sigma of another dtype, a
+    # One launch for the float32 ones; float64 and half types, a sigma of another dtype, a
     # non-contiguous u and a matrix too long for shared memory go one by one, with the same results.
     starts = [_pi_start((8, 5), 2, 2, torch.float32, seed=1), _pi_start((6, 7), 2, 2, torch.float64, seed=2),
               _pi_start((4, 9), 2, 2, torch.float16, seed=3), _pi_start((5, 5), 2, 2, torch.float32, seed=4),
@@ -383,6 +383,11 @@ def _run_power_iteration(emu):
     emu.power_iteration(w, u, v, 3, None, None, 2.0, 2.0, True, 48 * 1024)
 
 
+def _run_power_iteration_update(emu):
+    w, u, v = _pi_start((8, 5), 2, 2, torch.float32)
+    emu.power_iteration_update_([w], [u.clone()], [v.clone()], [torch.zeros(())], 3, None, None, 2.0, 2.0, True)
+
+
 def _run_power_iteration_device_loop(emu):
     w, u, v = _pi_start((8, 5), 3, 1.5, torch.float32)
     emu.power_iteration(w, u, v, 3, 1e-3, 1e-3, 3.0, 1.5, True, 0)  # Hoelder: both stats passes
@@ -396,6 +401,7 @@ def _run_logdet_series(emu):
 # Kernel name -> a small launch of it; the tests above check the values.
 REGISTRY = {
     "power_iteration_kernel": _run_power_iteration,
+    "power_iteration_list_kernel": _run_power_iteration_update,
     "dual_stats_kernel": _run_power_iteration_device_loop,
     "dual_apply_kernel": _run_power_iteration_device_loop,
     "convergence_kernel": _run_power_iteration_device_loop,

@@ -43,7 +43,10 @@ def _module_name(path: Path) -> str:
 
 
 def _modules() -> dict[str, Path]:
-    return {_module_name(p): p for p in sorted(PACKAGE_DIR.rglob("*.py"))}
+    # An installed package also holds resflow_cuda.benchmarks (the resflow-bench command, from
+    # benchmarks/): tests and benchmarks may import the reference, so it is not part of the graph.
+    return {name: p for p in sorted(PACKAGE_DIR.rglob("*.py"))
+            if not (name := _module_name(p)).startswith("resflow_cuda.benchmarks")}
 
 
 def _resolve(name: str, alias: str | None, known: set[str]) -> str:

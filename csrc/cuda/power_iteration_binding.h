@@ -134,8 +134,9 @@ PowerIterationResult power_iteration_on_device(const Backend& backend, const Lin
 }
 
 template <typename acc_t>
-PowerIterationArgs<acc_t> kernel_args(const PowerIterationOptions& opt) {
-  return {static_cast<int>(opt.max_iterations), opt.tolerance(), static_cast<acc_t>(opt.atol.value_or(0)),
+PowerIterationArgs<acc_t> kernel_args(const PowerIterationOptions& opt, int m = 0, int n = 0) {
+  return {m, n, math::sqrt_(static_cast<acc_t>(m)), math::sqrt_(static_cast<acc_t>(n)),
+          static_cast<int>(opt.max_iterations), opt.tolerance(), static_cast<acc_t>(opt.atol.value_or(0)),
           static_cast<acc_t>(opt.rtol.value_or(0)), math::codomain_dual_map<acc_t>(opt.codomain),
           math::domain_dual_map<acc_t>(opt.domain), opt.u_first};
 }
@@ -177,12 +178,12 @@ PowerIterationResult power_iteration_on(const Backend& backend, const at::Tensor
     at::Tensor v_out = at::empty_like(v);
     at::Tensor sigma = at::empty({count}, weight.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     at::Tensor iterations = at::empty({count}, weight.options().dtype(at::kLong));
-    const StridedJobs<scalar_t, acc_t> jobs{weight.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
-                                            v.const_data_ptr<scalar_t>(),       u_out.mutable_data_ptr<scalar_t>(),
+    launch_power_iteration<scalar_t, acc_t>(plan, weight.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
+                                            v.const_data_ptr<scalar_t>(), u_out.mutable_data_ptr<scalar_t>(),
                                             v_out.mutable_data_ptr<scalar_t>(), sigma.mutable_data_ptr<acc_t>(),
-                                            iterations.mutable_data_ptr<int64_t>(), static_cast<int>(m),
-                                            static_cast<int>(n)};
-    launch_power_iteration<scalar_t, acc_t>(plan, jobs, kernel_args<acc_t>(opt), backend.stream());
+                                            iterations.mutable_data_ptr<int64_t>(),
+                                            kernel_args<acc_t>(opt, static_cast<int>(m), static_cast<int>(n)),
+                                            backend.stream());
     backend.check_launch();
     result = batched ? PowerIterationResult{u_out, v_out, sigma, iterations}
                      : PowerIterationResult{u_out[0], v_out[0], sigma[0], iterations[0]};
@@ -190,37 +191,41 @@ PowerIterationResult power_iteration_on(const Backend& backend, const at::Tensor
   return result;
 }
 
-// The single-block kernel on the listed matrices, kListedJobs per launch, writing each one's u, v
-// and sigma where they are. Every entry is float32/float64 (scalar_t), contiguous, with a sigma of
-// its dtype.
-template <typename scalar_t, class Backend>
+// The single-block kernel on the listed float32 matrices, kListedJobs per launch, writing each
+// one's u, v and sigma where they are. Every entry is contiguous, with a float32 sigma.
+template <class Backend>
 void update_listed(const Backend& backend, at::TensorList weights, at::TensorList us, at::TensorList vs,
                    at::TensorList sigmas, const std::vector<size_t>& listed, const PowerIterationOptions& opt) {
-  using acc_t = scalar_t;
   for (size_t first = 0; first < listed.size(); first += kListedJobs) {
-    ListedJobs<scalar_t, acc_t> jobs{};
+    ListedJobs<float, float> jobs{};
     size_t shared_bytes = 0;
     const size_t count = std::min(listed.size() - first, static_cast<size_t>(kListedJobs));
     for (size_t j = 0; j < count; ++j) {
       const size_t i = listed[first + j];
       const int m = static_cast<int>(weights[i].size(0)), n = static_cast<int>(weights[i].size(1));
-      jobs.jobs[j] = {weights[i].const_data_ptr<scalar_t>(), us[i].const_data_ptr<scalar_t>(),
-                      vs[i].const_data_ptr<scalar_t>(),      us[i].mutable_data_ptr<scalar_t>(),
-                      vs[i].mutable_data_ptr<scalar_t>(),    sigmas[i].mutable_data_ptr<acc_t>(),
-                      nullptr,                               m,
-                      n};
+      jobs.jobs[j] = {weights[i].const_data_ptr<float>(),
+                      us[i].const_data_ptr<float>(),
+                      vs[i].const_data_ptr<float>(),
+                      us[i].mutable_data_ptr<float>(),
+                      vs[i].mutable_data_ptr<float>(),
+                      sigmas[i].mutable_data_ptr<float>(),
+                      m,
+                      n,
+                      math::sqrt_(static_cast<float>(m)),
+                      math::sqrt_(static_cast<float>(n))};
       shared_bytes = std::max(shared_bytes,
-                              plan_power_iteration<scalar_t, acc_t>(1, m, n, backend.max_shared_bytes(), 1).shared_bytes);
+                              plan_power_iteration<float, float>(1, m, n, backend.max_shared_bytes(), 1).shared_bytes);
     }
     const PowerIterationPlan plan{static_cast<int>(count), kPowerIterationThreads, shared_bytes, true};
-    launch_power_iteration<scalar_t, acc_t>(plan, jobs, kernel_args<acc_t>(opt), backend.stream());
+    launch_power_iteration_list<float, float>(plan, jobs, kernel_args<float>(opt), backend.stream());
     backend.check_launch();
   }
 }
 
-// update_lipschitz's op: the matrices the single-block kernel takes (float32/float64, small enough,
-// contiguous u and v, sigma of the weight's dtype) go in one launch per dtype and device (per
-// kListedJobs matrices), writing their layers' buffers directly; the others one at a time through
+// update_lipschitz's op: the float32 matrices the single-block kernel takes (small enough,
+// contiguous u and v, a float32 sigma) go in one launch per device (per kListedJobs matrices),
+// writing their layers' buffers directly; the others (float64 and half types too: float64's
+// listed kernel would spill registers, and both are rare on GPUs) one at a time through
 // power_iteration_on.
 template <class Backend>
 void power_iteration_update_on(const Backend& backend, at::TensorList weights, at::TensorList us, at::TensorList vs,
@@ -233,15 +238,10 @@ void power_iteration_update_on(const Backend& backend, at::TensorList weights, a
   std::vector<bool> handled(weights.size(), false);
   const auto listable = [&](size_t i) {
     const at::Tensor& w = weights[i];
-    if ((w.scalar_type() != at::kFloat && w.scalar_type() != at::kDouble) || w.numel() == 0 ||
-        !us[i].is_contiguous() || !vs[i].is_contiguous() || sigmas[i].scalar_type() != w.scalar_type()) {
-      return false;
-    }
-    const auto fits = [&](auto type) {
-      using T = decltype(type);
-      return plan_power_iteration<T, T>(1, w.size(0), w.size(1), backend.max_shared_bytes(), backend.sm_count(w)).fits;
-    };
-    return w.scalar_type() == at::kFloat ? fits(float{}) : fits(double{});
+    return w.scalar_type() == at::kFloat && w.numel() > 0 && us[i].is_contiguous() && vs[i].is_contiguous() &&
+           sigmas[i].scalar_type() == at::kFloat &&
+           plan_power_iteration<float, float>(1, w.size(0), w.size(1), backend.max_shared_bytes(), backend.sm_count(w))
+               .fits;
   };
   for (size_t first = 0; first < weights.size(); ++first) {
     if (handled[first] || !listable(first)) {
@@ -249,17 +249,14 @@ void power_iteration_update_on(const Backend& backend, at::TensorList weights, a
     }
     std::vector<size_t> listed;
     for (size_t i = first; i < weights.size(); ++i) {
-      if (!handled[i] && weights[i].scalar_type() == weights[first].scalar_type() &&
-          weights[i].device() == weights[first].device() && listable(i)) {
+      if (!handled[i] && weights[i].device() == weights[first].device() && listable(i)) {
         contiguous[i] = weights[i].contiguous();
         listed.push_back(i);
         handled[i] = true;
       }
     }
     const auto guard = backend.guard(weights[first]);
-    AT_DISPATCH_FLOATING_TYPES(weights[first].scalar_type(), "power_iteration_update_cuda", [&] {
-      update_listed<scalar_t>(backend, contiguous, us, vs, sigmas, listed, opt);
-    });
+    update_listed(backend, contiguous, us, vs, sigmas, listed, opt);
   }
   for (size_t i = 0; i < weights.size(); ++i) {
     if (!handled[i]) {

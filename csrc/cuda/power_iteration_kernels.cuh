@@ -174,6 +174,8 @@ __device__ __forceinline__ StepChange<acc_t> block_apply_dual_map(acc_t* x, cons
 
 template <typename acc_t>
 struct PowerIterationArgs {
+  int m, n;              // the batch's matrix shape (power_iteration_kernel; listed jobs carry their own)
+  acc_t sqrt_m, sqrt_n;  // for the stopping test (math::step_converged)
   int max_iterations;
   bool use_tolerance;
   acc_t atol, rtol;
@@ -181,8 +183,94 @@ struct PowerIterationArgs {
   bool u_first;
 };
 
-// One block's matrix (m x n, row-major) and where its results go; u_in may equal u_out and v_in
-// v_out (the block reads its vectors before it writes them). iterations may be null.
+// The whole loop for one m x n matrix W (row-major) in one block: u, v and the raw product in
+// dynamic shared memory, where u and v stay for the caller to store (store_vectors), so that the
+// output pointers need not be live through the loop. Every thread returns sigma = u^T W v and the
+// iterations run. (The arguments arrive by value: a reference to a kernel parameter would make
+// the compiler copy it to local memory.)
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void power_iteration_block(const scalar_t* __restrict__ w, const scalar_t* u_in,
+                                                      const scalar_t* v_in, int m, int n, acc_t sqrt_m, acc_t sqrt_n,
+                                                      const PowerIterationArgs<acc_t> a, acc_t& sigma,
+                                                      int& iterations) {
+  constexpr int BLOCK = kPowerIterationThreads;
+  RESFLOW_DYNAMIC_SHARED(double, power_iteration_shared);
+  acc_t* u = reinterpret_cast<acc_t*>(power_iteration_shared);
+  acc_t* v = u + m;
+  acc_t* raw = v + n;
+  for (int k = threadIdx.x; k < m; k += BLOCK) {
+    u[k] = static_cast<acc_t>(u_in[k]);
+  }
+  for (int k = threadIdx.x; k < n; k += BLOCK) {
+    v[k] = static_cast<acc_t>(v_in[k]);
+  }
+  __syncthreads();
+  int it = 0;
+  while (it < a.max_iterations) {
+    StepChange<acc_t> du, dv;
+    if (a.u_first) {
+      block_matvec<scalar_t, acc_t, BLOCK>(w, v, raw, m, n);
+      du = block_apply_dual_map<acc_t, BLOCK>(u, raw, m, a.u_map);
+      block_rmatvec<scalar_t, acc_t, BLOCK>(w, u, raw, m, n);
+      dv = block_apply_dual_map<acc_t, BLOCK>(v, raw, n, a.v_map);
+    } else {
+      block_rmatvec<scalar_t, acc_t, BLOCK>(w, u, raw, m, n);
+      dv = block_apply_dual_map<acc_t, BLOCK>(v, raw, n, a.v_map);
+      block_matvec<scalar_t, acc_t, BLOCK>(w, v, raw, m, n);
+      du = block_apply_dual_map<acc_t, BLOCK>(u, raw, m, a.u_map);
+    }
+    ++it;
+    // Every thread holds the same reductions, so the whole block leaves together.
+    if (a.use_tolerance && math::step_converged(du.squared, sqrt_m, du.max, a.atol, a.rtol) &&
+        math::step_converged(dv.squared, sqrt_n, dv.max, a.atol, a.rtol)) {
+      break;
+    }
+  }
+  block_matvec<scalar_t, acc_t, BLOCK>(w, v, raw, m, n);
+  acc_t partial = acc_t(0);
+  for (int k = threadIdx.x; k < m; k += BLOCK) {
+    partial += u[k] * raw[k];
+  }
+  sigma = block_sum<acc_t, BLOCK>(partial);
+  iterations = it;
+}
+
+// Stores the u and v that power_iteration_block left in shared memory.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_vectors(scalar_t* u_out, scalar_t* v_out, int m, int n) {
+  RESFLOW_DYNAMIC_SHARED(double, power_iteration_shared);
+  const acc_t* u = reinterpret_cast<const acc_t*>(power_iteration_shared);
+  const acc_t* v = u + m;
+  for (int k = threadIdx.x; k < m; k += kPowerIterationThreads) {
+    u_out[k] = static_cast<scalar_t>(u[k]);
+  }
+  for (int k = threadIdx.x; k < n; k += kPowerIterationThreads) {
+    v_out[k] = static_cast<scalar_t>(v[k]);
+  }
+}
+
+// A contiguous batch of equal-shaped matrices (power_iteration), one block each: matrix b at
+// offsets b·m·n, b·m and b·n; its sigma and iteration count at b.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kPowerIterationThreads)
+    power_iteration_kernel(const scalar_t* __restrict__ weight, const scalar_t* __restrict__ u_in,
+                           const scalar_t* __restrict__ v_in, scalar_t* __restrict__ u_out,
+                           scalar_t* __restrict__ v_out, acc_t* __restrict__ sigma_out,
+                           int64_t* __restrict__ iterations_out, PowerIterationArgs<acc_t> a) {
+  const int64_t b = blockIdx.x;
+  acc_t sigma;
+  int it;
+  power_iteration_block<scalar_t, acc_t>(weight + b * a.m * a.n, u_in + b * a.m, v_in + b * a.n, a.m, a.n, a.sqrt_m,
+                                         a.sqrt_n, a, sigma, it);
+  store_vectors<scalar_t, acc_t>(u_out + b * a.m, v_out + b * a.n, a.m, a.n);
+  if (threadIdx.x == 0) {
+    sigma_out[b] = sigma;
+    iterations_out[b] = it;
+  }
+}
+
+// One listed matrix (m x n, row-major) and where its results go; u_in may equal u_out and v_in
+// v_out (the block reads its vectors before it writes them).
 template <typename scalar_t, typename acc_t>
 struct MatrixJob {
   const scalar_t* weight;
@@ -191,32 +279,8 @@ struct MatrixJob {
   scalar_t* u_out;
   scalar_t* v_out;
   acc_t* sigma;
-  int64_t* iterations;
   int m, n;
-};
-
-// A contiguous batch of equal-shaped matrices (power_iteration): job b at offsets b·m·n, b·m, b·n.
-// The kernel asks for each pointer where it uses it, so that the pointers stay in the parameter
-// space instead of registers (keeping them live made ptxas spill around the float slow paths).
-template <typename scalar_t, typename acc_t>
-struct StridedJobs {
-  const scalar_t* weight_;
-  const scalar_t* u_in_;
-  const scalar_t* v_in_;
-  scalar_t* u_out_;
-  scalar_t* v_out_;
-  acc_t* sigma_;
-  int64_t* iterations_;
-  int m_, n_;
-  __device__ __forceinline__ int m(int64_t) const { return m_; }
-  __device__ __forceinline__ int n(int64_t) const { return n_; }
-  __device__ __forceinline__ const scalar_t* weight(int64_t b) const { return weight_ + b * m_ * n_; }
-  __device__ __forceinline__ const scalar_t* u_in(int64_t b) const { return u_in_ + b * m_; }
-  __device__ __forceinline__ const scalar_t* v_in(int64_t b) const { return v_in_ + b * n_; }
-  __device__ __forceinline__ scalar_t* u_out(int64_t b) const { return u_out_ + b * m_; }
-  __device__ __forceinline__ scalar_t* v_out(int64_t b) const { return v_out_ + b * n_; }
-  __device__ __forceinline__ acc_t* sigma(int64_t b) const { return sigma_ + b; }
-  __device__ __forceinline__ int64_t* iterations(int64_t b) const { return iterations_ + b; }
+  acc_t sqrt_m, sqrt_n;  // for the stopping test (math::step_converged)
 };
 
 // Up to kListedJobs matrices of any shapes, passed by value in the kernel's parameters
@@ -227,74 +291,22 @@ constexpr int kListedJobs = 48;
 template <typename scalar_t, typename acc_t>
 struct ListedJobs {
   MatrixJob<scalar_t, acc_t> jobs[kListedJobs];
-  __device__ __forceinline__ int m(int64_t b) const { return jobs[b].m; }
-  __device__ __forceinline__ int n(int64_t b) const { return jobs[b].n; }
-  __device__ __forceinline__ const scalar_t* weight(int64_t b) const { return jobs[b].weight; }
-  __device__ __forceinline__ const scalar_t* u_in(int64_t b) const { return jobs[b].u_in; }
-  __device__ __forceinline__ const scalar_t* v_in(int64_t b) const { return jobs[b].v_in; }
-  __device__ __forceinline__ scalar_t* u_out(int64_t b) const { return jobs[b].u_out; }
-  __device__ __forceinline__ scalar_t* v_out(int64_t b) const { return jobs[b].v_out; }
-  __device__ __forceinline__ acc_t* sigma(int64_t b) const { return jobs[b].sigma; }
-  __device__ __forceinline__ int64_t* iterations(int64_t b) const { return jobs[b].iterations; }
 };
-static_assert(sizeof(ListedJobs<double, double>) + sizeof(PowerIterationArgs<double>) <= 4096,
+static_assert(sizeof(ListedJobs<float, float>) + sizeof(PowerIterationArgs<float>) <= 4096,
               "a kernel's parameters must fit in 4 KiB");
 
-template <typename scalar_t, typename acc_t, class Jobs>
+template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kPowerIterationThreads)
-    power_iteration_kernel(Jobs jobs, PowerIterationArgs<acc_t> a) {
-  constexpr int BLOCK = kPowerIterationThreads;
-  const int64_t b = blockIdx.x;
-  const int m = jobs.m(b), n = jobs.n(b);
-  RESFLOW_DYNAMIC_SHARED(double, power_iteration_shared);
-  acc_t* u = reinterpret_cast<acc_t*>(power_iteration_shared);
-  acc_t* v = u + m;
-  acc_t* raw = v + n;
-  for (int k = threadIdx.x; k < m; k += BLOCK) {
-    u[k] = static_cast<acc_t>(jobs.u_in(b)[k]);
-  }
-  for (int k = threadIdx.x; k < n; k += BLOCK) {
-    v[k] = static_cast<acc_t>(jobs.v_in(b)[k]);
-  }
-  __syncthreads();
-  int it = 0;
-  while (it < a.max_iterations) {
-    StepChange<acc_t> du, dv;
-    if (a.u_first) {
-      block_matvec<scalar_t, acc_t, BLOCK>(jobs.weight(b), v, raw, m, n);
-      du = block_apply_dual_map<acc_t, BLOCK>(u, raw, m, a.u_map);
-      block_rmatvec<scalar_t, acc_t, BLOCK>(jobs.weight(b), u, raw, m, n);
-      dv = block_apply_dual_map<acc_t, BLOCK>(v, raw, n, a.v_map);
-    } else {
-      block_rmatvec<scalar_t, acc_t, BLOCK>(jobs.weight(b), u, raw, m, n);
-      dv = block_apply_dual_map<acc_t, BLOCK>(v, raw, n, a.v_map);
-      block_matvec<scalar_t, acc_t, BLOCK>(jobs.weight(b), v, raw, m, n);
-      du = block_apply_dual_map<acc_t, BLOCK>(u, raw, m, a.u_map);
-    }
-    ++it;
-    // Every thread holds the same reductions, so the whole block leaves together.
-    if (a.use_tolerance && math::step_converged(du.squared, acc_t(m), du.max, a.atol, a.rtol) &&
-        math::step_converged(dv.squared, acc_t(n), dv.max, a.atol, a.rtol)) {
-      break;
-    }
-  }
-  block_matvec<scalar_t, acc_t, BLOCK>(jobs.weight(b), v, raw, m, n);
-  acc_t partial = acc_t(0);
-  for (int k = threadIdx.x; k < m; k += BLOCK) {
-    partial += u[k] * raw[k];
-  }
-  const acc_t sigma = block_sum<acc_t, BLOCK>(partial);
-  for (int k = threadIdx.x; k < m; k += BLOCK) {
-    jobs.u_out(b)[k] = static_cast<scalar_t>(u[k]);
-  }
-  for (int k = threadIdx.x; k < n; k += BLOCK) {
-    jobs.v_out(b)[k] = static_cast<scalar_t>(v[k]);
-  }
+    power_iteration_list_kernel(ListedJobs<scalar_t, acc_t> jobs, PowerIterationArgs<acc_t> a) {
+  const int b = blockIdx.x;
+  acc_t sigma;
+  int it;
+  power_iteration_block<scalar_t, acc_t>(jobs.jobs[b].weight, jobs.jobs[b].u_in, jobs.jobs[b].v_in, jobs.jobs[b].m,
+                                         jobs.jobs[b].n, jobs.jobs[b].sqrt_m, jobs.jobs[b].sqrt_n, a, sigma, it);
+  // The outputs' pointers are read from the parameters only now.
+  store_vectors<scalar_t, acc_t>(jobs.jobs[b].u_out, jobs.jobs[b].v_out, jobs.jobs[b].m, jobs.jobs[b].n);
   if (threadIdx.x == 0) {
-    *jobs.sigma(b) = sigma;
-    if (jobs.iterations(b) != nullptr) {
-      *jobs.iterations(b) = it;
-    }
+    *jobs.jobs[b].sigma = sigma;
   }
 }
 
@@ -327,10 +339,19 @@ PowerIterationPlan plan_power_iteration(int64_t batch, int64_t m, int64_t n, siz
   return {static_cast<int>(batch), kPowerIterationThreads, bytes, shared_fits && (small || fills_gpu) && batch > 0};
 }
 
-template <typename scalar_t, typename acc_t, class Jobs>
-void launch_power_iteration(const PowerIterationPlan& plan, const Jobs& jobs, const PowerIterationArgs<acc_t>& args,
-                            cudaStream_t stream) {
-  const auto kernel = &power_iteration_kernel<scalar_t, acc_t, Jobs>;
+template <typename scalar_t, typename acc_t>
+void launch_power_iteration(const PowerIterationPlan& plan, const scalar_t* weight, const scalar_t* u_in,
+                            const scalar_t* v_in, scalar_t* u_out, scalar_t* v_out, acc_t* sigma, int64_t* iterations,
+                            const PowerIterationArgs<acc_t>& args, cudaStream_t stream) {
+  const auto kernel = &power_iteration_kernel<scalar_t, acc_t>;
+  RESFLOW_LAUNCH(kernel, plan.blocks, plan.threads, plan.shared_bytes, stream)(weight, u_in, v_in, u_out, v_out, sigma,
+                                                                                iterations, args);
+}
+
+template <typename scalar_t, typename acc_t>
+void launch_power_iteration_list(const PowerIterationPlan& plan, const ListedJobs<scalar_t, acc_t>& jobs,
+                                 const PowerIterationArgs<acc_t>& args, cudaStream_t stream) {
+  const auto kernel = &power_iteration_list_kernel<scalar_t, acc_t>;
   RESFLOW_LAUNCH(kernel, plan.blocks, plan.threads, plan.shared_bytes, stream)(jobs, args);
 }
 
@@ -481,8 +502,8 @@ __global__ void __launch_bounds__(kVectorThreads)
   const acc_t v_max = reduce_partials_max<acc_t, BLOCK>(v.max, v.blocks);
   if (threadIdx.x == 0) {
     *iterations += 1;
-    if (use_tolerance && math::step_converged(u_sq, acc_t(u.len), u_max, atol, rtol) &&
-        math::step_converged(v_sq, acc_t(v.len), v_max, atol, rtol)) {
+    if (use_tolerance && math::step_converged(u_sq, math::sqrt_(acc_t(u.len)), u_max, atol, rtol) &&
+        math::step_converged(v_sq, math::sqrt_(acc_t(v.len)), v_max, atol, rtol)) {
       *done = true;
     }
   }

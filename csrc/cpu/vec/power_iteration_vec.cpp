@@ -92,6 +92,7 @@ Change<T> apply_dual_map(T* x, const T* raw, int64_t len, const math::DualMap<T>
 
 template <class T>
 int64_t power_iteration_dense_vec(const DensePowerIteration<T>& a, T* sigma) {
+  const T sqrt_m = math::sqrt_(T(a.m)), sqrt_n = math::sqrt_(T(a.n));
   int64_t it = 0;
   while (it < a.max_iterations) {
     Change<T> du, dv;
@@ -107,8 +108,8 @@ int64_t power_iteration_dense_vec(const DensePowerIteration<T>& a, T* sigma) {
       du = apply_dual_map(a.u, a.workspace, a.m, a.u_map);
     }
     ++it;
-    if (a.use_tolerance && math::step_converged(du.squared, T(a.m), du.max, a.atol, a.rtol) &&
-        math::step_converged(dv.squared, T(a.n), dv.max, a.atol, a.rtol)) {
+    if (a.use_tolerance && math::step_converged(du.squared, sqrt_m, du.max, a.atol, a.rtol) &&
+        math::step_converged(dv.squared, sqrt_n, dv.max, a.atol, a.rtol)) {
       break;
     }
   }

@@ -82,10 +82,12 @@ RESFLOW_HOST_DEVICE_INLINE T dual_map_value(const DualMap<T>& map, T raw, long l
   return sign_or_one(raw) * hoelder_magnitude(raw, max_abs, map.exponent) / scale;
 }
 
-// The power-iteration stopping test: ||x - x_old|| / sqrt(len) < atol + rtol * max(x).
+// The power-iteration stopping test: ||x - x_old|| / sqrt(len) < atol + rtol * max(x). The caller
+// passes sqrt(len), a loop invariant it computes once (on a GPU, in the host's launch arguments: a
+// sqrt hoisted out of the kernel's loop stays live across its slow-path calls and spills).
 template <class T>
-RESFLOW_HOST_DEVICE_INLINE bool step_converged(T squared_change, T len, T max_value, T atol, T rtol) {
-  return sqrt_(squared_change) / sqrt_(len) < max_value * rtol + atol;
+RESFLOW_HOST_DEVICE_INLINE bool step_converged(T squared_change, T sqrt_len, T max_value, T atol, T rtol) {
+  return sqrt_(squared_change) / sqrt_len < max_value * rtol + atol;
 }
 
 }  // namespace resflow_cuda::math
