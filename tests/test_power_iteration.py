@@ -354,7 +354,8 @@ def test_update_lipschitz_on_a_small_model_matches_the_cpu(device):
                                 rnn.InducedNormConv2d(8, 4, 1, 1, 0, n_iterations=6),
                                 rnn.SpectralNormConv2d(4, 3, 3, 1, 1, n_iterations=6))
     head = torch.nn.Sequential(rnn.InducedNormLinear(3 * 5 * 6, 16, n_iterations=6),
-                               rnn.SpectralNormLinear(16, 12, n_iterations=6), rnn.InducedNormLinear(12, 12, n_iterations=6))
+                               rnn.SpectralNormLinear(16, 12, n_iterations=6),
+                               rnn.InducedNormLinear(12, 12, n_iterations=6))
     model(torch.randn(2, 3, 5, 6))  # the convolutions' lazy initialisation on the CPU, then the same state on both
     for dtype in (torch.float32, torch.float64):
         cpu = torch.nn.ModuleList([model, head]).to(dtype)
