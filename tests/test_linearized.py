@@ -67,8 +67,8 @@ def _compare(net, x, training=True, seeds=(1, 2), weights=None, **kwargs):
     seeds and calls), so that only the VJP source differs."""
     net = _randomize_betas(net).to(x.device, x.dtype)
     assert linearize(net) is not None
-    fast = iResBlock(copy.deepcopy(net), **kwargs).train(training)
-    slow = iResBlock(copy.deepcopy(net), fast_path=False, **kwargs).train(training)
+    fast = iResBlock(copy.deepcopy(net), **kwargs).to(x.device).train(training)
+    slow = iResBlock(copy.deepcopy(net), fast_path=False, **kwargs).to(x.device).train(training)
     for seed in seeds:
         got, expected = _run(fast, x, seed, weights), _run(slow, x, seed, weights)
         for i, (a, b) in enumerate(zip(got, expected)):
@@ -132,7 +132,7 @@ def test_spectral_norm_layers_keep_their_training_side_effects(device):
     net = nn.Sequential(LipSwish(), SpectralNormLinear(3, 16, n_iterations=2), LipSwish(),
                         SpectralNormLinear(16, 3, n_iterations=2))
     fast = _compare(net, torch.randn(5, 3, dtype=torch.float64).to(device), seeds=(1,))
-    slow = iResBlock(copy.deepcopy(_randomize_betas(net).double()), fast_path=False)
+    slow = iResBlock(copy.deepcopy(_randomize_betas(net).double()), fast_path=False).to(device)
     _run(slow, torch.randn(5, 3, dtype=torch.float64).to(device), 1)
     # the same power-iteration steps on the same float64 weight: equal (a missed or extra step moves u by far more)
     torch.testing.assert_close(fast.nnet[1].u, slow.nnet[1].u)
