@@ -43,9 +43,9 @@ def _run_both(w, eps, logdet, neumann, lc, nc):
 def _sum_rounding(w, eps, lc):
     """How far two summation orders of one sample's terms t = lc w eps may drift apart: sqrt(n) u sum|t|
     for n terms (recursive summation errs by ~u sum|t| typically, (n - 1) u sum|t| at worst), at the
-    accumulation type's unit roundoff u, the largest over the samples. It matters only in float32: 600
-    samples of 131 terms there drift by up to 1.6e-5 (the CUDA kernel's order, emulated), twice the
-    elementwise tolerance."""
+    accumulation type's unit roundoff u, the largest over the samples. It matters only in float32, for samples
+    of a hundred terms and more (CUDA's per-thread runs and block tree against the CPU's lanes), where two
+    orders drift apart by more than the elementwise tolerance."""
     rows = w.shape[0]
     terms = (w.cpu().reshape(rows, -1).double() * eps.cpu().reshape(rows, -1).double() * lc).abs()
     if terms.numel() == 0:
