@@ -24,6 +24,7 @@ CUDA_UNUSABLE = _cuda_unusable()
 CUDA = pytest.param("cuda", marks=pytest.mark.cuda)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     # Skipped here, before any fixture, rather than in the device fixtures: pytest reports a skip raised
     # in a fixture at each test's own line, whereas these all come from this line and -ra folds them
