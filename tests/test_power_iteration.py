@@ -319,7 +319,7 @@ def _mixed_update_inputs(device):
     single-block kernel (CUDA: one by one)."""
     specs = [((8, 5), torch.float32, torch.float32), ((6, 7), torch.float64, torch.float64),
              ((4, 9), torch.float16, torch.float16), ((5, 5), torch.float32, torch.float32),
-             ((6200, 10), torch.float32, torch.float32), ((1, 1), torch.float64, torch.float64),
+             ((3100, 10), torch.float64, torch.float64), ((1, 1), torch.float64, torch.float64),
              ((3, 40), torch.float32, torch.float64)]
     weights, us, vs, sigmas = [], [], [], []
     for i, (shape, dtype, sigma_dtype) in enumerate(specs):
