@@ -2,25 +2,89 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 import resflow_cuda
 
 
-def _devices() -> list:
-    devices = ["cpu"]
-    if resflow_cuda.has_cuda_kernels() and torch.cuda.is_available():
-        devices.append(pytest.param("cuda", marks=pytest.mark.cuda))
-    return devices
+def _cuda_unusable() -> str | None:
+    """Why the CUDA tests cannot run here, or None when they can."""
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    if not resflow_cuda.has_cuda_kernels():
+        return ("resflow_cuda was built without CUDA kernels (build_info()['no_cuda_reason']: "
+                f"{resflow_cuda.build_info()['no_cuda_reason']})")
+    return None
 
 
-DEVICES = _devices()
+CUDA_UNUSABLE = _cuda_unusable()
+CUDA = pytest.param("cuda", marks=pytest.mark.cuda)
 
 
-@pytest.fixture(params=DEVICES)
-def device(request) -> str:
-    return request.param
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # Skipped here, before any fixture, rather than in the device fixtures: pytest reports a skip raised
+    # in a fixture at each test's own line, whereas these all come from this line and -ra folds them
+    # into one summary line.
+    if CUDA_UNUSABLE and item.get_closest_marker("cuda") is not None:
+        pytest.skip(CUDA_UNUSABLE)
+
+
+@contextlib.contextmanager
+def _without_tf32(device: str):
+    """On CUDA, TF32 off: it rounds float32 products to a 10-bit mantissa (~5e-4 relative), far beyond
+    the float32 tolerances of the tests, which are of float32 rounding."""
+    if device != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture(params=["cpu", CUDA])
+def device(request):
+    """Each test on the CPU and on CUDA (marked cuda: a visible skip where CUDA cannot be used)."""
+    with _without_tf32(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=[CUDA])
+def cuda(request):
+    """The device of a CUDA-only test (marked cuda: a visible skip where CUDA cannot be used)."""
+    with _without_tf32(request.param):
+        yield request.param
+
+
+@contextlib.contextmanager
+def cudnn_deterministic():
+    """cuDNN's deterministic algorithms, so that two equal convolution calls sum in the same order."""
+    saved = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic = saved
+
+
+@pytest.fixture
+def probes_drawn_on_cpu(monkeypatch):
+    """``torch.randn_like`` draws on the CPU (from the generator ``torch.manual_seed`` seeds) and moves
+    the draw to the tensor's device: the log-det estimators' Gaussian probes are then the same on
+    every device, and on the CPU they are the draws of the unpatched call."""
+    randn_like = torch.randn_like
+
+    def on_cpu(t, *args, **kwargs):
+        device = kwargs.pop("device", None) or t.device
+        return randn_like(t, *args, device="cpu", **kwargs).to(device)
+
+    monkeypatch.setattr(torch, "randn_like", on_cpu)
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ tests/data/make_reference_implicit.py running ImpFlow's imBlock, commit d8babe4)
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -112,9 +113,9 @@ def test_solvers_refuse_bad_arguments(kwargs, match):
 # -- the block -------------------------------------------------------------------------------
 
 
-def test_forward_solves_the_implicit_equation_and_inverse_round_trips():
-    b = block(4, eps_forward=1e-12, eps_sample=1e-12)
-    x = torch.randn(6, 4, dtype=F64)
+def test_forward_solves_the_implicit_equation_and_inverse_round_trips(device):
+    b = block(4, eps_forward=1e-12, eps_sample=1e-12).to(device)
+    x = torch.randn(6, 4, dtype=F64).to(device)
     z = b(x)
     with torch.no_grad():  # the solve's residual: |G|_2 < 1e-12 * sqrt(24) = 4.9e-12 over the batch
         torch.testing.assert_close(z + b.nnet_z(z), x + b.nnet_x(x), atol=1e-10, rtol=0)
@@ -124,11 +125,12 @@ def test_forward_solves_the_implicit_equation_and_inverse_round_trips():
     torch.testing.assert_close(b.inverse(z), x, atol=1e-9, rtol=0)
 
 
-def test_round_trip_on_images():
+def test_round_trip_on_images(device):
     torch.manual_seed(3)
     b = ImplicitBlock(convnet(2), convnet(2), eps_forward=1e-11, eps_sample=1e-11).to(F64)
     x = torch.randn(2, 2, 5, 5, dtype=F64)
-    b(x)  # records the input size of the convolutions
+    b(x)  # records the input size of the convolutions (their lazy initialisation on the CPU)
+    b, x = b.to(device), x.to(device)
     update_lipschitz(b, n_iterations=50)
     z = b(x)
     # as above with tolerance 1e-11 * sqrt(100) and L <= 0.64: <= 1e-10 / 0.36 * (1 + 1.64 / 0.36) ~ 1.6e-9
@@ -174,22 +176,23 @@ def test_stochastic_logdet_is_unbiased(grad_in_forward, neumann_grad):
     torch.testing.assert_close(mean, truth, atol=0.03, rtol=0)
 
 
-def test_gradients_equal_autograd_through_a_converged_unrolled_solve():
-    b = block(3, coeff=0.6, eps_forward=1e-13, eps_backward=1e-13, brute_force=True)
-    x = torch.randn(4, 3, dtype=F64, requires_grad=True)
-    weights = torch.randn(4, 3, dtype=F64)
+def test_gradients_equal_autograd_through_a_converged_unrolled_solve(device):
+    b = block(3, coeff=0.6, eps_forward=1e-13, eps_backward=1e-13, brute_force=True).to(device)
+    x = torch.randn(4, 3, dtype=F64).to(device).requires_grad_(True)
+    weights = torch.randn(4, 3, dtype=F64).to(device)
 
     def loss_of(z, logpz):
         return (weights * z).sum() + (z ** 2).sum() - logpz.sum()
 
-    z, logpz = b(x, torch.zeros(4, 1, dtype=F64))
+    z, logpz = b(x, torch.zeros(4, 1, dtype=F64, device=device))
     params = [p for p in b.parameters() if p.requires_grad]
     ours = torch.autograd.grad(loss_of(z, logpz), [x, *params], allow_unused=True)
 
     x2 = x.detach().requires_grad_(True)
     z2 = unrolled(b, x2)
-    jac_x = torch.eye(3, dtype=F64) + jacobian_of(b.nnet_x, x2)
-    jac_z = torch.eye(3, dtype=F64) + jacobian_of(b.nnet_z, z2)
+    eye = torch.eye(3, dtype=F64, device=device)
+    jac_x = eye + jacobian_of(b.nnet_x, x2)
+    jac_z = eye + jacobian_of(b.nnet_z, z2)
     logpz2 = -(torch.logdet(jac_x) - torch.logdet(jac_z)).view(-1, 1)
     truth = torch.autograd.grad(loss_of(z2, logpz2), [x2, *params], allow_unused=True)
     # Broyden: residual < 1e-13 * sqrt(12), so |z - z*| <= 3.5e-13 / (1 - L) ~ 5e-13 (L <= 0.36); 200 unrolled steps
@@ -203,17 +206,57 @@ def test_gradients_equal_autograd_through_a_converged_unrolled_solve():
     assert b.last_backward_report.converged
 
 
-def test_inverse_is_differentiable():
-    b = block(3, coeff=0.6, eps_sample=1e-13, eps_backward=1e-13)
-    z = torch.randn(4, 3, dtype=F64, requires_grad=True)
+def test_inverse_is_differentiable(device):
+    b = block(3, coeff=0.6, eps_sample=1e-13, eps_backward=1e-13).to(device)
+    z = torch.randn(4, 3, dtype=F64).to(device).requires_grad_(True)
     x = b.inverse(z)
     (grad_z,) = torch.autograd.grad(x.sum(), z)
-    eye = torch.eye(3, dtype=F64)
+    eye = torch.eye(3, dtype=F64, device=device)
     jac_x = eye + jacobian_of(b.nnet_x, x.detach())
     jac_z = eye + jacobian_of(b.nnet_z, z.detach())
     truth = torch.linalg.solve(jac_x, jac_z).sum(1)  # 1^T dx/dz with dx/dz = (I + J_x)^-1 (I + J_z)
     # both solves stop at residuals < 1e-13 * sqrt(12): ~1e-12 with the (1 + L) / (1 - L) factors (L <= 0.36)
     torch.testing.assert_close(grad_z, truth, atol=1e-9, rtol=0)
+
+
+def _cpu(*tensors):
+    return [None if t is None else t.detach().cpu() for t in tensors]
+
+
+# (D, options, training): the exact log-det through the implicit gradient (brute force, eval), and for D > 10
+# the Neumann gradient, the basic estimator with backward-in-forward and the exact-trace series.
+CROSS_DEVICE = [(3, dict(brute_force=True), True), (3, dict(), False), (12, dict(n_samples=2), True),
+                (12, dict(neumann_grad=False, grad_in_forward=True, n_dist="poisson"), True),
+                (12, dict(exact_trace=True, n_power_series=8), True), (12, dict(), False)]
+
+
+@pytest.mark.parametrize("dim,options,training", CROSS_DEVICE,
+                         ids=["brute-force", "eval-d3", "neumann", "basic-in-forward", "exact-trace", "eval-d12"])
+def test_cuda_matches_cpu(dim, options, training, cuda):
+    """Forward, log-det, gradients and inverse on CUDA against the same block on the CPU. The draws are the
+    same on both: N from NumPy, and the reference's Rademacher probes are drawn on the CPU on every device."""
+    b = block(dim, coeff=0.6, eps_forward=1e-13, eps_backward=1e-13, eps_sample=1e-13, **options).train(training)
+    moved = copy.deepcopy(b).to(cuda)
+    x = torch.randn(5, dim, dtype=F64)
+    results = []
+    for blk in (b, moved):
+        device = next(blk.parameters()).device
+        np.random.seed(4)
+        torch.manual_seed(4)
+        xi = x.to(device).requires_grad_(True)
+        z, logpz = blk(xi, torch.zeros(5, 1, dtype=F64, device=device))
+        params = [p for p in blk.parameters() if p.requires_grad]
+        grads = torch.autograd.grad((z ** 2).sum() - logpz.sum(), [xi, *params], allow_unused=True)
+        results.append(_cpu(z, logpz, blk.inverse(z.detach()), *grads))
+        assert blk.last_forward_report.converged and blk.last_inverse_report.converged
+    # every solve stops at a residual < 1e-13 sqrt(5 D) on each device, so z, the inverse and the gradients
+    # (through backward solves of the same tolerance) agree to ~1e-12 with L <= 0.36: the tolerances of
+    # test_gradients_equal_autograd_through_a_converged_unrolled_solve
+    for i, (ours, theirs) in enumerate(zip(results[1], results[0])):
+        if theirs is None:
+            assert ours is None or not ours.any(), i
+        else:
+            torch.testing.assert_close(ours, theirs, atol=1e-9, rtol=1e-8, msg=lambda m: f"output {i}: {m}")
 
 
 def test_memory_does_not_grow_with_solver_steps():
@@ -271,32 +314,35 @@ def reference():
 
 @pytest.mark.parity
 @pytest.mark.parametrize("case", ["d2", "d12"])
-def test_matches_the_reference_implementation(reference, case):
+def test_matches_the_reference_implementation(reference, case, device):
+    # on CUDA too: the reference's draws (NumPy's N, Rademacher probes drawn on the CPU) are the same there
     ref = reference[case]
     dim = ref["dim"]
     torch.manual_seed(99)  # other initial weights: everything must come from the state_dict
     b = ImplicitBlock(mlp(dim), mlp(dim)).to(F64)
     b.load_state_dict(ref["state_dict"])  # strict: only the reference's frozen copies are dropped
     assert set(b.state_dict()) == {k for k in ref["state_dict"] if "_copy." not in k}
+    b = b.to(device)
+    zero = torch.zeros(5, 1, dtype=F64, device=device)
     seed = 0 if dim == 2 else 10
     b.train()
     np.random.seed(seed + 1)
     torch.manual_seed(seed + 1)
-    x = ref["x"].clone().requires_grad_(True)
-    z, logpz = b(x, torch.zeros(5, 1, dtype=F64))
+    x = ref["x"].clone().to(device).requires_grad_(True)
+    z, logpz = b(x, zero)
     loss = (0.5 * z.pow(2).sum(1, keepdim=True) - logpz).mean()
     loss.backward()
-    torch.testing.assert_close(z.detach(), ref["train_z"], atol=2e-6, rtol=0)
-    torch.testing.assert_close(logpz.detach(), ref["train_logpz"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(x.grad, ref["train_grad_x"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(z.detach().cpu(), ref["train_z"], atol=2e-6, rtol=0)
+    torch.testing.assert_close(logpz.detach().cpu(), ref["train_logpz"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.cpu(), ref["train_grad_x"], atol=1e-5, rtol=1e-4)
     grads = {name: p.grad for name, p in b.named_parameters() if p.grad is not None}
     assert set(grads) == set(ref["train_grads"])
     for name, g in grads.items():
-        torch.testing.assert_close(g, ref["train_grads"][name], atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(g.cpu(), ref["train_grads"][name], atol=1e-5, rtol=1e-4, msg=name)
     b.eval()
     np.random.seed(seed + 2)
     torch.manual_seed(seed + 2)
-    z, logpz = b(ref["x"], torch.zeros(5, 1, dtype=F64))
-    torch.testing.assert_close(z.detach(), ref["eval_z"], atol=2e-6, rtol=0)
-    torch.testing.assert_close(logpz.detach(), ref["eval_logpz"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(b.inverse(z.detach()), ref["inverse_x"], atol=2e-5, rtol=0)
+    z, logpz = b(ref["x"].to(device), zero)
+    torch.testing.assert_close(z.detach().cpu(), ref["eval_z"], atol=2e-6, rtol=0)
+    torch.testing.assert_close(logpz.detach().cpu(), ref["eval_logpz"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.inverse(z.detach()).cpu(), ref["inverse_x"], atol=2e-5, rtol=0)

@@ -37,9 +37,9 @@ def _cnn(channels, seed=1):
     return net
 
 
-def _pair(net, dtype=torch.float64, **kwargs):
-    ref = NfBlock(copy.deepcopy(net), **kwargs).to(dtype)
-    ours = iResBlock(copy.deepcopy(net), **kwargs).to(dtype)
+def _pair(net, dtype=torch.float64, device="cpu", **kwargs):
+    ref = NfBlock(copy.deepcopy(net), **kwargs).to(device, dtype)
+    ours = iResBlock(copy.deepcopy(net), **kwargs).to(device, dtype)
     ours.load_state_dict(ref.state_dict())
     return ref, ours
 
@@ -53,7 +53,7 @@ def _step(block, x, seed, logpx=True, weights=None):
         y = block(x)
         loss, logp = y.square().sum(), None
     else:
-        y, logp = block(x, torch.zeros(x.shape[0], 1, dtype=x.dtype))
+        y, logp = block(x, torch.zeros(x.shape[0], 1, dtype=x.dtype, device=x.device))
         w = torch.ones_like(logp) if weights is None else weights
         loss = y.square().sum() + (w * logp).sum()
     params = [p for p in block.parameters() if p.requires_grad]
@@ -87,11 +87,12 @@ SETTINGS = [
 @pytest.mark.parity
 @pytest.mark.parametrize("kwargs", SETTINGS, ids=lambda k: "-".join(str(v) for v in k.values()))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_matches_normflows_on_an_mlp(kwargs, training):
-    ref, ours = _pair(_mlp([4, 16, 16, 4]), **kwargs)
+def test_matches_normflows_on_an_mlp(kwargs, training, device):
+    # on CUDA both blocks draw their probes there, from the same seed in the same order: the same probes
+    ref, ours = _pair(_mlp([4, 16, 16, 4]), device=device, **kwargs)
     ref.train(training)
     ours.train(training)
-    x = torch.randn(7, 4, dtype=torch.float64)
+    x = torch.randn(7, 4, dtype=torch.float64).to(device)
     for seed in (3, 4):
         _assert_same(_step(ref, x, seed), _step(ours, x, seed))
     for name in ("last_n_samples", "last_firmom", "last_secmom"):
@@ -101,9 +102,9 @@ def test_matches_normflows_on_an_mlp(kwargs, training):
 @pytest.mark.parity
 @pytest.mark.parametrize("kwargs", [SETTINGS[0], SETTINGS[6], SETTINGS[11]],
                          ids=lambda k: "-".join(str(v) for v in k.values()))
-def test_matches_normflows_on_a_cnn(kwargs):
-    ref, ours = _pair(_cnn([2, 8, 8, 2]), **kwargs)
-    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+def test_matches_normflows_on_a_cnn(kwargs, device):
+    ref, ours = _pair(_cnn([2, 8, 8, 2]), device=device, **kwargs)
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64).to(device)
     _assert_same(_step(ref, x, 5), _step(ours, x, 5))
 
 
@@ -112,9 +113,9 @@ def test_matches_normflows_on_a_cnn(kwargs):
     (dict(brute_force=True), 2), (dict(exact_trace=True), 2), (dict(exact_trace=True), 3),
     (dict(n_power_series=5), 2), (dict(n_power_series=5), 3), (dict(exact_trace=True, n_dist="poisson"), 3),
 ], ids=str)
-def test_exact_and_truncated_branches_match_normflows(kwargs, dim):
-    ref, ours = _pair(_mlp([dim, 8, dim]), **kwargs)
-    x = torch.randn(5, dim, dtype=torch.float64)
+def test_exact_and_truncated_branches_match_normflows(kwargs, dim, device):
+    ref, ours = _pair(_mlp([dim, 8, dim]), device=device, **kwargs)
+    x = torch.randn(5, dim, dtype=torch.float64).to(device)
     for training in (True, False):
         ref.train(training)
         ours.train(training)
@@ -122,17 +123,46 @@ def test_exact_and_truncated_branches_match_normflows(kwargs, dim):
 
 
 @pytest.mark.parity
-def test_float32_matches_normflows():
-    ref, ours = _pair(_mlp([3, 32, 3]), dtype=torch.float32, grad_in_forward=True)
-    x = torch.randn(9, 3)
+def test_float32_matches_normflows(device):
+    ref, ours = _pair(_mlp([3, 32, 3]), dtype=torch.float32, device=device, grad_in_forward=True)
+    x = torch.randn(9, 3).to(device)
     _assert_same(_step(ref, x, 11), _step(ours, x, 11), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parity
-def test_without_logpx_returns_x_plus_g():
-    ref, ours = _pair(_mlp([3, 8, 3]))
-    x = torch.randn(4, 3, dtype=torch.float64)
+def test_without_logpx_returns_x_plus_g(device):
+    ref, ours = _pair(_mlp([3, 8, 3]), device=device)
+    x = torch.randn(4, 3, dtype=torch.float64).to(device)
     _assert_same(_step(ref, x, 0, logpx=False), _step(ours, x, 0, logpx=False))
+
+
+def _cpu(step):
+    y, logp, grads = step
+    return y.cpu(), None if logp is None else logp.cpu(), [None if g is None else g.cpu() for g in grads]
+
+
+# (branch, settings): the Neumann gradient and the basic estimator, each with and without backward-in-forward,
+# geometric and Poisson N, one and three draws of N; a convolutional branch.
+CROSS_DEVICE = [("mlp", SETTINGS[0]), ("mlp", SETTINGS[3]), ("mlp", SETTINGS[13]), ("mlp", SETTINGS[14]),
+                ("cnn", SETTINGS[1]), ("cnn", SETTINGS[6])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("branch,kwargs", CROSS_DEVICE,
+                         ids=[b + "-" + "-".join(str(v) for v in k.values()) for b, k in CROSS_DEVICE])
+def test_cuda_matches_cpu(branch, kwargs, training, dtype, cuda, probes_drawn_on_cpu):
+    """The block on CUDA against the same block on the CPU: the same net and N (NumPy's draws), and the
+    same probes (drawn on the CPU for both: probes_drawn_on_cpu), so only the devices' arithmetic differs."""
+    net = _mlp([4, 16, 16, 4]) if branch == "mlp" else _cnn([2, 8, 8, 2])
+    block = iResBlock(net, **kwargs).to(dtype).train(training)
+    moved = copy.deepcopy(block).to(cuda)
+    x = torch.randn((7, 4) if branch == "mlp" else (3, 2, 5, 5), dtype=torch.float64).to(dtype)
+    # float64 as _assert_same (sums in another order); float32 as test_float32_matches_normflows: each side
+    # rounds the same products in its own order and errs by ~10 2^-24 relative against the float64 result
+    tol = {} if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+    for seed in (3, 4):
+        _assert_same(_step(block, x, seed), _cpu(_step(moved, x.to(cuda), seed)), **tol)
 
 
 def test_state_dict_layout_and_dtypes_match_the_reference():
@@ -200,20 +230,20 @@ def logdet_exact_with_graph(block, x):
     return torch.linalg.slogdet(torch.eye(x.shape[1], dtype=x.dtype) + jac).logabsdet
 
 
-def test_eval_2d_uses_the_exact_determinant():
-    block = iResBlock(_mlp([2, 16, 2])).double().eval()
-    x = torch.randn(6, 2, dtype=torch.float64)
+def test_eval_2d_uses_the_exact_determinant(device):
+    block = iResBlock(_mlp([2, 16, 2])).double().eval().to(device)
+    x = torch.randn(6, 2, dtype=torch.float64).to(device)
     _, logp = block(x, 0.0)
     # float64 2 x 2 determinants of the same Jacobian built two ways: ~1e-16; the default 1e-7 is loose, but the
     # estimator instead of the exact branch errs by >= 1e-3
     torch.testing.assert_close(-logp, logdet_exact(block, x))
 
 
-def test_logdet_exact_of_a_conv_block_matches_dense_jacobian():
-    block = iResBlock(_cnn([2, 4, 4, 2])).double()
-    x = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+def test_logdet_exact_of_a_conv_block_matches_dense_jacobian(device):
+    block = iResBlock(_cnn([2, 4, 4, 2])).double().to(device)
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64).to(device)
     jac = torch.autograd.functional.jacobian(lambda t: block.nnet(t).sum(0), x).reshape(18, 2, 18).permute(1, 0, 2)
-    expected = torch.linalg.slogdet(torch.eye(18, dtype=torch.float64) + jac).logabsdet.view(-1, 1)
+    expected = torch.linalg.slogdet(torch.eye(18, dtype=torch.float64, device=device) + jac).logabsdet.view(-1, 1)
     # float64 slogdet of the same 18 x 18 Jacobian (cond(I + J) <= 19 for Lip(g) < 0.9): ~1e-14; default loose
     torch.testing.assert_close(logdet_exact(block, x), expected)
 
@@ -247,14 +277,14 @@ def test_torch_rng_mode_reproduces_with_torch_manual_seed_alone():
     torch.testing.assert_close(outs[0], outs[1])  # the same draws and ops: equal
 
 
-def test_grad_in_forward_uses_the_whole_upstream_gradient_for_x():
+def test_grad_in_forward_uses_the_whole_upstream_gradient_for_x(device):
     net = _mlp([3, 16, 3])
-    weights = torch.linspace(0.5, 2.0, 6, dtype=torch.float64).view(-1, 1)
-    mem = iResBlock(copy.deepcopy(net), grad_in_forward=True).double()
-    plain = iResBlock(copy.deepcopy(net), grad_in_forward=False).double()
+    weights = torch.linspace(0.5, 2.0, 6, dtype=torch.float64).view(-1, 1).to(device)
+    mem = iResBlock(copy.deepcopy(net), grad_in_forward=True).double().to(device)
+    plain = iResBlock(copy.deepcopy(net), grad_in_forward=False).double().to(device)
     for p in itertools.chain(mem.nnet.parameters(), plain.nnet.parameters()):
         p.requires_grad_(False)
-    x = torch.randn(6, 3, dtype=torch.float64)
+    x = torch.randn(6, 3, dtype=torch.float64).to(device)
     _assert_same(_step(plain, x, 2, weights=weights), _step(mem, x, 2, weights=weights))
 
 
@@ -295,17 +325,18 @@ def test_inverse_round_trip(per_sample):
 
 
 @pytest.mark.parity
-def test_inverse_matches_normflows_and_returns_the_log_density():
-    ref, ours = _pair(_mlp([3, 16, 3]))
+def test_inverse_matches_normflows_and_returns_the_log_density(device):
+    ref, ours = _pair(_mlp([3, 16, 3]), device=device)
     ref.eval()
     ours.eval()
-    y = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randn(5, 3, dtype=torch.float64).to(device)
+    zero = torch.zeros(5, 1, dtype=torch.float64, device=device)
     np.random.seed(0)
     torch.manual_seed(0)
-    xr, lr = ref.inverse(y, torch.zeros(5, 1, dtype=torch.float64))
+    xr, lr = ref.inverse(y, zero)
     np.random.seed(0)
     torch.manual_seed(0)
-    xo, lo = ours.inverse(y, torch.zeros(5, 1, dtype=torch.float64))
+    xo, lo = ours.inverse(y, zero)
     # float64, the same fixed-point steps on the shared net with the same stopping rule (a different stop would
     # differ by ~1e-3), then the log-det as in _assert_same: its tolerances (the default 1e-7 hid float32 rounding)
     torch.testing.assert_close(xo, xr, atol=1e-10, rtol=1e-9)

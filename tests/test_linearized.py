@@ -53,19 +53,22 @@ def _run(block, x, seed, weights=None):
     np.random.seed(seed)
     torch.manual_seed(seed)
     x = x.clone().requires_grad_(True)
-    y, logp = block(x, torch.zeros(x.shape[0], 1, dtype=x.dtype))
+    y, logp = block(x, torch.zeros(x.shape[0], 1, dtype=x.dtype, device=x.device))
     w = torch.ones_like(logp) if weights is None else weights
-    loss = (y * torch.linspace(-1, 1, y[0].numel(), dtype=y.dtype).view_as(y[0])).sum() + (w * logp).sum()
+    ramp = torch.linspace(-1, 1, y[0].numel(), dtype=y.dtype, device=y.device).view_as(y[0])
+    loss = (y * ramp).sum() + (w * logp).sum()
     params = list(block.nnet.parameters())
     grads = torch.autograd.grad(loss, [x, *params], allow_unused=True)
     return [y.detach(), logp.detach(), *grads]
 
 
 def _compare(net, x, training=True, seeds=(1, 2), weights=None, **kwargs):
-    net = _randomize_betas(net).to(x.dtype)
+    """The fast path against autograd on x's device: both blocks there, with the same draws (the same
+    seeds and calls), so that only the VJP source differs."""
+    net = _randomize_betas(net).to(x.device, x.dtype)
     assert linearize(net) is not None
-    fast = iResBlock(copy.deepcopy(net), **kwargs).train(training)
-    slow = iResBlock(copy.deepcopy(net), fast_path=False, **kwargs).train(training)
+    fast = iResBlock(copy.deepcopy(net), **kwargs).to(x.device).train(training)
+    slow = iResBlock(copy.deepcopy(net), fast_path=False, **kwargs).to(x.device).train(training)
     for seed in seeds:
         got, expected = _run(fast, x, seed, weights), _run(slow, x, seed, weights)
         for i, (a, b) in enumerate(zip(got, expected)):
@@ -82,71 +85,71 @@ SETTINGS = [dict(n_dist=d, n_samples=s, neumann_grad=n, grad_in_forward=g)
 
 @pytest.mark.parametrize("kwargs", SETTINGS, ids=lambda k: "-".join(str(v) for v in k.values()))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_mlp_fast_path_equals_autograd(kwargs, training):
-    _compare(_mlp([5, 24, 24, 5]), torch.randn(9, 5, dtype=torch.float64), training, **kwargs)
+def test_mlp_fast_path_equals_autograd(kwargs, training, device):
+    _compare(_mlp([5, 24, 24, 5]), torch.randn(9, 5, dtype=torch.float64).to(device), training, **kwargs)
 
 
 @pytest.mark.parametrize("kwargs", SETTINGS[::3], ids=lambda k: "-".join(str(v) for v in k.values()))
 @pytest.mark.parametrize("preact", [True, False])
-def test_conv_fast_path_equals_autograd(kwargs, preact):
-    _compare(_conv(preact=preact), torch.randn(2, 3, 6, 6, dtype=torch.float64), **kwargs)
+def test_conv_fast_path_equals_autograd(kwargs, preact, device):
+    _compare(_conv(preact=preact), torch.randn(2, 3, 6, 6, dtype=torch.float64).to(device), **kwargs)
 
 
 @pytest.mark.parametrize("act", [nn.ELU, lambda: nn.ELU(0.7), nn.Softplus,
                                  lambda: nn.Softplus(2.0, threshold=1.0), LipSwish, nf.nets.lipschitz.Swish],
                          ids=["elu", "elu0.7", "softplus", "softplus-thr", "lipswish", "normflows-swish"])
-def test_activations_fast_path_equals_autograd(act):
+def test_activations_fast_path_equals_autograd(act, device):
     for grad_in_forward in (False, True):
-        _compare(_mlp([4, 16, 4], act=act), 2 * torch.randn(8, 4, dtype=torch.float64),
+        _compare(_mlp([4, 16, 4], act=act), 2 * torch.randn(8, 4, dtype=torch.float64).to(device),
                  grad_in_forward=grad_in_forward)
 
 
 @pytest.mark.parametrize("grad_in_forward", [True, False])
-def test_float32_fast_path_equals_autograd(grad_in_forward):
-    _compare(_mlp([4, 32, 32, 4]), torch.randn(16, 4), grad_in_forward=grad_in_forward)
-    _compare(_conv(), torch.randn(2, 3, 6, 6), grad_in_forward=grad_in_forward)
+def test_float32_fast_path_equals_autograd(grad_in_forward, device):
+    _compare(_mlp([4, 32, 32, 4]), torch.randn(16, 4).to(device), grad_in_forward=grad_in_forward)
+    _compare(_conv(), torch.randn(2, 3, 6, 6).to(device), grad_in_forward=grad_in_forward)
 
 
-def test_plain_torch_layers_without_bias_and_a_strided_conv():
+def test_plain_torch_layers_without_bias_and_a_strided_conv(device):
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(3, 8, bias=False), nn.ELU(), nn.Linear(8, 3))
     with torch.no_grad():
         for m in mlp:
             if isinstance(m, nn.Linear):
                 m.weight.mul_(0.3)
-    _compare(mlp, torch.randn(6, 3, dtype=torch.float64))
+    _compare(mlp, torch.randn(6, 3, dtype=torch.float64).to(device))
     conv = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), LipSwish(), nn.ConvTranspose2d(4, 2, 2, 2))
     assert linearize(conv) is None  # ConvTranspose2d is not a supported step
     down_up = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), LipSwish(), nn.Conv2d(4, 2, 1))
     assert linearize(down_up) is not None
-    block = iResBlock(down_up)
+    block = iResBlock(down_up).to(device)
     with pytest.raises(RuntimeError, match="must keep the shape"):
-        block(torch.randn(2, 2, 5, 5), 0.0)
+        block(torch.randn(2, 2, 5, 5).to(device), 0.0)
 
 
-def test_spectral_norm_layers_keep_their_training_side_effects():
+def test_spectral_norm_layers_keep_their_training_side_effects(device):
     torch.manual_seed(0)
     net = nn.Sequential(LipSwish(), SpectralNormLinear(3, 16, n_iterations=2), LipSwish(),
                         SpectralNormLinear(16, 3, n_iterations=2))
-    fast = _compare(net, torch.randn(5, 3, dtype=torch.float64), seeds=(1,))
-    slow = iResBlock(copy.deepcopy(_randomize_betas(net).double()), fast_path=False)
-    _run(slow, torch.randn(5, 3, dtype=torch.float64), 1)
+    fast = _compare(net, torch.randn(5, 3, dtype=torch.float64).to(device), seeds=(1,))
+    slow = iResBlock(copy.deepcopy(_randomize_betas(net).double()), fast_path=False).to(device)
+    _run(slow, torch.randn(5, 3, dtype=torch.float64).to(device), 1)
     # the same power-iteration steps on the same float64 weight: equal (a missed or extra step moves u by far more)
     torch.testing.assert_close(fast.nnet[1].u, slow.nnet[1].u)
 
 
-def test_normflows_lipschitz_networks_take_the_fast_path():
+def test_normflows_lipschitz_networks_take_the_fast_path(device):
     torch.manual_seed(0)
     mlp = nf.nets.LipschitzMLP([3, 16, 3], init_zeros=False, lipschitz_const=0.9)
-    _compare(mlp, torch.randn(4, 3, dtype=torch.float64))
+    _compare(mlp, torch.randn(4, 3, dtype=torch.float64).to(device))
     cnn = nf.nets.LipschitzCNN([2, 4, 2], [3, 3], init_zeros=False, lipschitz_const=0.9)
-    cnn(torch.randn(1, 2, 4, 4))
-    _compare(cnn, torch.randn(2, 2, 4, 4, dtype=torch.float64))
+    cnn(torch.randn(1, 2, 4, 4))  # the lazy initialisation on the CPU
+    _compare(cnn, torch.randn(2, 2, 4, 4, dtype=torch.float64).to(device))
 
 
-def test_per_sample_upstream_gradients_without_backward_in_forward():
-    weights = torch.linspace(0.5, 2, 7, dtype=torch.float64).view(-1, 1)
-    _compare(_mlp([3, 12, 3]), torch.randn(7, 3, dtype=torch.float64), weights=weights)
+def test_per_sample_upstream_gradients_without_backward_in_forward(device):
+    weights = torch.linspace(0.5, 2, 7, dtype=torch.float64).view(-1, 1).to(device)
+    _compare(_mlp([3, 12, 3]), torch.randn(7, 3, dtype=torch.float64).to(device), weights=weights)
 
 
 @pytest.mark.parametrize("net", [
@@ -183,10 +186,19 @@ def _chain_args(net, x):
     return source
 
 
-def test_neumann_gradient_op_equals_autograd_double_backward():
-    net = _randomize_betas(_mlp([4, 10, 10, 4])).double()
-    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    eps, w_tilde = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+def _to(args, device):
+    """The ops' arguments (tensors, None, numbers and lists of them) on ``device``."""
+    if isinstance(args, torch.Tensor):
+        return args.to(device)
+    if isinstance(args, (list, tuple)):
+        return type(args)(_to(a, device) for a in args)
+    return args
+
+
+def test_neumann_gradient_op_equals_autograd_double_backward(device):
+    net = _randomize_betas(_mlp([4, 10, 10, 4])).double().to(device)
+    x = torch.randn(6, 4, dtype=torch.float64).to(device).requires_grad_(True)
+    eps, w_tilde = (torch.randn(6, 4, dtype=torch.float64).to(device) for _ in range(2))
     g = net(x)
     (vjp,) = torch.autograd.grad(g, x, w_tilde, create_graph=True)
     s = (vjp * eps).sum(1)
@@ -223,10 +235,10 @@ def _apply(net, x, weights):
     return h
 
 
-def test_logdet_series_op_matches_autograd_terms():
-    net = _randomize_betas(_conv()).double()
-    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
-    eps = torch.randn_like(x)
+def test_logdet_series_op_matches_autograd_terms(device):
+    net = _randomize_betas(_conv()).double().to(device)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64).to(device).requires_grad_(True)
+    eps = torch.randn(x.shape, dtype=x.dtype).to(device)
     g = net(x)
     w, terms = eps, []
     for _ in range(4):
@@ -267,10 +279,10 @@ def test_ops_pass_opcheck():
                           (torch.randn_like(x), eps, *source._gradient_args()))
 
 
-def test_empty_batch():
-    net = _mlp([3, 8, 3]).double()
-    source = _chain_args(net, torch.randn(0, 3, dtype=torch.float64))
-    eps = torch.randn(0, 3, dtype=torch.float64)
+def test_empty_batch(device):
+    net = _mlp([3, 8, 3]).double().to(device)
+    source = _chain_args(net, torch.randn(0, 3, dtype=torch.float64, device=device))
+    eps = torch.randn(0, 3, dtype=torch.float64, device=device)
     logdet, neumann, surrogate = ops.linearized_logdet_series(eps, source._weights, source._strides,
                                                               source._paddings, source.cache.slopes, [1.0], [1.0])
     assert logdet.shape == (0,) and neumann.shape == (0, 3) and surrogate.shape == (0,)
@@ -332,23 +344,28 @@ BRANCHES = {
 @pytest.mark.parity
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("name", sorted(BRANCHES))
-def test_ops_match_the_reference_twins(name, dtype):
+def test_ops_match_the_reference_twins(name, dtype, device):
+    """The ops on the device against their twins on the CPU, on the same (copied) arguments."""
     from resflow_cuda import reference
 
-    net = _randomize_betas(BRANCHES[name]()).to(dtype)
+    net = _randomize_betas(BRANCHES[name]()).to(device, dtype)
     first = next(m for m in net.modules() if isinstance(m, (InducedNormLinear, InducedNormConv2d)))
     channels = first.weight.shape[1]
-    x = torch.randn(5, channels, dtype=dtype) if first.weight.dim() == 2 else torch.randn(3, channels, 6, 6, dtype=dtype)
+    shape = (5, channels) if first.weight.dim() == 2 else (3, channels, 6, 6)
+    x = torch.randn(shape, dtype=dtype).to(device)
     source = _chain_args(net, x)
-    eps = torch.randn(x.shape[::-1], dtype=dtype).t() if x.dim() == 2 else torch.randn_like(x)  # non-contiguous MLP eps
+    # the MLP's eps non-contiguous (transposed on the device, as moving keeps a dense view's strides anyway)
+    eps = torch.randn(shape[::-1], dtype=dtype).to(device).t() if x.dim() == 2 else torch.randn_like(x.cpu()).to(device)
     lc, nc = [1.0, -0.5, 1 / 3], [-1.0, 1.0, -0.5]
     args = (eps, source._weights, source._strides, source._paddings, source.cache.slopes, lc, nc)
     tol = TOL[dtype] if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-4)
-    for got, expected in zip(ops.linearized_logdet_series(*args), reference.linearized_logdet_series(*args)):
-        torch.testing.assert_close(got, expected, **tol)
-    w_tilde = torch.randn_like(eps)
-    got = ops.linearized_neumann_gradient(w_tilde, eps, *source._gradient_args())
-    expected = reference.linearized_neumann_gradient(w_tilde, eps, *source._gradient_args())
+    expected_all = reference.linearized_logdet_series(*_to(args, "cpu"))
+    for got, expected in zip(ops.linearized_logdet_series(*args), expected_all):
+        assert got.device == x.device
+        torch.testing.assert_close(got.cpu(), expected, **tol)
+    w_tilde = torch.randn(shape, dtype=dtype).to(device)
+    got = _to(ops.linearized_neumann_gradient(w_tilde, eps, *source._gradient_args()), "cpu")
+    expected = reference.linearized_neumann_gradient(*_to((w_tilde, eps, *source._gradient_args()), "cpu"))
     torch.testing.assert_close(got[0], expected[0], **tol)
     torch.testing.assert_close(got[1], expected[1], **tol)
     for group in (2, 3, 4):
@@ -358,13 +375,13 @@ def test_ops_match_the_reference_twins(name, dtype):
 
 
 @pytest.mark.parametrize("name", ["mlp-lipswish", "conv-preact", "mlp-softplus"])
-def test_neumann_surrogate_gradcheck(name):
+def test_neumann_surrogate_gradcheck(name, device):
     """The surrogate <w~^T J(x), eps> with w~ and eps fixed, as a function of x, against finite differences."""
-    net = _randomize_betas(BRANCHES[name]()).double()
+    net = _randomize_betas(BRANCHES[name]()).double().to(device)
     first = next(m for m in net.modules() if isinstance(m, (InducedNormLinear, InducedNormConv2d)))
     shape = (3, first.weight.shape[1]) if first.weight.dim() == 2 else (2, first.weight.shape[1], 4, 4)
-    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    w_tilde, eps = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    x = torch.randn(shape, dtype=torch.float64).to(device).requires_grad_(True)
+    w_tilde, eps = (torch.randn(shape, dtype=torch.float64).to(device) for _ in range(2))
 
     def surrogate(x):
         _, source = linearize(net)(x)
@@ -385,12 +402,12 @@ JACOBIAN_BRANCHES = {
 
 
 @pytest.mark.parametrize("name", sorted(JACOBIAN_BRANCHES))
-def test_forward_mode_jacobian_equals_autograd(name):
+def test_forward_mode_jacobian_equals_autograd(name, device):
     from resflow_cuda import estimators as est
 
-    net = _randomize_betas(JACOBIAN_BRANCHES[name]()).double()
+    net = _randomize_betas(JACOBIAN_BRANCHES[name]()).double().to(device)
     dim = next(m for m in net.modules() if hasattr(m, "weight")).weight.shape[1]
-    x = 2 * torch.randn(6, dim, dtype=torch.float64)
+    x = 2 * torch.randn(6, dim, dtype=torch.float64).to(device)
     x_fast, x_slow = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     g, jac = linearize(net).jacobian(x_fast)
     g_ref = net(x_slow)

@@ -15,6 +15,7 @@ from torch.testing import assert_close
 import resflow_cuda
 from resflow_cuda import nn as rnn
 from resflow_cuda import reference as R
+from conftest import cudnn_deterministic
 
 INF = float("inf")
 
@@ -47,7 +48,7 @@ def _pair(ours_cls, ref_cls, *args, seed=0, **kwargs):
 def _forward_backward(module, x):
     x = x.clone().requires_grad_(True)
     y = module(x)
-    y.backward(torch.ones_like(y) + torch.arange(y.numel()).view_as(y) * 0.01)
+    y.backward(torch.ones_like(y) + torch.arange(y.numel(), device=y.device).view_as(y) * 0.01)
     grads = [x.grad] + [p.grad for p in module.parameters()]
     return y, grads
 
@@ -61,10 +62,11 @@ LINEAR_SETTINGS = [
 
 @pytest.mark.parity
 @pytest.mark.parametrize("kwargs", LINEAR_SETTINGS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
-def test_induced_norm_linear_equals_normflows(kwargs):
+def test_induced_norm_linear_equals_normflows(kwargs, device):
     ours, ref = _pair(rnn.InducedNormLinear, nf.InducedNormLinear, 20, 10, **kwargs)
-    _same_state(ours, ref)  # construction: weights, 200 iterations, restarts
-    x = torch.randn(7, 20)
+    _same_state(ours, ref)  # construction: weights, 200 iterations, restarts (on the CPU)
+    ours, ref = ours.to(device), ref.to(device)
+    x = torch.randn(7, 20).to(device)
     y1, g1 = _forward_backward(ours, x)
     y2, g2 = _forward_backward(ref, x)
     _close(y1, y2)
@@ -86,12 +88,13 @@ CONV_SETTINGS = [dict(n_iterations=5), dict(atol=1e-3, rtol=1e-3), dict(n_iterat
 @pytest.mark.parity
 @pytest.mark.parametrize("kernel", [1, 3])
 @pytest.mark.parametrize("kwargs", CONV_SETTINGS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
-def test_induced_norm_conv2d_equals_normflows(kernel, kwargs):
+def test_induced_norm_conv2d_equals_normflows(kernel, kwargs, device):
     ours, ref = _pair(rnn.InducedNormConv2d, nf.InducedNormConv2d, 3, 5, kernel, 1, kernel // 2, **kwargs)
-    x = torch.randn(2, 3, 6, 5)
+    ours, ref = ours.to(device), ref.to(device)
+    x = torch.randn(2, 3, 6, 5).to(device)
     outputs = []
     for module in (ours, ref):
-        torch.manual_seed(1)  # the lazy initialisation at the first forward draws u and v
+        torch.manual_seed(1)  # the lazy initialisation at the first forward draws u and v (on the device, both)
         outputs.append(_forward_backward(module, x))
     (y1, g1), (y2, g2) = outputs
     _close(y1, y2)
@@ -106,10 +109,11 @@ def test_induced_norm_conv2d_equals_normflows(kernel, kwargs):
 @pytest.mark.parity
 @pytest.mark.parametrize("kwargs", [dict(n_iterations=3), dict(atol=1e-3, rtol=1e-3),
                                     dict(n_iterations=50, atol=1e-3, rtol=1e-3)])
-def test_spectral_norm_linear_equals_the_reference(kwargs):
+def test_spectral_norm_linear_equals_the_reference(kwargs, device):
     ours, ref = _pair(rnn.SpectralNormLinear, R.SpectralNormLinear, 12, 7, **kwargs)
     _same_state(ours, ref)
-    x = torch.randn(4, 12)
+    ours, ref = ours.to(device), ref.to(device)
+    x = torch.randn(4, 12).to(device)
     for mode in ("train", "eval"):
         getattr(ours, mode)()
         getattr(ref, mode)()
@@ -124,9 +128,10 @@ def test_spectral_norm_linear_equals_the_reference(kwargs):
 @pytest.mark.parity
 @pytest.mark.parametrize("kernel", [1, 3])
 @pytest.mark.parametrize("kwargs", [dict(n_iterations=3), dict(atol=1e-3, rtol=1e-3)])
-def test_spectral_norm_conv2d_equals_the_reference(kernel, kwargs):
+def test_spectral_norm_conv2d_equals_the_reference(kernel, kwargs, device):
     ours, ref = _pair(rnn.SpectralNormConv2d, R.SpectralNormConv2d, 3, 4, kernel, 1, kernel // 2, **kwargs)
-    x = torch.randn(2, 3, 6, 5)
+    ours, ref = ours.to(device), ref.to(device)
+    x = torch.randn(2, 3, 6, 5).to(device)
     for _ in range(2):
         torch.manual_seed(1)  # the first forward draws u and v
         y1, g1 = _forward_backward(ours, x)
@@ -139,14 +144,15 @@ def test_spectral_norm_conv2d_equals_the_reference(kernel, kwargs):
 
 
 @pytest.mark.parity
-def test_update_lipschitz_equals_normflows_on_whole_models():
+def test_update_lipschitz_equals_normflows_on_whole_models(device):
     for build in (lambda: LipschitzMLP([2, 16, 16, 16, 2], max_lipschitz_iter=5),
                   lambda: LipschitzCNN([3, 8, 8, 3], [3, 1, 3], max_lipschitz_iter=4)):
         torch.manual_seed(0)
         ref = build()
         ours = copy.deepcopy(ref)
         _swap_layers(ours)
-        x = torch.randn(4, 2) if isinstance(ref, LipschitzMLP) else torch.randn(2, 3, 5, 6)
+        ours, ref = ours.to(device), ref.to(device)
+        x = (torch.randn(4, 2) if isinstance(ref, LipschitzMLP) else torch.randn(2, 3, 5, 6)).to(device)
         torch.manual_seed(2)
         ref(x)
         torch.manual_seed(2)
@@ -180,11 +186,12 @@ def _swap_layers(model: torch.nn.Module) -> None:
         setattr(model, name, new)
 
 
-def test_update_lipschitz_batches_equal_shapes_with_per_layer_results():
+def test_update_lipschitz_batches_equal_shapes_with_per_layer_results(device):
     torch.manual_seed(0)
     layers = torch.nn.Sequential(*[rnn.InducedNormLinear(16, 16, n_iterations=4) for _ in range(3)],
                                  rnn.SpectralNormLinear(16, 16, n_iterations=2), rnn.SpectralNormLinear(16, 16,
                                                                                                           n_iterations=2))
+    layers = layers.to(device)
     twins = copy.deepcopy(layers)
     with torch.no_grad():
         for p in layers.parameters():
@@ -198,49 +205,53 @@ def test_update_lipschitz_batches_equal_shapes_with_per_layer_results():
 
 
 @pytest.mark.parametrize("settings", [dict(n_iterations=3), dict(atol=1e-3, rtol=1e-3)], ids=["fixed", "tol"])
-def test_update_lipschitz_takes_conv_sigma_from_the_op(settings, monkeypatch):
+def test_update_lipschitz_takes_conv_sigma_from_the_op(settings, monkeypatch, device):
     """k x k convolutions: update_lipschitz writes the op's u, v and sigma (one convolution fewer than
-    compute_weight); the same u and v, and sigma up to rounding, as compute_weight(update=True)."""
+    compute_weight); the same u and v, and sigma up to rounding, as compute_weight(update=True). On CUDA
+    with cuDNN's deterministic algorithms, so that both run the same sums."""
     torch.manual_seed(0)
     layers = torch.nn.Sequential(rnn.InducedNormConv2d(3, 8, 3, 1, 1, **settings),
                                  rnn.InducedNormConv2d(8, 3, 3, 1, 1, domain=1.5, codomain=3, **settings),
                                  rnn.SpectralNormConv2d(3, 5, 3, 1, 1, **settings))
     layers(torch.randn(2, 3, 6, 5))
+    layers = layers.to(device)
     with torch.no_grad():
         for p in layers.parameters():
             p.mul_(1.3)
     twins = copy.deepcopy(layers)
-    with monkeypatch.context() as patched:
+    with monkeypatch.context() as patched, cudnn_deterministic():
         patched.setattr(type(layers[0]), "_sigma", lambda *args: pytest.fail("compute_weight's sigma was used"))
         patched.setattr(type(layers[2]), "_sigma", lambda *args: pytest.fail("compute_weight's sigma was used"))
         resflow_cuda.update_lipschitz(layers)
-    for layer in twins:
-        layer.compute_weight(update=True)
+    with cudnn_deterministic():
+        for layer in twins:
+            layer.compute_weight(update=True)
     for ours, theirs in zip(layers, twins):
         assert torch.equal(ours.u, theirs.u) and torch.equal(ours.v, theirs.v)
         assert_close(ours.scale, theirs.scale, atol=0, rtol=1e-5)
         assert not torch.equal(ours.scale, torch.zeros_like(ours.scale))
 
 
-def test_sigma_matches_exact_norms():
+def test_sigma_matches_exact_norms(device):
     torch.manual_seed(0)
-    layer = rnn.InducedNormLinear(30, 20, n_iterations=2000)
+    layer = rnn.InducedNormLinear(30, 20, n_iterations=2000).to(device)
     layer.compute_weight(update=True)
     assert_close(layer.scale, torch.linalg.matrix_norm(layer.weight.detach(), 2), rtol=1e-5, atol=0)
-    conv = rnn.InducedNormConv2d(3, 4, 3, 1, 1, n_iterations=3000)
-    conv(torch.randn(1, 3, 5, 4))
+    conv = rnn.InducedNormConv2d(3, 4, 3, 1, 1, n_iterations=3000).to(device)
+    conv(torch.randn(1, 3, 5, 4).to(device))
     report = resflow_cuda.lipschitz_report(conv)
     assert report[0]["method"] == "svd"
     assert_close(torch.tensor(report[0]["sigma"]), torch.tensor(report[0]["sigma_exact"]), rtol=1e-4, atol=0)
 
 
-def test_lipschitz_report_flags_layers_above_their_bound():
+def test_lipschitz_report_flags_layers_above_their_bound(device):
     torch.manual_seed(0)
     model = torch.nn.Sequential(rnn.InducedNormLinear(8, 8, n_iterations=100, coeff=0.9),
                                 rnn.LopLinear(8, 8, coeff=0.9), rnn.InducedNormConv2d(2, 2, 3, 1, 1, n_iterations=50),
                                 rnn.InducedNormConv2d(2, 2, 3, 1, 1, n_iterations=50, domain=3, codomain=3))
-    model[2](torch.randn(1, 2, 7, 6))
-    model[3](torch.randn(1, 2, 5, 5))
+    model = model.to(device)
+    model[2](torch.randn(1, 2, 7, 6).to(device))
+    model[3](torch.randn(1, 2, 5, 5).to(device))
     report = {r["name"]: r for r in resflow_cuda.lipschitz_report(model)}
     assert report["0"]["meets_coeff"] and report["1"]["meets_coeff"] and report["2"]["meets_coeff"]
     assert report["2"]["method"] == "svd" and report["1"]["method"] == "closed-form"
@@ -276,9 +287,9 @@ def test_checkpoints_load_without_a_dummy_forward():
     assert torch.equal(again(x), spectral(x))
 
 
-def test_forward_reads_no_buffer_on_the_host(monkeypatch):
-    conv = rnn.InducedNormConv2d(3, 5, 3, 1, 1, n_iterations=5)
-    x = torch.randn(2, 3, 6, 5)
+def test_forward_reads_no_buffer_on_the_host(monkeypatch, device):
+    conv = rnn.InducedNormConv2d(3, 5, 3, 1, 1, n_iterations=5).to(device)
+    x = torch.randn(2, 3, 6, 5).to(device)
     conv(x)
 
     def no_sync(*args, **kwargs):
@@ -288,7 +299,7 @@ def test_forward_reads_no_buffer_on_the_host(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "tolist", no_sync)
     monkeypatch.setattr(torch.Tensor, "__bool__", no_sync)
     conv(x)
-    rnn.InducedNormLinear(4, 4, n_iterations=2)(torch.randn(3, 4))
+    rnn.InducedNormLinear(4, 4, n_iterations=2).to(device)(torch.randn(3, 4).to(device))
 
 
 def test_detach_sigma_treats_sigma_as_a_constant():
@@ -320,11 +331,12 @@ def test_explicit_rtol_is_used_unless_the_reference_quirk_is_asked_for():
 
 
 @pytest.mark.parity
-def test_learnable_norm_orders_follow_normflows():
+def test_learnable_norm_orders_follow_normflows(device):
     domain, codomain = torch.nn.Parameter(torch.tensor(0.0)), torch.nn.Parameter(torch.tensor(0.3))
     ours, ref = _pair(rnn.InducedNormLinear, nf.InducedNormLinear, 9, 6, n_iterations=3, domain=domain,
                       codomain=codomain)
     _same_state(ours, ref)
+    ours, ref = ours.to(device), ref.to(device)  # the shared orders move with the first
     ours.compute_weight(update=True)
     ref.compute_weight(update=True)
     _same_state(ours, ref)
