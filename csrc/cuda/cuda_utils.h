@@ -63,23 +63,29 @@ inline Convolutions convolutions_without_tf32() {
 // on the host), so the caller runs to its iteration limit.
 class DeviceFlagPoll {
  public:
-  explicit DeviceFlagPoll(const at::Tensor& flag)
-      : flag_(flag), host_(at::empty({}, flag.options().device(at::kCPU).pinned_memory(true))) {
-    C10_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
+  explicit DeviceFlagPoll(const at::Tensor& flag) : flag_(flag) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &capture));
+    capturing_ = capture != cudaStreamCaptureStatusNone;
+    if (!capturing_) {  // no pinned allocation or event creation inside a capture
+      host_ = at::empty({}, flag.options().device(at::kCPU).pinned_memory(true));
+      C10_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
+    }
   }
   DeviceFlagPoll(const DeviceFlagPoll&) = delete;
   DeviceFlagPoll& operator=(const DeviceFlagPoll&) = delete;
-  ~DeviceFlagPoll() { cudaEventDestroy(event_); }
+  ~DeviceFlagPoll() {
+    if (event_ != nullptr) {
+      cudaEventDestroy(event_);
+    }
+  }
 
   void request() {
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-    if (capture != cudaStreamCaptureStatusNone) {
+    if (capturing_) {
       return;
     }
     host_.copy_(flag_, /*non_blocking=*/true);
-    C10_CUDA_CHECK(cudaEventRecord(event_, stream));
+    C10_CUDA_CHECK(cudaEventRecord(event_, c10::cuda::getCurrentCUDAStream()));
     pending_ = true;
   }
   bool pending() const { return pending_; }
@@ -107,7 +113,7 @@ class DeviceFlagPoll {
  private:
   at::Tensor flag_, host_;
   cudaEvent_t event_ = nullptr;
-  bool pending_ = false;
+  bool capturing_ = false, pending_ = false;
 };
 
 // The Backend of the shared tensor bindings (*_binding.h) on a real GPU: a device guard, the
