@@ -31,6 +31,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import build_flags
 from .gpu_stages import FAILED, NOT_AVAILABLE, OK, Stage, dry_run, parse_pytest, run_stages
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,10 +165,7 @@ def arch_list(info: dict) -> tuple[str, str]:
     (no GPU visible, e.g. in a dry run) the build's default."""
     if info.get("capability"):
         return info["capability"], f"the capability of {info.get('gpu')}"
-    sys.path.insert(0, str(ROOT))
-    from build_flags import DEFAULT_ARCH_LIST
-
-    return DEFAULT_ARCH_LIST, "no GPU visible here: the build's default (build_flags.DEFAULT_ARCH_LIST)"
+    return build_flags().DEFAULT_ARCH_LIST, "no GPU visible here: the build's default (build_flags.DEFAULT_ARCH_LIST)"
 
 
 def classify_sanitizer(returncode: int, output: str) -> tuple[str, str | None]:

@@ -33,6 +33,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import build_flags
+
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 
@@ -97,10 +99,7 @@ def build_nvcc_flags() -> list[str]:
     import torch
     from torch.utils import cpp_extension
 
-    sys.path.insert(0, str(ROOT))
-    from build_flags import nvcc_flags
-
-    flags = [f for f in nvcc_flags() if not f.startswith("--threads")]
+    flags = [f for f in build_flags().nvcc_flags() if not f.startswith("--threads")]
     flags += cpp_extension.COMMON_NVCC_FLAGS + ["-std=c++20", "-DTORCH_API_INCLUDE_EXTENSION_H",
                                                 "-DTORCH_EXTENSION_NAME=_C",
                                                 f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]

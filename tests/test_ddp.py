@@ -46,7 +46,11 @@ def _train(model, batches, step_model):
         resflow_cuda.update_lipschitz(step_model, n_iterations=5)
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, package: str) -> None:
+    import resflow_cuda
+
+    # a spawned process builds its sys.path from the parent's: it must import the same package
+    assert resflow_cuda.__file__ == package, (resflow_cuda.__file__, package)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -68,7 +72,9 @@ def _free_port() -> int:
 
 
 def test_two_gloo_ranks_match_one_process_on_the_global_batch(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    import resflow_cuda
+
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), resflow_cuda.__file__), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     single = _model()
     _train(single, list(_data()), single)

@@ -12,11 +12,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # the source tree's benchmarks package (python -m benchmarks.gpu_check)
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import gpu_check, gpu_stages  # noqa: E402
-from benchmarks.gpu_stages import Stage  # noqa: E402
+# The source tree's benchmarks package (python -m benchmarks.gpu_check), found through a sys.path entry
+# that is taken away again: left there, it would hand the source tree's resflow_cuda to the processes
+# later tests spawn, while this process runs an installed one.
+sys.path.insert(0, str(ROOT))
+try:
+    from benchmarks import gpu_check, gpu_cifar_step, gpu_driver, gpu_stages
+    from benchmarks.gpu_stages import Stage
+finally:
+    sys.path.remove(str(ROOT))
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +112,11 @@ def test_sanitizer_verdicts():
 
 
 def test_driver_runs_every_op_group_on_the_cpu():
-    from benchmarks import gpu_driver
 
     assert gpu_driver.run("cpu") >= 30
 
 
 def test_cifar_step_smoke_on_the_cpu(tmp_path):
-    from benchmarks import gpu_cifar_step
 
     out = tmp_path / "cifar_step.json"
     result = gpu_cifar_step.run("cpu", batch=2, steps=1, warmup=1, n_blocks=(1, 1, 1), idim=32,
