@@ -8,6 +8,8 @@ logpy=None)`` returns ``x`` or ``(x, logpy + logdet)``. Log-determinants are exa
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import torch
@@ -188,18 +190,34 @@ class ZeroMeanTransform(nn.Module):
 
 class SequentialFlow(nn.Module):
     """A chain of flow layers (attribute ``chain``, so state_dict keys are ``chain.{i}.…``):
-    forward through the chain, inverse backwards."""
+    forward through the chain, inverse backwards.
+
+    ``forward``'s ``restore`` is ImpFlow's calling convention (its container passes it to every
+    layer): it goes to the layers whose ``forward`` takes a ``restore`` argument (such as
+    :class:`~resflow_cuda.nn.ImplicitBlock` and nested SequentialFlows) and not to the others.
+    Parity with the reference: docs/parity.md#sequentialflow
+
+    Args:
+        layersList: the flow layers, each with ``forward(x, logpx=None)`` and ``inverse(y, logpy=None)``.
+
+    Shapes:
+        x, y: as the layers; logpx, logpy: (B, 1).
+
+    Returns:
+        ``forward(x)``: y; ``forward(x, logpx)``: ``(y, logpx - logdet)``; ``inverse`` likewise.
+    """
 
     def __init__(self, layersList) -> None:
         super().__init__()
         self.chain = nn.ModuleList(layersList)
 
-    def forward(self, x: Tensor, logpx: Tensor | None = None):
+    def forward(self, x: Tensor, logpx: Tensor | None = None, restore: bool = False):
         for layer in self.chain:
+            kwargs = {"restore": restore} if _takes_restore(type(layer)) else {}
             if logpx is None:
-                x = layer(x)
+                x = layer(x, **kwargs)
             else:
-                x, logpx = layer(x, logpx)
+                x, logpx = layer(x, logpx, **kwargs)
         return _with_logp(x, logpx, None)
 
     def inverse(self, y: Tensor, logpy: Tensor | None = None):
@@ -209,6 +227,16 @@ class SequentialFlow(nn.Module):
             else:
                 y, logpy = layer.inverse(y, logpy)
         return _with_logp(y, logpy, None)
+
+
+@functools.cache
+def _takes_restore(cls: type) -> bool:
+    """Whether ``cls.forward`` takes a ``restore`` keyword (or any keyword)."""
+    try:
+        params = inspect.signature(cls.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "restore" and p.kind is not p.POSITIONAL_ONLY or p.kind is p.VAR_KEYWORD for p in params)
 
 
 class Inverse(nn.Module):
