@@ -60,6 +60,7 @@ def _check_activation(name: str, table: dict = ACT_FNS) -> None:
 
 class FCWrapper(nn.Module):
     """Runs a flow layer for flat inputs on ``(B, C, H, W)`` by flattening and restoring the shape.
+    ``forward``'s ``restore`` is ImpFlow's calling convention (no effect, as there).
 
     Args:
         fc_module: a flow layer on (B, C·H·W) with ``forward(x, logpx=None)`` and ``inverse``.
@@ -72,7 +73,7 @@ class FCWrapper(nn.Module):
         super().__init__()
         self.fc_module = fc_module
 
-    def forward(self, x: Tensor, logpx: Tensor | None = None):
+    def forward(self, x: Tensor, logpx: Tensor | None = None, restore: bool = False):
         shape = x.shape
         if logpx is None:
             return self.fc_module(x.reshape(shape[0], -1)).view(shape)
@@ -115,6 +116,8 @@ class FCNet(nn.Module):
 
     Shapes:
         x: (B, C·H·W / div_in) or any shape with that many entries per sample; output: (B, C, H, W).
+
+    ``forward``'s ``restore`` is ImpFlow's calling convention (no effect, as there).
     """
 
     def __init__(self, input_shape, idim: int, lipschitz_layer, nhidden: int, coeff: float, domains, codomains,
@@ -149,7 +152,7 @@ class FCNet(nn.Module):
         layers.append(lip(last, dim, -1))
         self.nnet = nn.Sequential(*layers)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, restore: bool = False) -> Tensor:
         y = self.nnet(x.reshape(x.shape[0], -1))
         return y.view(y.shape[0], *self.input_shape)
 

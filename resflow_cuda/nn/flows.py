@@ -3,7 +3,9 @@
 
 Every layer is invertible and follows one calling convention: ``forward(x, logpx=None)`` returns
 ``y``, or ``(y, logpx - logdet)`` when ``logpx`` (shape ``(B, 1)``) is given; ``inverse(y,
-logpy=None)`` returns ``x`` or ``(x, logpy + logdet)``. Log-determinants are exact.
+logpy=None)`` returns ``x`` or ``(x, logpy + logdet)``. Log-determinants are exact. The layers that
+ImpFlow's code calls with ``restore`` (ActNorm, SqueezeLayer, LogitTransform, SequentialFlow) take
+it in ``forward``; only SequentialFlow uses it (it passes it on).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class ActNormNd(nn.Module):
             self._known_initialized = bool(self.initialized)
         return self._known_initialized
 
-    def forward(self, x: Tensor, logpx: Tensor | None = None):
+    def forward(self, x: Tensor, logpx: Tensor | None = None, restore: bool | None = None):
         self._check(x)
         if not self._is_initialized():
             with torch.no_grad():
@@ -114,7 +116,7 @@ class SqueezeLayer(nn.Module):
         super().__init__()
         self.downscale_factor = downscale_factor
 
-    def forward(self, x: Tensor, logpx: Tensor | None = None):
+    def forward(self, x: Tensor, logpx: Tensor | None = None, restore: bool = False):
         r = self.downscale_factor
         if x.dim() != 4 or x.shape[2] % r or x.shape[3] % r:
             raise ValueError(f"SqueezeLayer: expected a 4-D input with H and W divisible by {r}, "
@@ -140,7 +142,7 @@ class LogitTransform(nn.Module):
         s = self.alpha + (1 - 2 * self.alpha) * x
         return (math.log(1 - 2 * self.alpha) - torch.log(s - s * s)).reshape(x.shape[0], -1).sum(1, keepdim=True)
 
-    def forward(self, x: Tensor, logpx: Tensor | None = None):
+    def forward(self, x: Tensor, logpx: Tensor | None = None, restore: bool = False):
         s = self.alpha + (1 - 2 * self.alpha) * x
         y = torch.log(s) - torch.log(1 - s)
         return _with_logp(y, logpx, None if logpx is None else -self._logdet(x))
