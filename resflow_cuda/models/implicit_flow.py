@@ -6,16 +6,16 @@ Reference: thu-ml/implicit-normalizing-flows ``lib/implicit_flow.py``.
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..nn import ImplicitBlock, SequentialFlow
+from ..nn import ImplicitBlock
 from .resflow import ResidualFlow
-from .stacks import IMPLICIT_ACT_FNS, _branch_options, _lipschitz_branch, _scale_chain
+from .stacks import IMPLICIT_ACT_FNS, StackediResBlocks
 
 __all__ = ["ImplicitFlow", "StackedImplicitBlocks"]
 
 
-class StackedImplicitBlocks(SequentialFlow):
+class StackedImplicitBlocks(StackediResBlocks):
     """One scale of the :class:`ImplicitFlow`: the module order of
     :class:`~resflow_cuda.models.StackediResBlocks` (keys ``chain.{j}.…``) with an
     :class:`~resflow_cuda.nn.ImplicitBlock` over two branches of the same architecture (``nnet_x``
@@ -43,20 +43,18 @@ class StackedImplicitBlocks(SequentialFlow):
                  n_samples=1, kernels="3-1-3", activation_fn="elu", fc_end=True, fc_nblocks=2, fc_idim=128,
                  n_exact_terms=0, preact=False, neumann_grad=True, grad_in_forward=False, first_resblock=True,
                  learn_p=False) -> None:
-        branch_options = _branch_options(initial_size, vnorms, kernels, activation_fn, IMPLICIT_ACT_FNS, coeff=coeff,
-                                         n_lipschitz_iters=n_lipschitz_iters, sn_atol=sn_atol, sn_rtol=sn_rtol,
-                                         preact=preact, batchnorm=batchnorm, dropout=dropout, learn_p=learn_p)
-        block_options = dict(n_power_series=n_power_series, n_dist=n_dist, n_samples=n_samples,
-                             n_exact_terms=n_exact_terms, neumann_grad=neumann_grad, grad_in_forward=grad_in_forward)
+        super().__init__(initial_size, idim, squeeze, init_layer, n_blocks, quadratic, actnorm, fc_actnorm, batchnorm,
+                         dropout, fc, coeff, vnorms, n_lipschitz_iters, sn_atol, sn_rtol, n_power_series, n_dist,
+                         n_samples, kernels, activation_fn, fc_end, fc_nblocks, fc_idim, n_exact_terms, preact,
+                         neumann_grad, grad_in_forward, first_resblock, learn_p)
 
-        def implicit_block(fc_layer, width=idim, first=False):
-            nnet_x = _lipschitz_branch(fc_layer, width, first, **branch_options)
-            nnet_z = _lipschitz_branch(fc_layer, width, first, **branch_options)
-            return ImplicitBlock(nnet_x, nnet_z, **block_options)
+    _act_fns = IMPLICIT_ACT_FNS
+    _first_in_last_scale = True
 
-        super().__init__(_scale_chain(initial_size, implicit_block, squeeze, init_layer, n_blocks, quadratic, actnorm,
-                                      fc_actnorm, fc, fc_end, fc_nblocks, fc_idim, first_resblock,
-                                      first_in_last_scale=True))
+    @staticmethod
+    def _block(branch, block_options: dict) -> nn.Module:
+        nnet_x = branch()  # ImpFlow's order of construction (and random draws): nnet_x, then nnet_z
+        return ImplicitBlock(nnet_x, branch(), **block_options)
 
 
 class ImplicitFlow(ResidualFlow):

@@ -269,17 +269,27 @@ class StackediResBlocks(SequentialFlow):
                  n_samples=1, kernels="3-1-3", activation_fn="elu", fc_end=True, fc_nblocks=4, fc_idim=128,
                  n_exact_terms=0, preact=False, neumann_grad=True, grad_in_forward=False, first_resblock=False,
                  learn_p=False) -> None:
-        branch_options = _branch_options(initial_size, vnorms, kernels, activation_fn, ACT_FNS, coeff=coeff,
+        branch_options = _branch_options(initial_size, vnorms, kernels, activation_fn, self._act_fns, coeff=coeff,
                                          n_lipschitz_iters=n_lipschitz_iters, sn_atol=sn_atol, sn_rtol=sn_rtol,
                                          preact=preact, batchnorm=batchnorm, dropout=dropout, learn_p=learn_p)
         block_options = dict(n_power_series=n_power_series, n_dist=n_dist, n_samples=n_samples,
                              n_exact_terms=n_exact_terms, neumann_grad=neumann_grad, grad_in_forward=grad_in_forward)
 
         def resblock(fc_layer, width=idim, first=False):
-            return iResBlock(_lipschitz_branch(fc_layer, width, first, **branch_options), **block_options)
+            return self._block(lambda: _lipschitz_branch(fc_layer, width, first, **branch_options), block_options)
 
         super().__init__(_scale_chain(initial_size, resblock, squeeze, init_layer, n_blocks, quadratic, actnorm,
-                                      fc_actnorm, fc, fc_end, fc_nblocks, fc_idim, first_resblock))
+                                      fc_actnorm, fc, fc_end, fc_nblocks, fc_idim, first_resblock,
+                                      self._first_in_last_scale))
+
+    # What subclasses with other blocks change (StackedImplicitBlocks): the activation table, whether the
+    # first block of a scale that does not squeeze is marked, and the block over new branches.
+    _act_fns = ACT_FNS
+    _first_in_last_scale = False
+
+    @staticmethod
+    def _block(branch, block_options: dict) -> nn.Module:
+        return iResBlock(branch(), **block_options)
 
 
 class StackedCouplingBlocks(SequentialFlow):
