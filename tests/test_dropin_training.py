@@ -10,14 +10,14 @@ run with this library's classes under the references' module names, give the ref
   and a tabular stack with ``Zero``: against tests/data/reference_implicit_toy_small.pt, written by
   tests/data/make_reference_implicit_flow.py running ImpFlow's code (commit d8babe48bdea).
 
-The loop is the scripts': loss ``-mean(log N(z) - delta_logp)``, Adam with weight decay,
-``update_lipschitz`` by ``isinstance`` after every step, the test loss in eval mode after
-``update_lipschitz(model, 200)``; data and optimiser as the generators (see their docstrings).
+The loop is the scripts' (loss ``-mean(log N(z) - delta_logp)``, Adam with weight decay,
+``update_lipschitz`` by ``isinstance`` on our classes after every step, the test loss in eval mode after
+``update_lipschitz(model, 200)``): tests/data/toy_loop.py, which the generators run with the
+references' classes (its docstring says how it deviates from the scripts).
 """
 
 from __future__ import annotations
 
-import math
 import types
 from pathlib import Path
 
@@ -27,12 +27,10 @@ import pytest
 import torch
 
 import resflow_cuda.nn as ours
+from data.toy_loop import COEFF, DIMS, F64, N_BLOCKS, N_LIP, train, update_lipschitz_by_isinstance
 from resflow_cuda import models
 
 DATA = Path(__file__).resolve().parent / "data"
-F64 = torch.float64
-# The generators' script flags: --dims 16-16 --nblocks 2 --coeff 0.9 --n-lipschitz-iters 5, Adam(1e-3, wd 1e-5)
-DIMS, N_BLOCKS, COEFF, N_LIP, LR, WD = (2, 16, 16, 2), 2, 0.9, 5, 1e-3, 1e-5
 
 # The reference's modules, as a script that patches ours in sees them: ``layers`` and ``layers.base``.
 layers = base_layers = ours
@@ -58,36 +56,10 @@ def build_nnet(base, activation_fn, preact=True):
     return torch.nn.Sequential(*nnet)
 
 
-def update_lipschitz(base, model, n_iterations):
-    """The scripts' update_lipschitz: by isinstance on the library's classes."""
-    kinds = tuple(getattr(base, name) for name in ("SpectralNormConv2d", "SpectralNormLinear", "InducedNormConv2d",
-                                                   "InducedNormLinear") if hasattr(base, name))
-    for m in model.modules():
-        if isinstance(m, kinds):
-            m.compute_weight(update=True, n_iterations=n_iterations)
-
-
-def compute_loss(model, x):
-    z, delta_logp = model(x, torch.zeros(x.shape[0], 1, dtype=x.dtype))
-    logpz = (-0.5 * math.log(2 * math.pi) - z.pow(2) / 2).sum(1, keepdim=True)
-    return -torch.mean(logpz - delta_logp)
-
-
-def train(model, base, batches, test):
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WD)
-    losses = []
-    model.train()
-    for x in batches:
-        optimizer.zero_grad()
-        loss = compute_loss(model, x)
-        losses.append(loss.item())
-        loss.backward()
-        optimizer.step()
-        update_lipschitz(base, model, N_LIP)
-    update_lipschitz(base, model, 200)
-    with torch.no_grad():
-        model.eval()
-        return losses, compute_loss(model, test).item()
+def update_lipschitz(base):
+    """The scripts' update_lipschitz: by isinstance on the library's Lipschitz classes."""
+    return update_lipschitz_by_isinstance(tuple(getattr(base, name) for name in (
+        "SpectralNormConv2d", "SpectralNormLinear", "InducedNormConv2d", "InducedNormLinear") if hasattr(base, name)))
 
 
 def iresnet_toy(base, act, seed):
@@ -126,7 +98,7 @@ def test_residual_flows_toy_script_with_our_layers_gives_its_losses(residual_flo
     assert_same_state(model, ref["initial_state"])
     model.load_state_dict(ref["initial_state"])  # the run itself starts from the reference's float64 weights
     assert "fast_path=autograd" in repr(model)  # the branches' sort / pair choices are not elementwise: visibly
-    losses, test_loss = train(model, base_layers, ref["train_x"], ref["test_x"])
+    losses, test_loss = train(model, update_lipschitz(base_layers), ref["train_x"], ref["test_x"])
     # float64, the same draws and formulas: the first loss agrees to ~1e-14 (sums in other orders). Adam divides each
     # gradient by its RMS (+ eps 1e-8), which lifts the ~1e-16 rounding of gradient entries near 1e-8 to ~lr * 1e-8
     # in the update: the later losses agree to ~1e-10 relative (measured); 1e-8 leaves 50x
@@ -152,7 +124,7 @@ def test_residual_flows_toy_loop_gives_normflows_losses_with_normflows_classes()
     for model, base in ((theirs, normflows_base), (mine, base_layers)):
         np.random.seed(12)
         torch.manual_seed(12)
-        runs.append(train(model, base, batches, test))
+        runs.append(train(model, update_lipschitz(base), batches, test))
     # as above (float64, same draws; the fused LipSwish and forward-mode Jacobians reorder sums, Adam lifts it to
     # ~1e-11 relative, measured)
     torch.testing.assert_close(torch.tensor(runs[1][0], dtype=F64), torch.tensor(runs[0][0], dtype=F64), atol=0,
@@ -181,7 +153,7 @@ def test_impflow_toy_script_with_our_layers_gives_its_losses(impflow_runs):
     assert_same_state(built, ref["initial_state"])
     with torch.no_grad():
         model(ref["first_x"], restore=True)  # the script's first call
-    losses, test_loss = train(model, base_layers, ref["train_x"], ref["test_x"])
+    losses, test_loss = train(model, update_lipschitz(base_layers), ref["train_x"], ref["test_x"])
     # The forward solves stop at ||F|| < 1e-6 sqrt(numel) (Broyden; ours and ImpFlow's iterates differ in the first
     # step and the best-iterate choice): ||dz|| <= ~1e-6 sqrt(128) / (1 - 0.9), and the loss, a batch mean of
     # |z|^2 / 2 - logdet, moves by <= ~||z|| ||dz|| / B ~ 5e-6. (Broyden converges superlinearly: ~1e-9 measured.)

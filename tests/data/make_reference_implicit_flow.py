@@ -3,9 +3,8 @@ tests/data/reference_implicit_toy_small.pt (the rest) by running ImpFlow's own c
 
 Usage: python make_reference_implicit_flow.py IMPFLOW_DIR OUT_DIR
 where IMPFLOW_DIR holds ``lib/`` of thu-ml/implicit-normalizing-flows (commit d8babe48bdea, e.g.
-``git archive d8babe48bdea | tar x -C IMPFLOW_DIR``). The code is from the PyTorch 1.4 era:
-``torch._six.container_abcs`` and ``termcolor`` are provided here as stand-ins (collections.abc, and
-a colored() that returns its text); nothing of the reference is changed.
+``git archive d8babe48bdea | tar x -C IMPFLOW_DIR``). The code is from the PyTorch 1.4 era: see
+impflow_env.py for the stand-ins it needs; nothing of the reference is changed.
 
 It records, in float64,
 - ``activations``: ImpFlow's ``Sin`` and ``Zero`` (``lib.layers.base``) on inputs with NaN and
@@ -20,41 +19,29 @@ It records, in float64,
   a ``Zero`` module as the other, in eval mode (exact log-dets; ImpFlow's estimators fail on the
   training path for such branches, which do not depend on their input);
 - ``toy``: a few steps of the training loop of ImpFlow's ``train_toy.py`` (``--arch implicit
-  --act sin``; its first call ``model(x, restore=True)``, Adam, ``update_lipschitz`` after every step,
-  the test loss in eval mode after ``update_lipschitz(model, 200)``).
-
-Deviations from the scripts, as in make_reference_toy.py: data drawn beforehand from a torch
-generator and stored; ``torch.optim.Adam`` with the script's arguments (ImpFlow's
-``lib.optimizers.Adam`` needs ``Tensor.add_(Number, Tensor)``, gone from current PyTorch); no
-``DataParallel`` (on the CPU it only calls the module).
+  --act sin``: its first call ``model(x, restore=True)``, then the loop of tests/data/toy_loop.py,
+  which says how it deviates from the script; no ``DataParallel``, which on the CPU only calls the
+  module).
 """
 
-import collections.abc
 import math
 import sys
-import types
 
+import impflow_env
 import numpy as np
 import torch
+from toy_loop import COEFF, F64, N_BLOCKS, N_LIP, batches, train, update_lipschitz_by_isinstance
+from toy_loop import DIMS as TOY_DIMS
 
-six = types.ModuleType("torch._six")
-six.container_abcs = collections.abc
-sys.modules["torch._six"] = six
-termcolor = types.ModuleType("termcolor")
-termcolor.colored = lambda text, *args, **kwargs: text
-sys.modules["termcolor"] = termcolor
-sys.path.insert(0, sys.argv[1])
+impflow_env.install(sys.argv[1])
 
 import lib.layers as layers  # noqa: E402
 import lib.layers.base as base_layers  # noqa: E402
 from lib.implicit_flow import ImplicitFlow  # noqa: E402
 
-F64 = torch.float64
 MODEL = dict(input_size=(3, 1, 8, 8), n_blocks=[1, 1], intermediate_dim=4, factor_out=True, actnorm=True, coeff=0.9,
              vnorms="2222", n_lipschitz_iters=5, n_power_series=None, n_exact_terms=2, kernels="3-1-3",
              activation_fn="sin", fc_end=True, fc_idim=4, preact=True, neumann_grad=True, grad_in_forward=True)
-# train_toy.py --arch implicit --act sin --dims 16-16 --nblocks 2 --vnorms 222 --coeff 0.9 --n-lipschitz-iters 5
-TOY_DIMS, TOY_BLOCKS, COEFF, N_LIP, LR, WD, BATCH, STEPS = (2, 16, 16, 2), 2, 0.9, 5, 1e-3, 1e-5, 64, 4
 
 
 def standard_normal_logprob(z):
@@ -143,56 +130,22 @@ def tabular_case(seed):
             "inverse_x": x_back}
 
 
-def update_lipschitz(model, n_iterations):
-    for m in model.modules():
-        if isinstance(m, (base_layers.SpectralNormConv2d, base_layers.SpectralNormLinear,
-                          base_layers.InducedNormConv2d, base_layers.InducedNormLinear)):
-            m.compute_weight(update=True, n_iterations=n_iterations)
-
-
-def toy_data(seed):
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.tensor([[2.0, 0.0], [-1.0, 1.7], [-1.0, -1.7]], dtype=F64)
-    batches = []
-    for n in [BATCH] * (STEPS + 1) + [4 * BATCH]:
-        pick = torch.randint(0, 3, (n,), generator=g)
-        batches.append(centers[pick] + 0.3 * torch.randn(n, 2, generator=g, dtype=F64))
-    return batches[0], batches[1:-1], batches[-1]
-
-
-def compute_loss(model, x):
-    z, delta_logp = model(x, torch.zeros(x.shape[0], 1, dtype=x.dtype))
-    return -torch.mean(standard_normal_logprob(z).sum(1, keepdim=True) - delta_logp)
-
-
 def toy_case(seed):
-    first, train, test = toy_data(seed + 100)
+    train_x, test_x = batches(seed + 100, extra=1)
+    first, train_x = train_x[0], train_x[1:]
     np.random.seed(seed)
     torch.manual_seed(seed)
     blocks = [layers.imBlock(mlp(TOY_DIMS, base_layers.Sin, COEFF, N_LIP), mlp(TOY_DIMS, base_layers.Sin, COEFF, N_LIP),
                              n_dist="geometric", n_power_series=None, exact_trace=False, brute_force=False, n_samples=1,
                              neumann_grad=False, grad_in_forward=False)
-              for _ in range(TOY_BLOCKS)]
+              for _ in range(N_BLOCKS)]
     model = layers.SequentialFlow(blocks).double()
-    out = {"seed": seed, "first_x": first, "train_x": train, "test_x": test,
-           "initial_state": state_dict(model)}
+    out = {"seed": seed, "first_x": first, "train_x": train_x, "test_x": test_x, "initial_state": state_dict(model)}
     with torch.no_grad():
         model(first, restore=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WD)
-    losses = []
-    model.train()
-    for x in train:
-        optimizer.zero_grad()
-        loss = compute_loss(model, x)
-        losses.append(loss.item())
-        loss.backward()
-        optimizer.step()
-        update_lipschitz(model, N_LIP)
-    update_lipschitz(model, 200)
-    with torch.no_grad():
-        model.eval()
-        out["test_loss"] = compute_loss(model, test).item()
-    out["train_losses"] = losses
+    update_lipschitz = update_lipschitz_by_isinstance((base_layers.SpectralNormConv2d, base_layers.SpectralNormLinear,
+                                                       base_layers.InducedNormConv2d, base_layers.InducedNormLinear))
+    out["train_losses"], out["test_loss"] = train(model, update_lipschitz, train_x, test_x)
     return out
 
 
