@@ -35,7 +35,7 @@ from . import ops
 __all__ = [
     "SeriesPlan", "AutogradVJP", "JacobianVJP", "geometric_survival", "poisson_survival", "draw_terms", "roulette_plan",
     "truncated_plan", "HostCopies", "series_plan", "check_estimator_args", "series_terms", "basic_estimator", "neumann_estimator",
-    "MemoryEfficientLogDet", "batch_jacobian", "batch_trace",
+    "MemoryEfficientLogDet", "batch_jacobian", "batch_trace", "grads_or_none",
 ]
 
 DISTRIBUTIONS = ("geometric", "poisson")
@@ -225,8 +225,7 @@ class AutogradVJP:
     def surrogate_and_grads(self, w_tilde: Tensor, eps: Tensor, params: list[Tensor]):
         """The surrogate (no graph) and the gradients of its sum w.r.t. x and ``params`` (None: unused)."""
         value = self.surrogate(w_tilde, eps)
-        grads = torch.autograd.grad(value.sum(), [self.x, *params], retain_graph=True, allow_unused=True)
-        return value.detach(), list(grads)
+        return value.detach(), grads_or_none(value, [self.x, *params])
 
 
 class JacobianVJP(AutogradVJP):
@@ -241,6 +240,14 @@ class JacobianVJP(AutogradVJP):
     def vjp(self, w: Tensor, create_graph: bool = False) -> Tensor:
         jac = self.jac if create_graph else self.jac.detach()
         return torch.bmm(w.unsqueeze(1), jac).squeeze(1)
+
+
+def grads_or_none(value: Tensor, inputs: list[Tensor]) -> list[Tensor | None]:
+    """Gradients of ``value.sum()`` w.r.t. ``inputs`` (None: unused), all None when ``value`` has no
+    graph (a branch whose Jacobian depends on neither its input nor parameters, e.g. a ``Zero`` branch)."""
+    if not value.requires_grad:
+        return [None] * len(inputs)
+    return list(torch.autograd.grad(value.sum(), inputs, retain_graph=True, allow_unused=True))
 
 
 def _per_sample_dot(a: Tensor, b: Tensor) -> Tensor:

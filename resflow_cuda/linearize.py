@@ -15,6 +15,9 @@ another (``ops.linearized_neumann_gradient``) instead of one autograd pass per t
 branches on inputs (B, D) with small D, :meth:`LinearizedBranch.jacobian` builds the full Jacobians
 in forward mode instead (the basic estimator's differentiable terms and exact determinants).
 
+A branch that does not qualify takes autograd VJPs: :func:`fallback_reason` says why (the blocks
+show it in their ``repr``), and :func:`linearize` logs it once per branch at DEBUG level.
+
 This module imports no layer library: layers qualify by registration (:func:`register_lipswish`,
 :func:`register_linear`, :func:`register_wrapper`). ``resflow_cuda.nn`` registers its own layers
 when it is imported; ``resflow_cuda.integrations.normflows`` registers normflows' ones, and
@@ -25,7 +28,9 @@ is in ``sys.modules``, so normflows' layers take the fast path without importing
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,8 +40,10 @@ from torch import Tensor, nn
 
 from . import ops
 
-__all__ = ["LinearizedBranch", "linearize", "register_linear", "register_lipswish", "register_on_import",
-           "register_wrapper"]
+__all__ = ["LinearizedBranch", "fallback_reason", "fast_path_repr", "linearize", "register_linear", "register_lipswish",
+           "register_on_import", "register_wrapper"]
+
+logger = logging.getLogger(__name__)
 
 # The ops' activation codes (csrc/composite/linearized_chain.h).
 IDENTITY, LIPSWISH, ELU, SOFTPLUS = 0, 1, 2, 3
@@ -176,31 +183,63 @@ def _children(nnet: nn.Module) -> list[nn.Module] | None:
 
 
 def linearize(nnet: nn.Module) -> LinearizedBranch | None:
-    """The fast-path description of ``nnet``, or None when it is not made of supported layers."""
+    """The fast-path description of ``nnet``, or None when it is not made of supported layers (then
+    the log-det takes autograd VJPs; :func:`fallback_reason` says why, and the first time for a
+    branch a DEBUG message on this module's logger does)."""
+    branch, reason = _describe(nnet)
+    if branch is None and nnet not in _LOGGED:
+        _LOGGED.add(nnet)
+        logger.debug("%s: autograd VJPs instead of the linearized fast path: %s", type(nnet).__name__, reason)
+    return branch
+
+
+def fallback_reason(nnet: nn.Module) -> str | None:
+    """Why the branch ``nnet`` takes autograd VJPs instead of the fast path; None when it qualifies."""
+    return _describe(nnet)[1]
+
+
+def fast_path_repr(enabled: bool, **branches: nn.Module) -> str:
+    """``fast_path=...`` for a block's ``extra_repr``: ``False``, ``linearized``, or ``autograd`` with
+    the branches that do not qualify and why."""
+    if not enabled:
+        return "fast_path=False"
+    reasons = [(name, fallback_reason(net)) for name, net in branches.items()]
+    reasons = [f"{name}: {why}" if len(branches) > 1 else why for name, why in reasons if why is not None]
+    return "fast_path=linearized" if not reasons else f"fast_path=autograd ({'; '.join(reasons)})"
+
+
+_LOGGED: weakref.WeakSet = weakref.WeakSet()
+_ACTIVATIONS = "LipSwish, ELU, Softplus, Identity"
+
+
+def _describe(nnet: nn.Module) -> tuple[LinearizedBranch | None, str | None]:
     if _ON_IMPORT:
         _import_registrations()
     children = _children(nnet)
+    if children is None:
+        return None, f"{type(nnet).__name__} is not an nn.Sequential (nor a registered wrapper of one)"
     if not children:
-        return None
+        return None, "the branch is empty"
     steps, pending = [], None
-    for child in children:
+    for i, child in enumerate(children):
         act = _activation(child)
         if act is not None:
             if act[0] == IDENTITY:
                 continue
             if pending is not None:
-                return None
+                return None, f"two activations in a row (step {i}, {type(child).__name__})"
             pending = (*act, child)
             continue
         lin = _linear(child)
         if lin is None:
-            return None
+            return None, (f"step {i} ({type(child).__name__}) is neither an elementwise activation of the fused chain "
+                          f"({_ACTIVATIONS}) nor a supported linear map")
         code, params, module = pending if pending is not None else (IDENTITY, (0.0, 0.0), None)
         steps.append(_Step(code, module, params, child, *lin))
         pending = None
     if pending is not None:
-        return None
-    return LinearizedBranch(steps)
+        return None, "the branch ends with an activation"
+    return LinearizedBranch(steps), None
 
 
 class LinearizedBranch:

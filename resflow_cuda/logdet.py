@@ -70,8 +70,7 @@ def branch_estimate(nnet: nn.Module, x: Tensor, eps: Tensor, plan: est.SeriesPla
             else:
                 value = est.basic_estimator(source, eps, plan, create_graph=True)
                 logdet = value.detach()
-                grads = torch.autograd.grad(value.sum(), [x_leaf, *trainable], retain_graph=True,
-                                            allow_unused=True)
+                grads = est.grads_or_none(value, [x_leaf, *trainable])
             grads = iter(grads)
             grad_x = next(grads)
             grad_x = torch.zeros_like(x_leaf) if grad_x is None else grad_x

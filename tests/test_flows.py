@@ -136,6 +136,42 @@ def test_sequential_flow_and_inverse_compose_log_dets(device):
     torch.testing.assert_close(logp, chain(x, zero)[1].neg())  # same log-dets
 
 
+class _Spy(torch.nn.Module):
+    """A flow layer without ``restore`` that records its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, logpx=None):
+        self.seen.append("none")
+        return x if logpx is None else (x, logpx)
+
+
+class _RestoreSpy(_Spy):
+    """A flow layer with ImpFlow's ``restore`` that records what it gets."""
+
+    def forward(self, x, logpx=None, restore=False):
+        self.seen.append(restore)
+        return x if logpx is None else (x, logpx)
+
+
+def test_sequential_flow_passes_impflows_restore_to_the_layers_that_take_it():
+    """ImpFlow's container passes ``restore`` to every layer; ours only to those whose forward takes it, so that
+    ImpFlow's scripts (first call ``model(x, restore=True)``) run with this library's layers."""
+    plain, taker, nested_taker = _Spy(), _RestoreSpy(), _RestoreSpy()
+    chain = flows.SequentialFlow([flows.ActNorm1d(2), plain, taker, flows.SequentialFlow([nested_taker])])
+    x = torch.randn(5, 2)
+    chain(x, restore=True)
+    chain(x, torch.zeros(5, 1), restore=True)
+    chain(x)
+    assert plain.seen == ["none"] * 3
+    assert taker.seen == nested_taker.seen == [True, True, False]
+    torch.testing.assert_close(chain(x, restore=True), chain(x))  # float32, the same computation: equal
+    with pytest.raises(TypeError):
+        chain(x, restore=True, other=1)  # only restore is ImpFlow's
+
+
 def test_logdet_sign_convention_matches_a_known_scaling(device):
     # y = 2x in d dims: log|det| = d log 2, returned as logpx - d log 2
     layer = flows.ActNorm1d(3).to(device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 
 import normflows as nf
 import numpy as np
@@ -12,8 +13,9 @@ import torch
 from torch import nn
 
 from resflow_cuda import ops
-from resflow_cuda.linearize import linearize
-from resflow_cuda.nn import InducedNormConv2d, InducedNormLinear, LipSwish, SpectralNormLinear, iResBlock
+from resflow_cuda.linearize import fallback_reason, linearize
+from resflow_cuda.nn import (FullSort, ImplicitBlock, InducedNormConv2d, InducedNormLinear, LipSwish, MaxMin, Sin,
+                             SpectralNormLinear, iResBlock)
 
 # float64: our C++ chains vs autograd (or the twins) add the same products in another order: <= ~30 terms * 3 layers *
 # 72-term dots * 2^-53 ~ 1e-12 relative; 1e-10 keeps 100x and fails on float32 rounding (2^-24 ~ 6e-8).
@@ -473,3 +475,47 @@ def test_exact_jacobian_paths_take_forward_mode(kwargs, monkeypatch):
     _compare(_mlp([2, 12, 2]), torch.randn(7, 2, dtype=torch.float64), training="brute_force" in kwargs
              or "exact_trace" in kwargs, **kwargs)
     assert calls
+
+
+# -- branches the fused chain does not take: visibly on autograd ----------------------------------
+
+
+def _permutation_branch(act, width=8):
+    torch.manual_seed(0)
+    return nn.Sequential(act(), InducedNormLinear(4, width, coeff=0.9, n_iterations=5), act(),
+                         InducedNormLinear(width, 4, coeff=0.9, n_iterations=5))
+
+
+@pytest.mark.parametrize("act", [FullSort, MaxMin, Sin], ids=["fullsort", "maxmin", "sin"])
+def test_branches_with_non_elementwise_or_unknown_activations_fall_back_visibly(act, caplog):
+    net = _permutation_branch(act)
+    assert linearize(net) is None
+    reason = fallback_reason(net)
+    assert f"step 0 ({act.__name__})" in reason and "elementwise" in reason
+    block = iResBlock(net)
+    assert f"fast_path=autograd (step 0 ({act.__name__})" in repr(block)
+    assert "fast_path=False" in repr(iResBlock(_permutation_branch(act), fast_path=False))
+    assert "fast_path=linearized" in repr(iResBlock(_mlp([4, 8, 4])))
+    implicit = ImplicitBlock(_mlp([4, 8, 4]), _permutation_branch(act))
+    assert f"fast_path=autograd (nnet_z: step 0 ({act.__name__})" in repr(implicit)
+    fresh = _permutation_branch(act)
+    with caplog.at_level(logging.DEBUG, logger="resflow_cuda.linearize"):
+        linearize(fresh)
+        linearize(fresh)
+    messages = [r.getMessage() for r in caplog.records if r.name == "resflow_cuda.linearize"]
+    assert len(messages) == 1 and "autograd VJPs instead of the linearized fast path" in messages[0]  # once per branch
+
+
+@pytest.mark.parametrize("act", [FullSort, MaxMin], ids=["fullsort", "maxmin"])
+@pytest.mark.parametrize("kwargs", [dict(), dict(grad_in_forward=True), dict(neumann_grad=False)],
+                         ids=["neumann", "neumann-mem-eff", "basic"])
+def test_permutation_branches_train_on_the_fallback(act, kwargs):
+    """The fallback is the autograd path: fast_path=True and False give the same values and gradients."""
+    net = _permutation_branch(act).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    got = _run(iResBlock(copy.deepcopy(net), **kwargs), x, 3)
+    expected = _run(iResBlock(copy.deepcopy(net), fast_path=False, **kwargs), x, 3)
+    for a, b in zip(got, expected):
+        # the same autograd computation, the same draws: equal
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert all(g is not None and torch.isfinite(g).all() for g in got[2:])

@@ -93,8 +93,7 @@ class ResidualFlow(nn.Module):
         super().__init__()
         if len(input_size) != 4:
             raise ValueError(f"input_size: expected (N, C, H, W), but got {tuple(input_size)!r}")
-        if block_type not in ("resblock", "coupling"):
-            raise ValueError(f"block_type: expected 'resblock' or 'coupling', but got {block_type!r}")
+        stack = self._scale_class(block_type)
         n_blocks = list(n_blocks)
         self.n_scale = min(len(n_blocks), self._calc_n_scale(input_size))
         if self.n_scale <= 0:
@@ -107,7 +106,6 @@ class ResidualFlow(nn.Module):
         self.block_type = block_type
         self.input_size = tuple(input_size)
         _, c, h, w = input_size
-        stack = StackediResBlocks if block_type == "resblock" else StackedCouplingBlocks
         scales = []
         for i in range(self.n_scale):
             scales.append(stack(
@@ -123,6 +121,13 @@ class ResidualFlow(nn.Module):
         self.dims = [tuple(o[1:]) for o in self.calc_output_size(input_size)]
         if classification:
             self._build_classifier(input_size)
+
+    @staticmethod
+    def _scale_class(block_type: str) -> type:
+        """The class of one scale for ``block_type``."""
+        if block_type not in ("resblock", "coupling"):
+            raise ValueError(f"block_type: expected 'resblock' or 'coupling', but got {block_type!r}")
+        return StackediResBlocks if block_type == "resblock" else StackedCouplingBlocks
 
     @staticmethod
     def _calc_n_scale(input_size) -> int:

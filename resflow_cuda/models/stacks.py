@@ -9,11 +9,13 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..nn import (ActNorm1d, ActNorm2d, ChannelCouplingBlock, CouplingBlock, ImplicitBlock, InvertibleConv2d,
-                  InvertibleLinear, LipSwish, LipschitzCube, MaskedCouplingBlock, MovingBatchNorm1d, MovingBatchNorm2d,
-                  SequentialFlow, SqueezeLayer, get_conv2d, get_linear, iResBlock)
+from ..nn import (ActNorm1d, ActNorm2d, ChannelCouplingBlock, CouplingBlock, FullSort, Identity, ImplicitBlock,
+                  InvertibleConv2d, InvertibleLinear, LipSwish, LipschitzCube, MaskedCouplingBlock, MaxMin,
+                  MovingBatchNorm1d, MovingBatchNorm2d, SequentialFlow, Sin, SqueezeLayer, Zero, get_conv2d, get_linear,
+                  iResBlock)
 
-__all__ = ["ACT_FNS", "FCNet", "FCWrapper", "StackedCouplingBlocks", "StackediResBlocks", "parse_vnorms", "toy_model"]
+__all__ = ["ACT_FNS", "IMPLICIT_ACT_FNS", "TOY_ACT_FNS", "FCNet", "FCWrapper", "StackedCouplingBlocks",
+           "StackediResBlocks", "parse_vnorms", "toy_model"]
 
 # The reference's activation table: name -> factory(inplace).
 ACT_FNS = {
@@ -23,6 +25,16 @@ ACT_FNS = {
     "lcube": lambda inplace: LipschitzCube(),
     "identity": lambda inplace: nn.Identity(),
     "relu": lambda inplace: nn.ReLU(inplace=inplace),
+}
+
+# ImpFlow's table (``lib/implicit_flow.py``): the reference's and its Sin and Zero.
+IMPLICIT_ACT_FNS = {**ACT_FNS, "sin": lambda inplace: Sin(), "zero": lambda inplace: Zero()}
+
+# The toy and tabular scripts' tables (``train_toy.py`` of both references, ImpFlow's
+# ``train_tabular.py``): name -> module class, called without arguments.
+TOY_ACT_FNS = {
+    "identity": Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "selu": nn.SELU, "fullsort": FullSort,
+    "maxmin": MaxMin, "swish": LipSwish, "lcube": LipschitzCube, "sin": Sin, "zero": Zero,
 }
 
 
@@ -41,13 +53,14 @@ def parse_vnorms(vnorms: str) -> tuple[list[float], list[float]]:
     return ps[:-1], ps[1:]
 
 
-def _check_activation(name: str) -> None:
-    if name not in ACT_FNS:
-        raise ValueError(f"activation_fn: expected one of {sorted(ACT_FNS)}, but got {name!r}")
+def _check_activation(name: str, table: dict = ACT_FNS) -> None:
+    if name not in table:
+        raise ValueError(f"activation_fn: expected one of {sorted(table)}, but got {name!r}")
 
 
 class FCWrapper(nn.Module):
     """Runs a flow layer for flat inputs on ``(B, C, H, W)`` by flattening and restoring the shape.
+    ``forward``'s ``restore`` is ImpFlow's calling convention (no effect, as there).
 
     Args:
         fc_module: a flow layer on (B, C·H·W) with ``forward(x, logpx=None)`` and ``inverse``.
@@ -60,7 +73,7 @@ class FCWrapper(nn.Module):
         super().__init__()
         self.fc_module = fc_module
 
-    def forward(self, x: Tensor, logpx: Tensor | None = None):
+    def forward(self, x: Tensor, logpx: Tensor | None = None, restore: bool = False):
         shape = x.shape
         if logpx is None:
             return self.fc_module(x.reshape(shape[0], -1)).view(shape)
@@ -99,22 +112,26 @@ class FCNet(nn.Module):
         learn_p: learnable norm orders (starting at 2) in place of domains / codomains.
         div_in: the input is ``C·H·W / div_in`` wide (2: the coupling baseline's conditioner, which
             sees half of the channels).
+        act_fns: the activation table (default :data:`ACT_FNS`; ImpFlow's model: :data:`IMPLICIT_ACT_FNS`).
 
     Shapes:
         x: (B, C·H·W / div_in) or any shape with that many entries per sample; output: (B, C, H, W).
+
+    ``forward``'s ``restore`` is ImpFlow's calling convention (no effect, as there).
     """
 
     def __init__(self, input_shape, idim: int, lipschitz_layer, nhidden: int, coeff: float, domains, codomains,
                  n_iterations, activation_fn: str, preact: bool, dropout: float, sn_atol, sn_rtol, learn_p: bool = False,
-                 div_in: int = 1) -> None:
+                 div_in: int = 1, *, act_fns: dict | None = None) -> None:
         super().__init__()
-        _check_activation(activation_fn)
+        act_fns = ACT_FNS if act_fns is None else act_fns
+        _check_activation(activation_fn, act_fns)
         self.input_shape = tuple(input_shape)
         dim = math.prod(self.input_shape)
         layers = []
         last = dim // div_in
         if preact:
-            layers.append(ACT_FNS[activation_fn](False))
+            layers.append(act_fns[activation_fn](False))
         if learn_p:
             domains = [nn.Parameter(torch.tensor(0.0)) for _ in range(len(domains))]
             codomains = domains[1:] + [domains[0]]
@@ -126,7 +143,7 @@ class FCNet(nn.Module):
                                    codomain=codomains[i], atol=sn_atol, rtol=sn_rtol)
 
         for i in range(nhidden):
-            layers += [lip(last, idim, i), ACT_FNS[activation_fn](True)]
+            layers += [lip(last, idim, i), act_fns[activation_fn](True)]
             last = idim
         if dropout:
             # Not in place (the reference's is): the in-place activation before it (ELU, ReLU) needs its
@@ -135,17 +152,19 @@ class FCNet(nn.Module):
         layers.append(lip(last, dim, -1))
         self.nnet = nn.Sequential(*layers)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, restore: bool = False) -> Tensor:
         y = self.nnet(x.reshape(x.shape[0], -1))
         return y.view(y.shape[0], *self.input_shape)
 
 
 def _scale_chain(initial_size, block, squeeze, init_layer, n_blocks, quadratic, actnorm, fc_actnorm, fc, fc_end,
-                 fc_nblocks, fc_idim, first_resblock) -> list[nn.Module]:
-    """The module order of one scale, shared by the residual and the coupling model:
+                 fc_nblocks, fc_idim, first_resblock, first_in_last_scale: bool = False) -> list[nn.Module]:
+    """The module order of one scale, shared by the residual, coupling and implicit models:
     ``[init_layer]``, ``[ActNorm]`` before the first block, ``n_blocks`` × ([invertible linear map],
     ``block(fc_layer, first=...)``, [ActNorm], [FC ActNorm]), then a squeeze or, for the last scale,
-    ``fc_nblocks`` FC end blocks ``block(True, fc_idim)`` each with an optional FC ActNorm."""
+    ``fc_nblocks`` FC end blocks ``block(True, fc_idim)`` each with an optional FC ActNorm. ``first``
+    marks the first block with ``first_resblock``, in a scale that squeezes (the residual-flows
+    reference) or in any scale (``first_in_last_scale``, ImpFlow)."""
     c, h, w = initial_size
 
     def actnorm_layer(fc_layer):
@@ -164,7 +183,7 @@ def _scale_chain(initial_size, block, squeeze, init_layer, n_blocks, quadratic, 
     for i in range(n_blocks):
         if quadratic:
             chain.append(quadratic_layer(fc))
-        chain.append(block(fc, first=squeeze and first_resblock and i == 0))
+        chain.append(block(fc, first=(squeeze or first_in_last_scale) and first_resblock and i == 0))
         if actnorm:
             chain.append(actnorm_layer(fc))
         if fc_actnorm:
@@ -177,6 +196,55 @@ def _scale_chain(initial_size, block, squeeze, init_layer, n_blocks, quadratic, 
             if actnorm or fc_actnorm:
                 chain.append(actnorm_layer(True))
     return chain
+
+
+def _branch_options(initial_size, vnorms: str, kernels: str, activation_fn: str, act_fns: dict, **options) -> dict:
+    """The keyword arguments of :func:`_lipschitz_branch` for a scale, after checking the activation
+    and that vnorms has one norm per layer boundary of the kernels."""
+    _check_activation(activation_fn, act_fns)
+    domains, codomains = parse_vnorms(vnorms)
+    ks = [int(k) for k in kernels.split("-")]
+    if len(domains) != len(ks):
+        raise ValueError(f"vnorms {vnorms!r} gives {len(domains)} domains but kernels {kernels!r} has "
+                         f"{len(ks)} layers: expected len(vnorms) == len(kernels) + 1")
+    return dict(initial_size=initial_size, ks=ks, domains=domains, codomains=codomains, activation_fn=activation_fn,
+                act_fns=act_fns, **options)
+
+
+def _lipschitz_branch(fc_layer: bool, width: int, first: bool, *, initial_size, ks, domains, codomains, coeff,
+                      n_lipschitz_iters, sn_atol, sn_rtol, activation_fn, preact, batchnorm, dropout, learn_p,
+                      act_fns: dict = ACT_FNS) -> nn.Module:
+    """One residual branch of a scale, as the reference builds it: an :class:`FCNet` of width ``width``
+    (``fc_layer``), else Lipschitz convolutions with the kernels ``ks``: ``[BN, act if preact and not
+    first]``, conv c -> width, ``[BN]``, act, (conv width -> width, ``[BN]``, act) per middle kernel,
+    ``[Dropout2d]``, conv width -> c, ``[BN]`` (BN: MovingBatchNorm2d with ``batchnorm``)."""
+    if fc_layer:
+        return FCNet(initial_size, width, get_linear, len(ks) - 1, coeff, domains, codomains, n_lipschitz_iters,
+                     activation_fn, preact, dropout, sn_atol, sn_rtol, learn_p, act_fns=act_fns)
+    c = initial_size[0]
+    if learn_p:
+        dom = [nn.Parameter(torch.tensor(0.0)) for _ in ks]
+        cod = dom[1:] + [dom[0]]
+    else:
+        dom, cod = domains, codomains
+    layers = []
+    if not first and preact:
+        if batchnorm:
+            layers.append(MovingBatchNorm2d(c))
+        layers.append(act_fns[activation_fn](False))
+    # first c -> width, middle width -> width, last width -> c (two layers even for one kernel)
+    specs = [(c, width, ks[0], 0)] + [(width, width, k, i + 1) for i, k in enumerate(ks[1:-1])] + \
+        [(width, c, ks[-1], len(ks) - 1)]
+    for j, (a, b, k, norm) in enumerate(specs):
+        layers.append(get_conv2d(a, b, k, 1, k // 2, coeff=coeff, n_iterations=n_lipschitz_iters,
+                                 domain=dom[norm], codomain=cod[norm], atol=sn_atol, rtol=sn_rtol))
+        if batchnorm:
+            layers.append(MovingBatchNorm2d(b))
+        if j < len(specs) - 1:
+            layers.append(act_fns[activation_fn](True))
+        if j == len(specs) - 2 and dropout:
+            layers.append(nn.Dropout2d(dropout))  # not in place: the in-place activation before it
+    return nn.Sequential(*layers)
 
 
 class StackediResBlocks(SequentialFlow):
@@ -201,47 +269,27 @@ class StackediResBlocks(SequentialFlow):
                  n_samples=1, kernels="3-1-3", activation_fn="elu", fc_end=True, fc_nblocks=4, fc_idim=128,
                  n_exact_terms=0, preact=False, neumann_grad=True, grad_in_forward=False, first_resblock=False,
                  learn_p=False) -> None:
-        _check_activation(activation_fn)
-        domains, codomains = parse_vnorms(vnorms)
-        ks = [int(k) for k in kernels.split("-")]
-        if len(domains) != len(ks):
-            raise ValueError(f"vnorms {vnorms!r} gives {len(domains)} domains but kernels {kernels!r} has "
-                             f"{len(ks)} layers: expected len(vnorms) == len(kernels) + 1")
-        c = initial_size[0]
+        branch_options = _branch_options(initial_size, vnorms, kernels, activation_fn, self._act_fns, coeff=coeff,
+                                         n_lipschitz_iters=n_lipschitz_iters, sn_atol=sn_atol, sn_rtol=sn_rtol,
+                                         preact=preact, batchnorm=batchnorm, dropout=dropout, learn_p=learn_p)
         block_options = dict(n_power_series=n_power_series, n_dist=n_dist, n_samples=n_samples,
                              n_exact_terms=n_exact_terms, neumann_grad=neumann_grad, grad_in_forward=grad_in_forward)
 
         def resblock(fc_layer, width=idim, first=False):
-            if fc_layer:
-                net = FCNet(initial_size, width, get_linear, len(ks) - 1, coeff, domains, codomains,
-                            n_lipschitz_iters, activation_fn, preact, dropout, sn_atol, sn_rtol, learn_p)
-                return iResBlock(net, **block_options)
-            if learn_p:
-                dom = [nn.Parameter(torch.tensor(0.0)) for _ in ks]
-                cod = dom[1:] + [dom[0]]
-            else:
-                dom, cod = domains, codomains
-            layers = []
-            if not first and preact:
-                if batchnorm:
-                    layers.append(MovingBatchNorm2d(c))
-                layers.append(ACT_FNS[activation_fn](False))
-            # first c -> width, middle width -> width, last width -> c (two layers even for one kernel)
-            specs = [(c, width, ks[0], 0)] + [(width, width, k, i + 1) for i, k in enumerate(ks[1:-1])] + \
-                [(width, c, ks[-1], len(ks) - 1)]
-            for j, (a, b, k, norm) in enumerate(specs):
-                layers.append(get_conv2d(a, b, k, 1, k // 2, coeff=coeff, n_iterations=n_lipschitz_iters,
-                                         domain=dom[norm], codomain=cod[norm], atol=sn_atol, rtol=sn_rtol))
-                if batchnorm:
-                    layers.append(MovingBatchNorm2d(b))
-                if j < len(specs) - 1:
-                    layers.append(ACT_FNS[activation_fn](True))
-                if j == len(specs) - 2 and dropout:
-                    layers.append(nn.Dropout2d(dropout))  # not in place: the in-place activation before it
-            return iResBlock(nn.Sequential(*layers), **block_options)
+            return self._block(lambda: _lipschitz_branch(fc_layer, width, first, **branch_options), block_options)
 
         super().__init__(_scale_chain(initial_size, resblock, squeeze, init_layer, n_blocks, quadratic, actnorm,
-                                      fc_actnorm, fc, fc_end, fc_nblocks, fc_idim, first_resblock))
+                                      fc_actnorm, fc, fc_end, fc_nblocks, fc_idim, first_resblock,
+                                      self._first_in_last_scale))
+
+    # What subclasses with other blocks change (StackedImplicitBlocks): the activation table, whether the
+    # first block of a scale that does not squeeze is marked, and the block over new branches.
+    _act_fns = ACT_FNS
+    _first_in_last_scale = False
+
+    @staticmethod
+    def _block(branch, block_options: dict) -> nn.Module:
+        return iResBlock(branch(), **block_options)
 
 
 class StackedCouplingBlocks(SequentialFlow):
@@ -324,21 +372,26 @@ class StackedCouplingBlocks(SequentialFlow):
 def toy_model(n_blocks: int = 100, dims=(128, 128, 128, 128), activation_fn: str = "swish", coeff: float = 0.9,
               vnorms: str = "222222", n_lipschitz_iters: int | None = 5, atol=None, rtol=None, actnorm: bool = False,
               batchnorm: bool = False, n_dist: str = "geometric", n_power_series=None, exact_trace: bool = False,
-              brute_force: bool = False, n_samples: int = 1, arch: str = "iresnet", **block_options) -> SequentialFlow:
-    """The 2-D model of the reference's ``train_toy.py`` (``--arch iresnet``), or ImpFlow's (``"implicit"``).
+              brute_force: bool = False, n_samples: int = 1, arch: str = "iresnet", dim: int = 2,
+              **block_options) -> SequentialFlow:
+    """The 2-D model of the reference's ``train_toy.py`` (``--arch iresnet``), or ImpFlow's (``"implicit"``);
+    with ``dim`` the model of ImpFlow's ``train_tabular.py``.
 
-    ``[ActNorm1d(2)]`` then ``n_blocks`` × (iResBlock over a pre-activation Lipschitz MLP 2→dims→2,
-    ``[ActNorm1d(2)]``, ``[MovingBatchNorm1d(2)]``). The MLP is (act, linear) per layer,
+    ``[ActNorm1d(dim)]`` then ``n_blocks`` × (iResBlock over a pre-activation Lipschitz MLP dim→dims→dim,
+    ``[ActNorm1d(dim)]``, ``[MovingBatchNorm1d(dim)]``). The MLP is (act, linear) per layer,
     InducedNormLinear with ``zero_init`` on the output layer; the blocks use the basic estimator
     (``neumann_grad=False, grad_in_forward=False``) unless ``block_options`` say otherwise.
     ``arch="implicit"`` puts an :class:`~resflow_cuda.nn.ImplicitBlock` over two MLPs in each block,
     built as ImpFlow builds them (linear, then (act, linear) per further layer: no pre-activation).
+    ImpFlow's tabular model is ``toy_model(n_blocks=5, activation_fn=..., arch="implicit", dim=D,
+    n_lipschitz_iters=None, atol=sn_tol, rtol=sn_tol, n_exact_terms=2, eps_forward=epsf)``.
     Parity with the reference: docs/parity.md#toy_model
 
     Args:
         n_blocks: number of blocks.
         dims: hidden widths of each MLP.
-        activation_fn: a key of :data:`ACT_FNS`.
+        activation_fn: a key of :data:`TOY_ACT_FNS` (the toy scripts' table: also ``'fullsort'``,
+            ``'maxmin'``, ``'sin'``, ``'tanh'``, ...) or of :data:`ACT_FNS`.
         coeff: the Lipschitz bound of every linear layer.
         vnorms: norm orders between the MLP's layers (see :func:`parse_vnorms`).
         n_lipschitz_iters: power-iteration steps per update.
@@ -349,20 +402,25 @@ def toy_model(n_blocks: int = 100, dims=(128, 128, 128, 128), activation_fn: str
         n_dist, n_power_series, exact_trace, brute_force, n_samples: the blocks' (see
             :class:`~resflow_cuda.nn.iResBlock`).
         arch: ``"iresnet"`` or ``"implicit"``.
+        dim: the data's dimension.
         **block_options: further keyword arguments of the blocks.
 
     Returns:
-        A :class:`~resflow_cuda.nn.SequentialFlow` on (B, 2).
+        A :class:`~resflow_cuda.nn.SequentialFlow` on (B, dim).
     """
-    _check_activation(activation_fn)
+    _check_activation(activation_fn, {**ACT_FNS, **TOY_ACT_FNS})
     if arch not in ("iresnet", "implicit"):
         raise ValueError(f"arch: expected 'iresnet' or 'implicit', but got {arch!r}")
-    widths = [2, *dims, 2]
+
+    def activation() -> nn.Module:
+        return TOY_ACT_FNS[activation_fn]() if activation_fn in TOY_ACT_FNS else ACT_FNS[activation_fn](False)
+
+    widths = [dim, *dims, dim]
     domains, codomains = parse_vnorms(vnorms)
     if len(domains) < len(widths) - 1:
         raise ValueError(f"vnorms {vnorms!r} has norms for {len(domains)} layers, the MLP has {len(widths) - 1}")
     options = dict(neumann_grad=False, grad_in_forward=False) | block_options
-    blocks = [ActNorm1d(2)] if actnorm else []
+    blocks = [ActNorm1d(dim)] if actnorm else []
     estimator = dict(n_dist=n_dist, n_power_series=n_power_series, exact_trace=exact_trace, brute_force=brute_force,
                      n_samples=n_samples, **options)
 
@@ -370,9 +428,9 @@ def toy_model(n_blocks: int = 100, dims=(128, 128, 128, 128), activation_fn: str
         layers = []
         for i, (a, b, dom, cod) in enumerate(zip(widths[:-1], widths[1:], domains, codomains)):
             if preact or i > 0:
-                layers.append(ACT_FNS[activation_fn](False))
+                layers.append(activation())
             layers.append(get_linear(a, b, coeff=coeff, n_iterations=n_lipschitz_iters, atol=atol, rtol=rtol,
-                                     domain=dom, codomain=cod, zero_init=b == 2))
+                                     domain=dom, codomain=cod, zero_init=b == dim))
         return nn.Sequential(*layers)
 
     for _ in range(n_blocks):
@@ -381,7 +439,7 @@ def toy_model(n_blocks: int = 100, dims=(128, 128, 128, 128), activation_fn: str
         else:
             blocks.append(iResBlock(mlp(True), **estimator))
         if actnorm:
-            blocks.append(ActNorm1d(2))
+            blocks.append(ActNorm1d(dim))
         if batchnorm:
-            blocks.append(MovingBatchNorm1d(2))
+            blocks.append(MovingBatchNorm1d(dim))
     return SequentialFlow(blocks)

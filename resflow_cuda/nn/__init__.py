@@ -1,7 +1,7 @@
 """Drop-in ``nn.Module`` layers with the reference implementations' names, parameters and buffers."""
 
 from ..logdet import logdet_exact
-from .activations import LipschitzCube, LipSwish, Swish
+from .activations import FullSort, Identity, LipschitzCube, LipSwish, MaxMin, Sin, Swish, Zero
 from .coupling import (AdditiveCoupling, AffineCoupling, ChannelCouplingBlock, CouplingBlock, InvertibleConv2dLU,
                        MaskedCouplingBlock, coupling_mask)
 from .flows import (ActNorm1d, ActNorm2d, Inverse, InvertibleConv2d, InvertibleLinear, LogitTransform, MovingBatchNorm1d,
@@ -17,6 +17,7 @@ __all__ = [
     "MaskedCouplingBlock", "coupling_mask",
     "ActNorm1d", "ActNorm2d", "Inverse", "InvertibleConv2d", "InvertibleLinear", "LipschitzCube", "LogitTransform",
     "MovingBatchNorm1d", "MovingBatchNorm2d", "Normalize", "SequentialFlow", "SqueezeLayer", "ZeroMeanTransform",
+    "FullSort", "Identity", "MaxMin", "Sin", "Zero",
     "ImplicitBlock", "InducedNormConv2d", "InducedNormLinear", "InverseReport", "iResBlock", "logdet_exact", "LipSwish", "LopConv2d", "LopLinear", "SpectralNormConv2d",
     "SpectralNormLinear", "Swish", "get_conv2d", "get_linear", "lipschitz_report", "update_lipschitz",
 ]

@@ -3,11 +3,15 @@
 
 Every layer is invertible and follows one calling convention: ``forward(x, logpx=None)`` returns
 ``y``, or ``(y, logpx - logdet)`` when ``logpx`` (shape ``(B, 1)``) is given; ``inverse(y,
-logpy=None)`` returns ``x`` or ``(x, logpy + logdet)``. Log-determinants are exact.
+logpy=None)`` returns ``x`` or ``(x, logpy + logdet)``. Log-determinants are exact. The layers that
+ImpFlow's code calls with ``restore`` (ActNorm, SqueezeLayer, LogitTransform, SequentialFlow) take
+it in ``forward``; only SequentialFlow uses it (it passes it on).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import torch
@@ -59,7 +63,7 @@ class ActNormNd(nn.Module):
             self._known_initialized = bool(self.initialized)
         return self._known_initialized
 
-    def forward(self, x: Tensor, logpx: Tensor | None = None):
+    def forward(self, x: Tensor, logpx: Tensor | None = None, restore: bool | None = None):
         self._check(x)
         if not self._is_initialized():
             with torch.no_grad():
@@ -112,7 +116,7 @@ class SqueezeLayer(nn.Module):
         super().__init__()
         self.downscale_factor = downscale_factor
 
-    def forward(self, x: Tensor, logpx: Tensor | None = None):
+    def forward(self, x: Tensor, logpx: Tensor | None = None, restore: bool = False):
         r = self.downscale_factor
         if x.dim() != 4 or x.shape[2] % r or x.shape[3] % r:
             raise ValueError(f"SqueezeLayer: expected a 4-D input with H and W divisible by {r}, "
@@ -138,7 +142,7 @@ class LogitTransform(nn.Module):
         s = self.alpha + (1 - 2 * self.alpha) * x
         return (math.log(1 - 2 * self.alpha) - torch.log(s - s * s)).reshape(x.shape[0], -1).sum(1, keepdim=True)
 
-    def forward(self, x: Tensor, logpx: Tensor | None = None):
+    def forward(self, x: Tensor, logpx: Tensor | None = None, restore: bool = False):
         s = self.alpha + (1 - 2 * self.alpha) * x
         y = torch.log(s) - torch.log(1 - s)
         return _with_logp(y, logpx, None if logpx is None else -self._logdet(x))
@@ -188,18 +192,34 @@ class ZeroMeanTransform(nn.Module):
 
 class SequentialFlow(nn.Module):
     """A chain of flow layers (attribute ``chain``, so state_dict keys are ``chain.{i}.…``):
-    forward through the chain, inverse backwards."""
+    forward through the chain, inverse backwards.
+
+    ``forward``'s ``restore`` is ImpFlow's calling convention (its container passes it to every
+    layer): it goes to the layers whose ``forward`` takes a ``restore`` argument (such as
+    :class:`~resflow_cuda.nn.ImplicitBlock` and nested SequentialFlows) and not to the others.
+    Parity with the reference: docs/parity.md#sequentialflow
+
+    Args:
+        layersList: the flow layers, each with ``forward(x, logpx=None)`` and ``inverse(y, logpy=None)``.
+
+    Shapes:
+        x, y: as the layers; logpx, logpy: (B, 1).
+
+    Returns:
+        ``forward(x)``: y; ``forward(x, logpx)``: ``(y, logpx - logdet)``; ``inverse`` likewise.
+    """
 
     def __init__(self, layersList) -> None:
         super().__init__()
         self.chain = nn.ModuleList(layersList)
 
-    def forward(self, x: Tensor, logpx: Tensor | None = None):
+    def forward(self, x: Tensor, logpx: Tensor | None = None, restore: bool = False):
         for layer in self.chain:
+            kwargs = {"restore": restore} if _takes_restore(type(layer)) else {}
             if logpx is None:
-                x = layer(x)
+                x = layer(x, **kwargs)
             else:
-                x, logpx = layer(x, logpx)
+                x, logpx = layer(x, logpx, **kwargs)
         return _with_logp(x, logpx, None)
 
     def inverse(self, y: Tensor, logpy: Tensor | None = None):
@@ -209,6 +229,16 @@ class SequentialFlow(nn.Module):
             else:
                 y, logpy = layer.inverse(y, logpy)
         return _with_logp(y, logpy, None)
+
+
+@functools.cache
+def _takes_restore(cls: type) -> bool:
+    """Whether ``cls.forward`` takes a ``restore`` keyword (or any keyword)."""
+    try:
+        params = inspect.signature(cls.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "restore" and p.kind is not p.POSITIONAL_ONLY or p.kind is p.VAR_KEYWORD for p in params)
 
 
 class Inverse(nn.Module):

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..estimators import HostCopies, check_estimator_args, series_plan
+from ..linearize import fast_path_repr
 from ..logdet import branch_estimate, branch_jacobian, exact_trace_logdet
 from ..solvers import SOLVE_EVENT, RootReport, find_root
 
@@ -51,7 +52,8 @@ class ImplicitBlock(nn.Module):
         eps_sample: tolerance of the inverse solve.
         threshold: step limit of Broyden's method.
         rng: ``"numpy"`` (the reference's draws; probes on the CPU) or ``"torch"`` (torch's RNG on x's device).
-        fast_path: run branches of supported layers (:mod:`resflow_cuda.linearize`) in fused op calls.
+        fast_path: run branches of supported layers (:mod:`resflow_cuda.linearize`) in fused op calls
+            (other branches take autograd VJPs; the block's ``repr`` says which and why).
         fallback_steps: step limit of the fixed-point fallback.
 
     Shapes:
@@ -235,7 +237,8 @@ class ImplicitBlock(nn.Module):
     def extra_repr(self) -> str:
         return (f"dist={self.n_dist}, n_samples={self.n_samples}, n_power_series={self.n_power_series}, "
                 f"neumann_grad={self.neumann_grad}, exact_trace={self.exact_trace}, brute_force={self.brute_force}, "
-                f"grad_in_forward={self.grad_in_forward}, threshold={self.threshold}")
+                f"grad_in_forward={self.grad_in_forward}, threshold={self.threshold}, "
+                f"{fast_path_repr(self.fast_path, nnet_x=self.nnet_x, nnet_z=self.nnet_z)}")
 
 
 def _logdet_full(nnet: nn.Module, x: Tensor, fast_path: bool) -> Tensor:

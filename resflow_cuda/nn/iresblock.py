@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .. import estimators as est
 from ..estimators import HostCopies, check_estimator_args, series_plan
+from ..linearize import fast_path_repr
 from ..logdet import branch_estimate, branch_jacobian, exact_trace_logdet
 
 __all__ = ["iResBlock", "InverseReport"]
@@ -61,7 +62,8 @@ class iResBlock(nn.Module):  # noqa: N801 (the reference's name)
         inverse_rtol: relative tolerance of the fixed-point inverse, on the squared step.
         inverse_max_iterations: iteration limit of the fixed-point inverse.
         inverse_per_sample: stop each sample once it has converged, not the whole batch.
-        fast_path: run a branch of supported layers (:mod:`resflow_cuda.linearize`) in fused op calls.
+        fast_path: run a branch of supported layers (:mod:`resflow_cuda.linearize`) in fused op calls
+            (other branches take autograd VJPs; the block's ``repr`` says which and why).
 
     Shapes:
         x: (B, ...), at least 2 dims; (B, 2) with ``brute_force``, (B, D) with ``exact_trace``.
@@ -236,7 +238,8 @@ class iResBlock(nn.Module):  # noqa: N801 (the reference's name)
 
     def extra_repr(self) -> str:
         return (f"dist={self.n_dist}, n_samples={self.n_samples}, n_power_series={self.n_power_series}, "
-                f"neumann_grad={self.neumann_grad}, exact_trace={self.exact_trace}, brute_force={self.brute_force}")
+                f"neumann_grad={self.neumann_grad}, exact_trace={self.exact_trace}, brute_force={self.brute_force}, "
+                f"{fast_path_repr(self.fast_path, nnet=self.nnet)}")
 
 
 def _max_or_zero(t: Tensor) -> float:

@@ -2,24 +2,17 @@
 
 Usage: python make_reference_implicit.py IMPFLOW_DIR OUT
 where IMPFLOW_DIR holds ``lib/`` of thu-ml/implicit-normalizing-flows (commit d8babe4). The code is
-from the PyTorch 1.4 era: ``torch._six.container_abcs`` and ``termcolor`` are provided here as stand-ins
-(collections.abc, and a colored() that returns its text); nothing of the reference is changed.
+from the PyTorch 1.4 era: see impflow_env.py for the stand-ins it needs; nothing of the reference is
+changed.
 """
 
-import collections.abc
 import sys
-import types
 
+import impflow_env
 import numpy as np
 import torch
 
-six = types.ModuleType("torch._six")
-six.container_abcs = collections.abc
-sys.modules["torch._six"] = six
-termcolor = types.ModuleType("termcolor")
-termcolor.colored = lambda text, *args, **kwargs: text
-sys.modules["termcolor"] = termcolor
-sys.path.insert(0, sys.argv[1])
+impflow_env.install(sys.argv[1])
 
 from lib.layers.base.activations import Swish  # noqa: E402
 from lib.layers.base.mixed_lipschitz import InducedNormLinear  # noqa: E402
