@@ -19,7 +19,7 @@ Under ``torch.autocast`` the branch's matrix products run in the autocast dtype,
 ``F.conv2d`` do there, so its activations and phi' come out in 16 bits. The cached quantities (and the
 full Jacobians) are cast, here and only here, to the dtype of the block's input x, so that the series,
 the Neumann vector and the gradient run in x's dtype: float32 for a float32 model under autocast
-(docs/parity.md#mixed-precision). Without autocast every cast is a no-op.
+(docs/parity.md#mixed-precision). Without autocast nothing is cast (no op is dispatched).
 
 This module imports no layer library: layers qualify by registration (:func:`register_lipswish`,
 :func:`register_linear`, :func:`register_wrapper`). ``resflow_cuda.nn`` registers its own layers
@@ -99,6 +99,11 @@ def _lookup(table: dict, module: nn.Module):
 
 def _module_weight(layer: nn.Module, input: Tensor) -> Tensor:
     return layer.weight
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """t in ``dtype`` (see the module docstring); t itself, with no op dispatched, when it already is."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 @dataclass
@@ -253,7 +258,7 @@ class LinearizedBranch:
             h, tangents = out[0], out[1:]
             if step.layer.bias is not None:
                 h = h + step.layer.bias
-        return h, tangents.permute(1, 2, 0).to(x.dtype)  # in x's dtype also under autocast (module docstring)
+        return h, _cast(tangents.permute(1, 2, 0), x.dtype)  # in x's dtype also under autocast
 
 
 class _Cache:
@@ -274,7 +279,7 @@ class _Cache:
     def to(self, dtype: torch.dtype) -> None:
         """Casts the cached activations, phi' and betas (the latter keep their graph) to ``dtype``."""
         for name in ("act_inputs", "layer_inputs", "slopes", "betas"):
-            setattr(self, name, [None if t is None else t.to(dtype) for t in getattr(self, name)])
+            setattr(self, name, [_cast(t, dtype) for t in getattr(self, name)])
 
 
 class LinearizedVJP:
@@ -286,7 +291,7 @@ class LinearizedVJP:
         steps = branch.steps
         self._strides = [s for step in steps for s in step.stride]
         self._paddings = [p for step in steps for p in step.padding]
-        self._weights = [w.detach().to(x.dtype) for w in cache.weights]
+        self._weights = [_cast(w.detach(), x.dtype) for w in cache.weights]
         self._surrogate: tuple[Tensor, Tensor] | None = None
 
     def series(self, eps: Tensor, plan, neumann: bool, surrogate: bool = True) -> tuple[Tensor, Tensor | None]:

@@ -117,7 +117,8 @@ class _Coupling(nn.Module):
     def _params(self, h: Tensor, like: Tensor) -> list[Tensor]:
         """``nnet(h)`` cut into ``n_params`` tensors shaped like ``like`` (the transformed part), in its
         dtype: under autocast the network runs in 16 bits, the transform and its log-det do not."""
-        f = self.nnet(h).to(like.dtype)
+        f = self.nnet(h)
+        f = f if f.dtype == like.dtype else f.to(like.dtype)
         c = like.shape[1]
         expected = (like.shape[0], self.n_params * c, *like.shape[2:])
         if tuple(f.shape) != expected:
