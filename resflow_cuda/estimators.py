@@ -231,7 +231,8 @@ class AutogradVJP:
 class JacobianVJP(AutogradVJP):
     """VJPs from the explicit Jacobians J (B, D, D) of g at x (B, D): w -> w^T J as one batched
     product, differentiable through J when ``create_graph``. For small D, where J is cheaper to
-    build (forward mode, :meth:`resflow_cuda.linearize.LinearizedBranch.jacobian`) than n VJPs."""
+    build (forward mode, :meth:`resflow_cuda.linearize.LinearizedBranch.jacobian`) than n VJPs.
+    The products run in J's dtype also under autocast (float32: docs/parity.md#mixed-precision)."""
 
     def __init__(self, g: Tensor, x: Tensor, jac: Tensor) -> None:
         super().__init__(g, x)
@@ -239,7 +240,8 @@ class JacobianVJP(AutogradVJP):
 
     def vjp(self, w: Tensor, create_graph: bool = False) -> Tensor:
         jac = self.jac if create_graph else self.jac.detach()
-        return torch.bmm(w.unsqueeze(1), jac).squeeze(1)
+        with ops.autocast_disabled(jac):  # the terms in J's dtype, float32 under autocast
+            return torch.bmm(w.unsqueeze(1), jac).squeeze(1)
 
 
 def grads_or_none(value: Tensor, inputs: list[Tensor]) -> list[Tensor | None]:

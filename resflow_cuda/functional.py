@@ -128,7 +128,7 @@ def eager_power_iteration(weight: Tensor, u: Tensor, v: Tensor, max_iterations: 
     matvec = matvec or (lambda x: torch.mv(weight, x))
     rmatvec = rmatvec or (lambda y: torch.mv(weight.t(), y))
     iterations = 0
-    with torch.no_grad():
+    with torch.no_grad(), ops.autocast_disabled(u):  # in the weight's dtype also under autocast
         for _ in range(max_iterations):
             old_u, old_v = u.clone(), v.clone()
             u = normalize_u(matvec(v), codomain)

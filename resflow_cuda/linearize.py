@@ -18,6 +18,12 @@ in forward mode instead (the basic estimator's differentiable terms and exact de
 A branch that does not qualify takes autograd VJPs: :func:`fallback_reason` says why (the blocks
 show it in their ``repr``), and :func:`linearize` logs it once per branch at DEBUG level.
 
+Under ``torch.autocast`` the branch's matrix products run in the autocast dtype, as ``F.linear`` and
+``F.conv2d`` do there, so its activations and phi' come out in 16 bits. The cached quantities (and the
+full Jacobians) are cast, here and only here, to the dtype of the block's input x, so that the series,
+the Neumann vector and the gradient run in x's dtype: float32 for a float32 model under autocast
+(docs/parity.md#mixed-precision). Without autocast nothing is cast (no op is dispatched).
+
 This module imports no layer library: layers qualify by registration (:func:`register_lipswish`,
 :func:`register_linear`, :func:`register_wrapper`). ``resflow_cuda.nn`` registers its own layers
 when it is imported; ``resflow_cuda.integrations.normflows`` registers normflows' ones, and
@@ -100,6 +106,11 @@ def _lookup(table: dict, module: nn.Module):
 
 def _module_weight(layer: nn.Module, input: Tensor) -> Tensor:
     return layer.weight
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """t in ``dtype`` (see the module docstring); t itself, with no op dispatched, when it already is."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 @dataclass
@@ -286,7 +297,7 @@ class LinearizedBranch:
             h, tangents = out[0], out[1:]
             if step.layer.bias is not None:
                 h = h + step.layer.bias
-        return h, tangents.permute(1, 2, 0)
+        return h, _cast(tangents.permute(1, 2, 0), x.dtype)  # in x's dtype also under autocast
 
 
 class _Cache:
@@ -301,8 +312,13 @@ class _Cache:
         self.act_inputs.append(None if slope is None else h.detach())
         self.layer_inputs.append(a.detach())
         self.slopes.append(slope)
-        self.betas.append(step.act_module.beta.to(h.dtype) if step.activation == LIPSWISH else None)
+        self.betas.append(step.act_module.beta if step.activation == LIPSWISH else None)
         self.biases.append(step.layer.bias)
+
+    def to(self, dtype: torch.dtype) -> None:
+        """Casts the cached activations, phi' and betas (the latter keep their graph) to ``dtype``."""
+        for name in ("act_inputs", "layer_inputs", "slopes", "betas"):
+            setattr(self, name, [_cast(t, dtype) for t in getattr(self, name)])
 
 
 class LinearizedVJP:
@@ -310,10 +326,11 @@ class LinearizedVJP:
 
     def __init__(self, branch: LinearizedBranch, x: Tensor, cache: _Cache) -> None:
         self.branch, self.x, self.cache = branch, x, cache
+        cache.to(x.dtype)  # under autocast the activations come in 16 bits (module docstring)
         steps = branch.steps
         self._strides = [s for step in steps for s in step.stride]
         self._paddings = [p for step in steps for p in step.padding]
-        self._weights = [w.detach() for w in cache.weights]
+        self._weights = [_cast(w.detach(), x.dtype) for w in cache.weights]
         self._surrogate: tuple[Tensor, Tensor] | None = None
 
     def series(self, eps: Tensor, plan, neumann: bool, surrogate: bool = True) -> tuple[Tensor, Tensor | None]:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import estimators as est
+from . import ops
 from .linearize import linearize
 
 __all__ = ["branch_estimate", "branch_jacobian", "exact_trace_logdet", "logdet_exact"]
@@ -34,9 +35,10 @@ def exact_trace_logdet(nnet: nn.Module, x: Tensor, plan: est.SeriesPlan,
     g, jac = branch_jacobian(nnet, x, fast_path)
     logdet = est.batch_trace(jac)
     jac_k = jac
-    for k in range(2, plan.n_terms + 1):
-        jac_k = torch.bmm(jac, jac_k)
-        logdet = logdet + plan.logdet_coeff(k) * est.batch_trace(jac_k)
+    with ops.autocast_disabled(jac):  # the powers in J's dtype, float32 under autocast
+        for k in range(2, plan.n_terms + 1):
+            jac_k = torch.bmm(jac, jac_k)
+            logdet = logdet + plan.logdet_coeff(k) * est.batch_trace(jac_k)
     return g, logdet
 
 

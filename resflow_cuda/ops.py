@@ -3,10 +3,13 @@
 The only module that touches ``torch.ops.resflow_cuda``. Each op section has: the wrapper, the
 fake (meta) kernel that ``torch.compile`` and ``opcheck`` use, and the autograd formula, which
 calls further custom ops so that derivatives form a ladder (LipSwish: forward → backward →
-double backward; third order is not supported).
+double backward; third order is not supported). The ops that run matrix products inside are opaque to
+``torch.autocast`` (see the section "Autocast" at the end).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor
@@ -404,3 +407,36 @@ def _logdet_series_accumulate_fake(w, eps, logdet, neumann, logdet_coeff, neuman
     if neumann is not None:
         _check_matches(_SERIES, "neumann", neumann, "w", w)
 
+
+# ---------------------------------------------------------------------------------------------
+# Autocast (docs/parity.md#mixed-precision): the ops that run ATen matrix products inside (the power
+# iterations, the linearized log-det ops) are opaque to torch.autocast: they run in their inputs'
+# dtypes with autocast off inside, since autocast would lower their inner products to 16 bits while
+# they check that their inputs share one dtype (and still refuse inputs that do not). The callers
+# pass one dtype: x's for the log-det (float32 in a float32 model), the weight's for the power
+# iteration. Elementwise kernels (LipSwish, the accumulation) need no rule: autocast leaves them alone.
+# ---------------------------------------------------------------------------------------------
+
+
+def autocast_disabled(like: Tensor):
+    """A context with autocast off on ``like``'s device type (a null context where autocast is not on):
+    what the Python code that must run in its inputs' dtypes (the power iteration's sigma, the
+    estimators' Jacobian products, root solves) wraps itself in."""
+    device = like.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _without_autocast(op, device: str):
+    def kernel(*args):
+        with torch.autocast(device, enabled=False):
+            return op(*args)
+    return kernel
+
+
+_AUTOCAST_LIBRARY = torch.library.Library("resflow_cuda", "IMPL")
+for _name in ("power_iteration", "conv_power_iteration", "power_iteration_update_", "linearized_logdet_series",
+              "linearized_neumann_gradient"):
+    for _key, _device in (("AutocastCPU", "cpu"), ("AutocastCUDA", "cuda")):
+        _AUTOCAST_LIBRARY.impl(_name, _without_autocast(getattr(_OPS, _name).default, _device), _key)

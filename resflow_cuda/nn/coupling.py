@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import autocast_disabled
+
 __all__ = ["AdditiveCoupling", "AffineCoupling", "ChannelCouplingBlock", "CouplingBlock", "InvertibleConv2dLU",
            "MaskedCouplingBlock", "coupling_mask"]
 
@@ -113,8 +115,10 @@ class _Coupling(nn.Module):
         return torch.cat([kept, changed] if self.mask_type == "channel0" else [changed, kept], dim=1)
 
     def _params(self, h: Tensor, like: Tensor) -> list[Tensor]:
-        """``nnet(h)`` cut into ``n_params`` tensors shaped like ``like`` (the transformed part)."""
+        """``nnet(h)`` cut into ``n_params`` tensors shaped like ``like`` (the transformed part), in its
+        dtype: under autocast the network runs in 16 bits, the transform and its log-det do not."""
         f = self.nnet(h)
+        f = f if f.dtype == like.dtype else f.to(like.dtype)
         c = like.shape[1]
         expected = (like.shape[0], self.n_params * c, *like.shape[2:])
         if tuple(f.shape) != expected:
@@ -398,9 +402,10 @@ class InvertibleConv2dLU(nn.Module):
         if x.dim() not in (2, 4) or x.shape[1] != self.num_channels:
             raise ValueError(f"{name}: InvertibleConv2dLU expects (B, {self.num_channels}, H, W) or "
                              f"(B, {self.num_channels}), but got shape {tuple(x.shape)}")
-        if x.dim() == 2:
-            return F.linear(x, matrix)
-        return F.conv2d(x, matrix.view(self.num_channels, self.num_channels, 1, 1))
+        with autocast_disabled(x):  # in x's dtype also under autocast, as InvertibleConv2d
+            if x.dim() == 2:
+                return F.linear(x, matrix)
+            return F.conv2d(x, matrix.view(self.num_channels, self.num_channels, 1, 1))
 
     def _logdet(self, x: Tensor) -> Tensor:
         positions = x.shape[2] * x.shape[3] if x.dim() == 4 else 1

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import autocast_disabled
+
 
 def _with_logp(y: Tensor, logp: Tensor | None, delta: Tensor | None):
     """y, or (y, logp + delta) when logp is given (delta None: no change)."""
@@ -257,7 +259,8 @@ class Inverse(nn.Module):
 
 class _InvertibleMatrix(nn.Module):
     """A learnable invertible ``dim × dim`` matrix, initialised to a random permutation (torch's
-    global RNG, as the reference); log|det W| per application."""
+    global RNG, as the reference); log|det W| per application. The product runs in x's dtype also
+    under autocast: in 16 bits it would round the flow's state itself (docs/parity.md#mixed-precision)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -276,24 +279,28 @@ class InvertibleLinear(_InvertibleMatrix):
     """``y = x Wᵀ`` on ``(B, dim)``; log-det ``log|det W|``."""
 
     def forward(self, x: Tensor, logpx: Tensor | None = None):
-        return _with_logp(F.linear(x, self.weight), logpx, None if logpx is None else -self._logdetgrad)
+        with autocast_disabled(x):
+            return _with_logp(F.linear(x, self.weight), logpx, None if logpx is None else -self._logdetgrad)
 
     def inverse(self, y: Tensor, logpy: Tensor | None = None):
-        return _with_logp(F.linear(y, torch.linalg.inv(self.weight)), logpy,
-                          None if logpy is None else self._logdetgrad)
+        with autocast_disabled(y):
+            return _with_logp(F.linear(y, torch.linalg.inv(self.weight)), logpy,
+                              None if logpy is None else self._logdetgrad)
 
 
 class InvertibleConv2d(_InvertibleMatrix):
     """Glow's invertible 1×1 convolution on ``(B, dim, H, W)``; log-det ``H·W·log|det W|``."""
 
     def forward(self, x: Tensor, logpx: Tensor | None = None):
-        y = F.conv2d(x, self.weight.view(self.dim, self.dim, 1, 1))
-        delta = None if logpx is None else -self._logdetgrad * (x.shape[2] * x.shape[3])
+        with autocast_disabled(x):
+            y = F.conv2d(x, self.weight.view(self.dim, self.dim, 1, 1))
+            delta = None if logpx is None else -self._logdetgrad * (x.shape[2] * x.shape[3])
         return _with_logp(y, logpx, delta)
 
     def inverse(self, y: Tensor, logpy: Tensor | None = None):
-        x = F.conv2d(y, torch.linalg.inv(self.weight).view(self.dim, self.dim, 1, 1))
-        delta = None if logpy is None else self._logdetgrad * (x.shape[2] * x.shape[3])
+        with autocast_disabled(y):
+            x = F.conv2d(y, torch.linalg.inv(self.weight).view(self.dim, self.dim, 1, 1))
+            delta = None if logpy is None else self._logdetgrad * (x.shape[2] * x.shape[3])
         return _with_logp(x, logpy, delta)
 
 

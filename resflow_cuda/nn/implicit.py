@@ -14,6 +14,7 @@ from torch.autograd.function import once_differentiable
 from ..estimators import HostCopies, check_estimator_args, series_plan
 from ..linearize import fast_path_repr
 from ..logdet import branch_estimate, branch_jacobian, exact_trace_logdet
+from ..ops import autocast_disabled
 from ..solvers import SOLVE_EVENT, RootReport, find_root
 
 __all__ = ["ImplicitBlock"]
@@ -153,7 +154,9 @@ class ImplicitBlock(nn.Module):
         if not finite:
             raise ValueError(f"ImplicitBlock.{direction}: the input contains NaN or Inf; the root finder cannot "
                              f"converge")
-        with torch.no_grad():
+        # The solve in the input's dtype also under autocast: in 16 bits g's rounding (2^-9 |g| for
+        # bfloat16) lies above the solver's tolerances (docs/parity.md#mixed-precision).
+        with torch.no_grad(), autocast_disabled(given):
             g_given = net_given(given)
             target = given + g_given
             root, report = find_root(lambda s: target - net_sought(s), given, self.threshold, eps,
@@ -264,6 +267,11 @@ class _ImplicitGradient(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         given, root = ctx.saved_tensors
+        with autocast_disabled(grad):  # as the forward solve
+            return _ImplicitGradient._adjoint(ctx, grad, given, root)
+
+    @staticmethod
+    def _adjoint(ctx, grad, given, root):
         block = ctx.block
         with torch.enable_grad():
             leaf = root.detach().requires_grad_(True)

@@ -14,6 +14,7 @@ from .. import estimators as est
 from ..estimators import HostCopies, check_estimator_args, series_plan
 from ..linearize import fast_path_repr
 from ..logdet import branch_estimate, branch_jacobian, exact_trace_logdet
+from ..ops import autocast_disabled
 
 __all__ = ["iResBlock", "InverseReport"]
 
@@ -74,7 +75,8 @@ class iResBlock(nn.Module):  # noqa: N801 (the reference's name)
         ``forward(x)``: ``y = x + g(x)``; ``forward(x, logpx)``: ``(y, logpx - logdet)``.
         ``inverse(y)``: ``x``; ``inverse(y, logpy)``: ``(x, logpy + logdet)``. After each call
         ``last_logdet_estimate`` (B, 1) holds the estimate and ``last_inverse_report`` an
-        :class:`InverseReport`.
+        :class:`InverseReport`. Under ``torch.autocast`` only the branch's products are lowered: y and
+        the log-det keep x's dtype (docs/parity.md#mixed-precision).
 
     Autograd: first order in x and the parameters (the log-det's gradient itself differentiates
     through the branch once more, which its layers must support).
@@ -132,7 +134,10 @@ class iResBlock(nn.Module):  # noqa: N801 (the reference's name)
         return x + g, logpx - logdet
 
     def inverse(self, y: Tensor, logpy: Tensor | float | None = None):
-        x = self._inverse_fixed_point(y)
+        # The fixed-point iteration in y's dtype also under autocast: in 16 bits g's rounding (2^-9 |g|
+        # for bfloat16) lies above the iteration's tolerances (docs/parity.md#mixed-precision).
+        with autocast_disabled(y):
+            x = self._inverse_fixed_point(y)
         if logpy is None:
             return x
         return x, logpy + self._logdetgrad(x)[1]

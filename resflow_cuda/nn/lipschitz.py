@@ -80,7 +80,7 @@ class SpectralNormLinear(_LipschitzMixin, nn.Module):
                                                  atol if tol else None, rtol if tol else None, 2.0, 2.0, False)
                 self.u.copy_(u)
                 self.v.copy_(v)
-        return self._normalized(self.weight, torch.dot(u, torch.mv(self.weight, v)))
+        return self._normalized(self.weight, u, v)
 
     def forward_weight(self, input: Tensor) -> Tensor:
         """The weight forward applies to ``input`` (with forward's side effects)."""
@@ -176,7 +176,7 @@ class InducedNormLinear(_InducedNormsMixin, _LipschitzMixin, nn.Module):
             tol = n_iterations is None  # InducedNorm* test the tolerance only without n_iterations
             with torch.no_grad():
                 u, v = self._iterate(max_iterations, atol if tol else None, rtol if tol else None)
-        return self._normalized(self.weight, torch.dot(u, torch.mv(self.weight, v)))
+        return self._normalized(self.weight, u, v)
 
     def compute_one_iter(self):
         """One iteration from the current u, v, differentiable in the learnable norm orders only."""
@@ -336,7 +336,7 @@ class SpectralNormConv2d(_LipschitzConv2d):
                                                  rtol if tol else None, 2.0, 2.0, False)
                 self.u.copy_(u)
                 self.v.copy_(v)
-        return self._normalized(self.weight, self._sigma(u, v))
+        return self._normalized(self.weight, u, v)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._load_geometry(state_dict, prefix)
@@ -461,7 +461,7 @@ class InducedNormConv2d(_InducedNormsMixin, _LipschitzConv2d):
                     self.v.copy_(v)
                 if not self._pointwise or codomain != INF:
                     self.u.copy_(u)
-        return self._normalized(self.weight, self._sigma(u, v))
+        return self._normalized(self.weight, u, v)
 
     def compute_one_iter(self):
         """One iteration from the current u, v, differentiable in the learnable norm orders only."""

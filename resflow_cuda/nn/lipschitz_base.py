@@ -11,6 +11,8 @@ import torch.nn.functional as F
 import torch.nn.init as init
 from torch import Tensor
 
+from .. import ops
+
 __all__ = ["asym_squash"]
 
 INF = float("inf")
@@ -54,7 +56,15 @@ def _reset_parameters(module, zero_init=False):
 class _LipschitzMixin:
     """sigma -> W / max(1, sigma / coeff), and the reference's resolution of iteration settings."""
 
-    def _normalized(self, weight: Tensor, sigma: Tensor) -> Tensor:
+    def _sigma(self, u: Tensor, v: Tensor) -> Tensor:
+        """u^T W v of a matrix layer (the convolutions override it)."""
+        return torch.dot(u, torch.mv(self.weight, v))
+
+    def _normalized(self, weight: Tensor, u: Tensor, v: Tensor) -> Tensor:
+        # sigma in the weight's dtype also under autocast, as the power iteration that gave u and v
+        # (docs/parity.md#mixed-precision); the normalized weight then goes into the layer's product.
+        with ops.autocast_disabled(weight):
+            sigma = self._sigma(u, v)
         with torch.no_grad():
             self.scale.copy_(sigma)
         if self.detach_sigma:
