@@ -262,9 +262,13 @@ def training_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor],
     count), and ``step.update_lipschitz``."""
     import numpy as np
 
-    params = [p for n, p in model.named_parameters() if not n.endswith(("geom_p", "lamb"))]
+    roulette = ("geom_p", "lamb")
+    params = [p for n, p in model.named_parameters() if not n.endswith(roulette)]
     optimizer = torch.optim.Adam(params, lr=1e-3)
-    live = list(model.state_dict().values())
+    # The roulette's parameters get no gradient and nothing writes them, so they are not restored:
+    # a write would bump their version counter and make the next forward read them from the device
+    # again (a host sync per block that training does not have).
+    live = [t for n, t in model.state_dict().items() if not n.endswith(roulette)]
     snapshot = [t.clone() for t in live]
     update = update or _update_lipschitz(model)
 
