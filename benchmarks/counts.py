@@ -241,6 +241,10 @@ def main(argv=None) -> int:
 
     path = Path(args.budgets)
     data = load_budgets(path)
+    recorded_with = data.get("budgets_recorded", {}).get("torch")
+    if recorded_with and recorded_with != torch.__version__:
+        log(f"[counts] note: the budgets were recorded with torch {recorded_with}, this is {torch.__version__}"
+            " (ATen's decompositions can differ between versions)")
     if args.check:
         measured = _measure_all(args.cases, args.full, log)
         problems, notes = budget_problems(measured, data)
