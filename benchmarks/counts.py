@@ -51,8 +51,9 @@ ISSUE_METADATA = ("view", "t", "detach", "as_strided", "expand", "expand_as", "v
 # Added here, each for the same reason: it launches nothing itself; where it does work, that work
 # is an op below it that is counted (a real conversion's copy_, a contiguous copy's copy_).
 ADDED_METADATA = ("to", "type_as",  # a no-op conversion is a leaf; a real one has _to_copy -> copy_ below it
-                  "new_empty", "new_empty_strided",  # allocation, like empty
-                  "detach_", "t_", "transpose_", "squeeze_", "unsqueeze_",  # in-place metadata changes
+                  "new_empty", "new_empty_strided", "resize_", "resize_as_",  # allocation, like empty
+                  "detach_", "t_", "transpose_", "squeeze_", "unsqueeze_", "as_strided_", "set_",  # in place
+                  "_nnpack_available", "is_same_size",  # queries: they answer from metadata
                   "flatten", "unflatten", "chunk", "split_with_sizes", "tensor_split", "movedim", "swapaxes",
                   "broadcast_to", "broadcast_tensors", "view_as_real", "view_as_complex")  # view composites
 METADATA_OPS = frozenset(ISSUE_METADATA + ADDED_METADATA)

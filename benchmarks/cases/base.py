@@ -168,7 +168,8 @@ def overhead_targets(rows: list[dict], reference: str, time_factor: float | None
         out.append(Target(f"{name}: {what} <= 1/{round(1 / ops_fraction)} of {shown} ({limit:.0f})",
                           r["ops_per_step"] <= limit, f"{r['ops_per_step']} vs {ref['ops_per_step']}"))
         if syncs is not None:
-            out.append(Target(f"{name}: host syncs per step <= {syncs}", r["syncs_per_step"] <= syncs,
+            text = "no host syncs per step" if syncs == 0 else f"host syncs per step <= {syncs}"
+            out.append(Target(f"{name}: {text}", r["syncs_per_step"] <= syncs,
                               f"{r['syncs_per_step']} ({shown}: {ref['syncs_per_step']})"))
         if time_factor is not None:
             ratio = ref["median_us"] / r["median_us"]
