@@ -307,15 +307,15 @@ def _ops_chart(plt, data: dict, case: str, rows: list[dict], out: Path) -> str:
     configs = list(dict.fromkeys(f"{r['label']}\n{r['config'].get('mode', '')}" for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     width = 0.8 / len(providers)
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.3 * len(configs) * len(providers) ** 0.5 + 2), 3.4))
+    fig, ax = plt.subplots(figsize=(min(12.0, max(4.5, 0.5 * len(configs) * len(providers) + 2)), 3.4))
     for j, provider in enumerate(providers):
         mine = {f"{r['label']}\n{r['config'].get('mode', '')}": r for r in rows if r["provider"] == provider}
         xs = [i + (j - (len(providers) - 1) / 2) * width for i, c in enumerate(configs) if c in mine]
         bars = ax.bar(xs, [mine[c]["ops_per_step"] for c in configs if c in mine], width, label=provider)
-        ax.bar_label(bars, [f"{mine[c]['syncs_per_step']} s" for c in configs if c in mine], fontsize=6)
+        ax.bar_label(bars, [f"{mine[c]['syncs_per_step']} syncs" for c in configs if c in mine], fontsize=6)
     ax.set_xticks(range(len(configs)), configs, fontsize=8)
     ax.set_ylabel("ops per step (counted)")
-    ax.set_title(f"{case}: ops per step (labels: host syncs)", fontsize=9)
+    ax.set_title(f"{case}: ops per step (bar labels: host syncs per step)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = out / f"ops-{case}.png"
