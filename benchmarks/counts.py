@@ -17,7 +17,7 @@ and also calls another op counts once (``sum`` -> ``fill_``: 1). Host syncs are 
 ``aten::_local_scalar_dense`` events (``.item()``, ``float(t)``, ``if t:``), each also an op.
 
 Threads: with more than one thread some of ATen's CPU reductions call ``copy_`` inside (a parallel
-``sum``: iresblock's tabular block counts 283 ops on 2 threads, 277 on 1), so every count runs with
+``sum``: iresblock's tabular training step counted 6 more on 2 threads than on 1), so every count runs with
 one torch thread (``COUNT_THREADS``), whatever the run times with; then the counts are the same run
 to run, on any thread count and under ATEN_CPU_CAPABILITY=avx2 (docs/benchmarks-overhead.md). They
 are the CPU build's; the CUDA build dispatches the same ATen and resflow_cuda ops where its kernels
