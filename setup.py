@@ -289,7 +289,8 @@ METADATA = dict(
     packages=find_packages(include=["resflow_cuda", "resflow_cuda.*"]) + ["resflow_cuda.benchmarks"]
     + [f"resflow_cuda.benchmarks.{name}" for name in find_packages(str(ROOT / "benchmarks"))],
     package_dir={"resflow_cuda.benchmarks": "benchmarks"},
-    package_data={"resflow_cuda": ["py.typed"]},
+    # py.typed; the op-count budgets and baseline that resflow-bench's targets read (benchmarks/counts.py)
+    package_data={"resflow_cuda": ["py.typed"], "resflow_cuda.benchmarks": ["budgets.json"]},
 )
 
 if torch is None:

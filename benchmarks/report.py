@@ -42,6 +42,11 @@ def render(data: dict) -> str:
                      " cores (the cases are float32 and checked to ~1e-4, which TF32 does not meet): "
                      + "; ".join(f"{g['name']}: {g['bandwidth_gbps']:.0f} GB/s, {g['fp32_tflops']} TFLOPS"
                                  f" ({g['source']})" for g in data["gpu_floors"]))
+    counting = data.get("counting")
+    if counting:
+        lines.append(f"- ops, syncs: kernel-like ops and host syncs per step ({counting['rules']}); `predicted <GPU> µs`"
+                     f" (predicted, not measured) = ops × {counting['launch_us']} µs + syncs × {counting['sync_us']} µs"
+                     " + the step's roofline floor on that GPU")
     lines.append("")
     for case, title in data["cases"].items():
         lines += [f"## {case}: {title}", ""]
@@ -52,8 +57,9 @@ def render(data: dict) -> str:
         for mode in modes:
             lines += [f"### {mode}", "",
                       "| config | provider | median µs | IQR µs | repeat | GB/s | GFLOP/s | × eager | × compile"
-                      " | / floor | " + ("/ GPU floor | " if gpu_column else "") + "peak MiB | status |",
-                      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu_column else "") + "---:|---|"]
+                      " | / floor | " + ("/ GPU floor | " if gpu_column else "") + "peak MiB | ops | syncs | status |",
+                      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu_column else "")
+                      + "---:|---:|---:|---|"]
             for r in (r for r in rows if r["config"]["mode"] == mode):
                 status = "predicted" if r.get("predicted") else r["status"]
                 if r.get("compile_s") is not None:
@@ -69,12 +75,14 @@ def render(data: dict) -> str:
                     f"{_fmt(r.get('speedup_vs_eager'), '.2f', '×')} | {_fmt(r.get('speedup_vs_compile'), '.2f', '×')} | "
                     f"{_fmt(r.get('vs_floor'), '.2f', '×')} | "
                     + (f"{_fmt(r.get('vs_gpu_floor'), '.2f', '×')} | " if gpu_column else "")
-                    + f"{_fmt(r.get('peak_mib'), '.1f')} | {status} |")
+                    + f"{_fmt(r.get('peak_mib'), '.1f')} | {_fmt(r.get('ops_per_step'), 'd')} | "
+                    f"{_fmt(r.get('syncs_per_step'), 'd')} | {status} |")
             rotated = {r["label"]: r["rotation"] for r in rows if r["config"]["mode"] == mode and "rotation" in r}
             if rotated:
                 lines += ["", "Inputs rotated over " + ", ".join(f"{k} cop{'y' if k == 1 else 'ies'} ({label})" for label, k in rotated.items())
                           + " so that they come from memory, not from the cache."]
             lines.append("")
+            lines += counts_table([r for r in rows if r["config"]["mode"] == mode], data.get("gpu_floors", []))
         if memory:
             terms = list(dict.fromkeys(r["label"] for r in memory))
             providers = list(dict.fromkeys(r["provider"] for r in memory))
@@ -159,12 +167,37 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
+def counts_table(rows: list[dict], gpus: list[dict]) -> list[str]:
+    """Markdown lines: ops and host syncs per step, update_lipschitz's, graph breaks and the predicted
+    GPU time of every counted row, then resflow_cuda's most frequent ops (none where nothing was counted)."""
+    counted = [r for r in rows if r.get("ops_per_step") is not None]
+    if not counted:
+        return []
+    names = [g["name"] for g in gpus]
+    lines = ["ops and host syncs per step (counted, deterministic), with the predicted GPU time:", "",
+             "| config | provider | ops / step | syncs / step | update_lipschitz ops | update_lipschitz syncs"
+             " | graph breaks |" + "".join(f" predicted {n} µs |" for n in names),
+             "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(names)]
+    for r in counted:
+        predicted = r.get("predicted_gpu_us", {})
+        lines.append(f"| {r['label']} | {r['provider']} | {r['ops_per_step']} | {r['syncs_per_step']} | "
+                     f"{_fmt(r.get('ops_update_lipschitz'), 'd')} | {_fmt(r.get('syncs_update_lipschitz'), 'd')} | "
+                     f"{_fmt(r.get('graph_breaks'), 'd')} |" + "".join(f" {_fmt(predicted.get(n), '.0f')} |" for n in names))
+    for r in counted:
+        if r["provider"] == "resflow_cuda" and r.get("ops_by_op"):
+            top = ", ".join(f"{name.split('::', 1)[-1]} {n}" for name, n in list(r["ops_by_op"].items())[:10])
+            lines.append(f"\nresflow_cuda's most frequent ops ({r['label']}): {top}")
+    lines.append("")
+    return lines
+
+
 # The keys every results.json has (benchmarks/README.md documents them).
 _TOP_KEYS = {"meta": dict, "quick": bool, "min_run_time_s": float, "ceilings": dict, "cases": dict, "results": list,
              "targets": list}
 _META_KEYS = ("timestamp", "git_revision", "cpu_model", "cpu_count", "torch_threads", "torch_version",
               "resflow_cuda", "device")
 _ROW_KEYS = ("case", "config", "label", "provider", "status")
+_COUNT_KEYS = ("ops_per_step", "syncs_per_step")
 
 
 def schema_problems(data: dict) -> list[str]:
@@ -178,6 +211,11 @@ def schema_problems(data: dict) -> list[str]:
         problems += [f"results[{i}] lacks '{k}'" for k in _ROW_KEYS if k not in row]
         if row.get("status") == "ok" and not ("median_us" in row or "peak_mib" in row):
             problems.append(f"results[{i}] is ok but has neither median_us nor peak_mib")
+        if row.get("status") == "ok" and "runs" in row:  # a timed row is counted too
+            problems += [f"results[{i}] is timed but '{k}' is not an int" for k in _COUNT_KEYS
+                         if not isinstance(row.get(k), int)]
+            if row.get("compile_s") is not None and not isinstance(row.get("graph_breaks"), int):
+                problems.append(f"results[{i}] is a torch.compile row without 'graph_breaks'")
         if row.get("case") not in data["cases"]:
             problems.append(f"results[{i}] names an unknown case {row.get('case')!r}")
     for i, t in enumerate(data["targets"]):
@@ -214,7 +252,7 @@ def compare(old: dict, new: dict, floor: float = 0.05) -> str:
 
 def charts(data: dict, out: Path) -> list[str]:
     """PNG charts next to the results: per case, resflow_cuda's speed-up over eager for every
-    configuration; per case with a memory sweep, peak memory against the number of series terms.
+    configuration and every provider's ops per step (``ops-<case>.png``); per case with a memory sweep, peak memory against the number of series terms.
     Returns one log line per file (or why there are none)."""
     try:
         import matplotlib
@@ -240,6 +278,9 @@ def charts(data: dict, out: Path) -> list[str]:
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(f"wrote {path}")
+        counted = [r for r in data["results"] if r["case"] == case and r.get("ops_per_step") is not None]
+        if counted:
+            written.append(_ops_chart(plt, data, case, counted, out))
         memory = [r for r in data["results"] if r["case"] == case and r["config"]["mode"] == "peak memory"
                   and r.get("peak_mib") is not None]
         if memory:
@@ -259,6 +300,28 @@ def charts(data: dict, out: Path) -> list[str]:
             plt.close(fig)
             written.append(f"wrote {path}")
     return written
+
+
+def _ops_chart(plt, data: dict, case: str, rows: list[dict], out: Path) -> str:
+    """Grouped bars: ops per step of every provider, per configuration (host syncs in the labels)."""
+    configs = list(dict.fromkeys(f"{r['label']}\n{r['config'].get('mode', '')}" for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    width = 0.8 / len(providers)
+    fig, ax = plt.subplots(figsize=(min(12.0, max(4.5, 0.5 * len(configs) * len(providers) + 2)), 3.4))
+    for j, provider in enumerate(providers):
+        mine = {f"{r['label']}\n{r['config'].get('mode', '')}": r for r in rows if r["provider"] == provider}
+        xs = [i + (j - (len(providers) - 1) / 2) * width for i, c in enumerate(configs) if c in mine]
+        bars = ax.bar(xs, [mine[c]["ops_per_step"] for c in configs if c in mine], width, label=provider)
+        ax.bar_label(bars, [f"{mine[c]['syncs_per_step']} syncs" for c in configs if c in mine], fontsize=6)
+    ax.set_xticks(range(len(configs)), configs, fontsize=8)
+    ax.set_ylabel("ops per step (counted)")
+    ax.set_title(f"{case}: ops per step (bar labels: host syncs per step)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / f"ops-{case}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"wrote {path}"
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,8 @@
 
 For every case, configuration and provider: check the provider's outputs against the eager
 reference (a provider that disagrees is reported as failing and not timed), time it with
-torch.utils.benchmark, measure its peak memory in a fresh process, and put it beside the eager and
+torch.utils.benchmark, count its kernel-like ops and host syncs per step (counts.py; with a predicted GPU
+time from them), measure its peak memory in a fresh process, and put it beside the eager and
 torch.compile times and the floors (the bytes the configuration must move at the bandwidth of a
 large copy, and its FLOPs at the rate of a large matmul, both measured in the same run).
 Writes results.json (with environment metadata; schema in benchmarks/README.md), results.md
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 import torch._inductor.config as inductor_config
 
-from . import memory, report, roofline
+from . import counts, memory, report, roofline
 from .cases import CASES, COMPILE, EAGER, RESFLOW
 from .timing import environment, first_call_seconds, measure, steady_state_allocator
 
@@ -96,9 +97,12 @@ def run_case(case, device: str, quick: bool, min_run_time: float, limits: dict, 
                     inductor_config.fallback_random = True
                     warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
                     torch._logging.set_logs(dynamo=logging.ERROR)  # graph breaks in the reference are expected
+                    inductor_config.cpp.enable_kernel_profile = True  # Inductor's kernels appear to the op count
+                    torch._dynamo.utils.counters.clear()  # the graph breaks of this compile only
                 step = case.runner(fn, inputs, config)
                 if name == COMPILE:
                     row["compile_s"] = first_call_seconds(step)
+                    row.update(counts.graph_breaks())
                 outputs = step()
             except Exception as exc:  # a provider that cannot run is N/A, not a crash
                 rows.append({**row, "status": "n/a", "error": f"{type(exc).__name__}: {exc}"[:300]})
@@ -119,6 +123,9 @@ def run_case(case, device: str, quick: bool, min_run_time: float, limits: dict, 
                        vs_floor=t.median_s / floor_s)
             if here is not None:
                 row["vs_gpu_floor"] = t.median_s / roofline.predicted_seconds(here, bytes_moved, flops)
+            row.update(counts.count_step(step, warm=True))  # ops and host syncs: one more call, profiled
+            row["predicted_gpu_us"] = {gpu.name: counts.predicted_gpu_us(gpu, row["ops_per_step"], row["syncs_per_step"],
+                                                                         bytes_moved, flops) for gpu in roofline.GPUS}
             if index == 0 or not quick:  # --quick measures memory on the first configuration only
                 try:
                     row["peak_mib"] = memory.in_subprocess("step_peak", case.name, quick, index, name, device)
@@ -126,7 +133,8 @@ def run_case(case, device: str, quick: bool, min_run_time: float, limits: dict, 
                     row["peak_error"] = str(exc)[:300]
             rows.append(row)
             peak = f", peak {row['peak_mib']:.1f} MiB" if "peak_mib" in row else ""
-            log(f"  {case.name} {config.label} {config.mode} {name}: {t.median_s * 1e6:.1f} µs{peak}")
+            log(f"  {case.name} {config.label} {config.mode} {name}: {t.median_s * 1e6:.1f} µs{peak},"
+                f" {row['ops_per_step']} ops, {row['syncs_per_step']} syncs")
         _add_ratios(rows, base)
         if progress is not None:
             log(f"[resflow-bench] {progress.step()}")
@@ -165,7 +173,8 @@ def main(argv=None) -> int:
     log(f"[resflow-bench] ceilings on {args.device}: {limits['bandwidth_gbps']:.1f} GB/s, "
         f"{limits['matmul_gflops']:.1f} GFLOP/s")
     data = {"meta": environment(args.device, allocator), "quick": args.quick, "min_run_time_s": min_run_time,
-            "ceilings": limits, "gpu_floors": [dataclasses.asdict(g) for g in roofline.GPUS], "cases": {name: CASES[name].title for name in args.cases}, "results": [],
+            "ceilings": limits, "gpu_floors": [dataclasses.asdict(g) for g in roofline.GPUS],
+            "counting": counts.describe(), "cases": {name: CASES[name].title for name in args.cases}, "results": [],
             "targets": []}
     progress = report.Progress(sum(len(CASES[name].configs(args.quick)) for name in args.cases))
     for name in args.cases:

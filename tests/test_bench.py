@@ -6,6 +6,7 @@ import contextlib
 import copy
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +75,27 @@ def test_quick_run_writes_json_markdown_and_charts(quick_run):
     markdown = (out / "results.md").read_text()
     assert markdown == report.render(data) and "| mlp | resflow_cuda |" in markdown
     assert (out / "speedup-update_lipschitz.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "ops-update_lipschitz.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_run_counts_ops_and_syncs_of_every_timed_row(quick_run):
+    from resflow_cuda.benchmarks import counts
+
+    _, out, data = quick_run
+    timed = [r for r in data["results"] if r["status"] == "ok" and "runs" in r]
+    assert timed and all(r["ops_per_step"] > 0 and r["syncs_per_step"] >= 0 for r in timed)
+    for r in timed:  # the predicted GPU time: launches, syncs and the floor, one per datasheet GPU
+        assert set(r["predicted_gpu_us"]) == {g["name"] for g in data["gpu_floors"]}
+        assert min(r["predicted_gpu_us"].values()) >= r["ops_per_step"] * data["counting"]["launch_us"]
+    compiled = [r for r in timed if r["provider"] == "torch.compile"]
+    assert compiled and all(isinstance(r["graph_breaks"], int) for r in compiled)
+    assert "| ops | syncs |" in (out / "results.md").read_text()
+    # the runner's counts are the budget check's (the same rules, one thread for both)
+    budgets = counts.load_budgets(Path(__file__).resolve().parents[1] / "benchmarks" / "budgets.json")
+    if budgets["budgets_recorded"]["torch"] == torch.__version__:
+        for r in (r for r in timed if r["provider"] == "resflow_cuda"):
+            budget = budgets["budgets"]["update_lipschitz"][f"{r['label']} {r['config']['mode']}"]
+            assert (r["ops_per_step"], r["syncs_per_step"]) == (budget["ops_per_step"], budget["syncs_per_step"])
 
 
 def test_compare_flags_regressions_beyond_the_noise_band(quick_run, tmp_path, capsys):

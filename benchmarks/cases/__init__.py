@@ -8,11 +8,13 @@ from .family_step import FamilyConfig, FamilyStepCase
 from .iresblock import BlockConfig, IResBlockCase
 from .lipswish import LipSwishCase
 from .model_step import ModelConfig, ModelStepCase
+from .small_step import FlowConfig, SmallStepCase, TabularSmallCase
 from .update_lipschitz import StackConfig, UpdateLipschitzCase
 
 __all__ = ["AUTOGRAD", "BlockConfig", "CASES", "COMPILE", "Case", "CaseConfig", "Config", "EAGER", "FamilyConfig",
-           "FamilyStepCase", "IResBlockCase", "LipSwishCase", "ModelConfig", "ModelStepCase", "RESFLOW",
-           "StackConfig", "Target", "UpdateLipschitzCase", "cache_bytes", "rotation"]
+           "FamilyStepCase", "FlowConfig", "IResBlockCase", "LipSwishCase", "ModelConfig", "ModelStepCase", "RESFLOW",
+           "SmallStepCase", "StackConfig", "TabularSmallCase", "Target", "UpdateLipschitzCase", "cache_bytes",
+           "rotation"]
 
 CASES = {case.name: case for case in (LipSwishCase(), UpdateLipschitzCase(), IResBlockCase(), ModelStepCase(),
-                                      FamilyStepCase())}
+                                      SmallStepCase(), TabularSmallCase(), FamilyStepCase())}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from pathlib import Path
 from typing import Callable
@@ -135,6 +136,70 @@ def speedup_targets(rows: list[dict], need: Callable[[str], float], reference: s
     return out
 
 
+BUDGETS = Path(__file__).resolve().parent.parent / "budgets.json"
+
+
+def load_budgets(path: Path = BUDGETS) -> dict:
+    """budgets.json (benchmarks/counts.py writes it): ``budgets`` and ``baseline["counts"]``, per case and
+    configuration key (``f"{label} {mode}"``); empty where the file is not there (an installed copy)."""
+    if Path(path).exists():
+        return json.loads(Path(path).read_text())
+    return {"budgets": {}, "baseline": {"counts": {}}}
+
+
+def overhead_targets(rows: list[dict], reference: str, time_factor: float | None, ops_fraction: float = 1 / 5,
+                     syncs: int | None = 0, what: str = "ops per step", shown: str | None = None) -> list[Target]:
+    """The overhead goals of a resflow_cuda row against the ``reference`` provider's row of the same
+    configuration (named ``shown`` in the text): ops per step at most ``ops_fraction`` of the
+    reference's, host syncs per step at most ``syncs`` (None: not asked), time at least
+    ``time_factor`` x faster (None: not asked)."""
+    out = []
+    shown = shown or reference
+    for r in rows:
+        if r["provider"] != RESFLOW or r["status"] != "ok":
+            continue
+        ref = next((x for x in rows if x["provider"] == reference and x["config"] == r["config"]
+                    and x["status"] == "ok"), None)
+        name = f"{r['label']} {r['config']['mode']}"
+        if ref is None:
+            out.append(Target(f"{name}: compared with {shown}", False, f"{shown} did not run"))
+            continue
+        limit = ref["ops_per_step"] * ops_fraction
+        out.append(Target(f"{name}: {what} <= 1/{round(1 / ops_fraction)} of {shown} ({limit:.0f})",
+                          r["ops_per_step"] <= limit, f"{r['ops_per_step']} vs {ref['ops_per_step']}"))
+        if syncs is not None:
+            text = "no host syncs per step" if syncs == 0 else f"host syncs per step <= {syncs}"
+            out.append(Target(f"{name}: {text}", r["syncs_per_step"] <= syncs,
+                              f"{r['syncs_per_step']} ({shown}: {ref['syncs_per_step']})"))
+        if time_factor is not None:
+            ratio = ref["median_us"] / r["median_us"]
+            out.append(Target(f"{name}: >= {time_factor}x {shown} (CPU time)", ratio >= time_factor,
+                              f"{ratio:.2f}x"))
+    return out
+
+
+def baseline_targets(case: str, rows: list[dict], labels, fraction: float = 1 / 3) -> list[Target]:
+    """Per resflow_cuda row whose label is in ``labels``: ops per step at most ``fraction`` of the
+    count recorded in budgets.json's ``baseline`` (with its date and commit)."""
+    out = []
+    baseline = load_budgets().get("baseline", {})
+    recorded = baseline.get("counts", {}).get(case, {})
+    for r in rows:
+        if r["provider"] != RESFLOW or r["status"] != "ok" or r["label"] not in labels:
+            continue
+        key = f"{r['label']} {r['config']['mode']}"
+        base = recorded.get(key)
+        if base is None:
+            out.append(Target(f"{key}: ops per step <= 1/{round(1 / fraction)} of the baseline", False,
+                              "no baseline in benchmarks/budgets.json"))
+            continue
+        limit = base["ops_per_step"] * fraction
+        out.append(Target(f"{key}: ops per step <= 1/{round(1 / fraction)} of the baseline ({base['ops_per_step']} ops on"
+                          f" {baseline['date']}, {baseline['commit']}): <= {limit:.0f}", r["ops_per_step"] <= limit,
+                          f"{r['ops_per_step']}"))
+    return out
+
+
 def model_batch(data: str) -> torch.Tensor:
     """The batch of the model-level cases, seeded: 512 toy points, or 64 images of 1×8×8 in (0.05, 0.95)."""
     g = torch.Generator().manual_seed(0)
@@ -156,20 +221,64 @@ def digits_flow(intermediate_dim: int, block_type: str = "resblock"):
                                grad_in_forward=True, block_type=block_type)
 
 
-def training_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], tuple]:
-    """One training step of ``model`` as a benchmark step: back to the initial state (parameters,
-    buffers, a fresh Adam), seeded draws, ``loss_fn()``, backward, Adam (lr 1e-3, every parameter but
-    the roulette's ``geom_p`` / ``lamb``) and update_lipschitz; returns the loss and the gradients."""
+def _update_lipschitz(model: torch.nn.Module) -> Callable[[], None]:
+    def update():
+        resflow_cuda.update_lipschitz(model, n_iterations=5)
+
+    return update
+
+
+def gradient_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor],
+                  update: Callable[[], None] | None = None) -> Callable[[], tuple]:
+    """The forward and one ``backward()`` of ``model`` as a benchmark step: gradients cleared
+    (set to None, no op), seeded draws, ``loss_fn().backward()``; returns the loss and the
+    gradients. Parameters are not changed, so every call starts from the same state. The step
+    carries ``step.update_lipschitz``, which the runner counts separately (benchmarks/counts.py):
+    ``update`` (default: resflow_cuda.update_lipschitz with 5 iterations; a model of another
+    library passes its own)."""
     import numpy as np
 
-    params = [p for n, p in model.named_parameters() if not n.endswith(("geom_p", "lamb"))]
-    optimizer = torch.optim.Adam(params, lr=1e-3)
-    live = list(model.state_dict().values())
-    snapshot = [t.clone() for t in live]
+    params = list(model.parameters())
 
     def step():
+        for p in params:
+            p.grad = None
+        np.random.seed(0)
+        torch.manual_seed(0)
+        loss = loss_fn()
+        loss.backward()
+        return (loss.detach(), *[p.grad for p in params if p.grad is not None])
+
+    step.update_lipschitz = update or _update_lipschitz(model)
+    return step
+
+
+def training_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor],
+                  update: Callable[[], None] | None = None) -> Callable[[], tuple]:
+    """One training step of ``model`` as a benchmark step: back to the initial state (parameters,
+    buffers, a fresh Adam), seeded draws, ``loss_fn()``, backward, Adam (lr 1e-3, every parameter but
+    the roulette's ``geom_p`` / ``lamb``) and ``update()`` (as in ``gradient_step``); returns the loss
+    and the gradients. The step carries what the runner counts: ``step.counted``, the forward and
+    one backward (``gradient_step``; ``step.counted.reset`` returns to the initial state outside the
+    count), and ``step.update_lipschitz``."""
+    import numpy as np
+
+    roulette = ("geom_p", "lamb")
+    params = [p for n, p in model.named_parameters() if not n.endswith(roulette)]
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    # The roulette's parameters get no gradient and nothing writes them, so they are not restored:
+    # a write would bump their version counter and make the next forward read them from the device
+    # again (a host sync per block that training does not have).
+    live = [t for n, t in model.state_dict().items() if not n.endswith(roulette)]
+    snapshot = [t.clone() for t in live]
+    update = update or _update_lipschitz(model)
+
+    def reset():
         with torch.no_grad():
             torch._foreach_copy_(live, snapshot)  # every call starts from the same state
+
+    def step():
+        reset()
         optimizer.state.clear()
         np.random.seed(0)
         torch.manual_seed(0)
@@ -178,7 +287,10 @@ def training_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -
         loss.backward()
         grads = [p.grad.detach().clone() for p in params if p.grad is not None]
         optimizer.step()
-        resflow_cuda.update_lipschitz(model, n_iterations=5)
+        update()
         return (loss.detach(), *grads)
 
+    step.counted = gradient_step(model, loss_fn, update)
+    step.counted.reset = reset
+    step.update_lipschitz = update
     return step

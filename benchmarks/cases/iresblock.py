@@ -10,7 +10,7 @@ import torch
 import resflow_cuda
 
 from .. import peak
-from .base import AUTOGRAD, COMPILE, EAGER, RESFLOW, Case, CaseConfig, Target, speedup_targets
+from .base import AUTOGRAD, COMPILE, EAGER, RESFLOW, Case, CaseConfig, Target, baseline_targets, speedup_targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +21,35 @@ class BlockConfig(CaseConfig):
     @property
     def label(self) -> str:
         return self.block
+
+
+def normflows_mlp(dims, coeff: float = 0.9):
+    """normflows' LipschitzMLP over ``dims`` ((Swish, InducedNormLinear) per layer, 5 iterations), not
+    zero-initialised (the caller seeds)."""
+    import normflows as nf
+
+    return nf.nets.LipschitzMLP(list(dims), lipschitz_const=coeff, max_lipschitz_iter=5, init_zeros=False)
+
+
+def our_mlp(dims, state: dict, coeff: float = 0.9) -> torch.nn.Sequential:
+    """The same MLP of our layers ((LipSwish, InducedNormLinear) per layer, 5 iterations) with the weights
+    of a ``normflows_mlp``'s ``state_dict``."""
+    import resflow_cuda.nn as rnn
+
+    layers = []
+    for a, b in zip(dims, dims[1:]):
+        layers += [rnn.LipSwish(), rnn.InducedNormLinear(a, b, coeff=coeff, n_iterations=5)]
+    net = torch.nn.Sequential(*layers)
+    net.load_state_dict({k.removeprefix("net."): v for k, v in state.items()})
+    return net
+
+
+def mlp_pass(dims, batch: int) -> tuple[int, int]:
+    """FLOPs and bytes of one pass through an MLP over ``dims`` on ``batch`` rows: the multiply-adds of
+    its linear maps (x2); reading every weight and each layer's input and writing its output once
+    (float32)."""
+    pairs = list(zip(dims, dims[1:]))
+    return 2 * batch * sum(a * b for a, b in pairs), 4 * sum(a * b + batch * (a + b) for a, b in pairs)
 
 
 class IResBlockCase(Case):
@@ -61,7 +90,7 @@ class IResBlockCase(Case):
         spec = self.blocks[block]
         torch.manual_seed(0)
         if "dims" in spec:
-            return nf.nets.LipschitzMLP(spec["dims"], lipschitz_const=0.9, init_zeros=False)
+            return normflows_mlp(spec["dims"])
         net = nf.nets.LipschitzCNN(spec["channels"], spec["kernels"], lipschitz_const=0.9, init_zeros=False)
         with torch.no_grad():
             net(torch.zeros(1, spec["channels"][0], spec["hw"], spec["hw"]))  # lazy u / v sizes
@@ -71,13 +100,11 @@ class IResBlockCase(Case):
         import resflow_cuda.nn as rnn
 
         spec = self.blocks[block]
-        layers = []
         if "dims" in spec:
-            for a, b in zip(spec["dims"], spec["dims"][1:]):
-                layers += [rnn.LipSwish(), rnn.InducedNormLinear(a, b, coeff=0.9, n_iterations=5)]
-        else:
-            for a, b, k in zip(spec["channels"], spec["channels"][1:], spec["kernels"]):
-                layers += [rnn.LipSwish(), rnn.InducedNormConv2d(a, b, k, 1, k // 2, coeff=0.9, n_iterations=5)]
+            return our_mlp(spec["dims"], state)
+        layers = []
+        for a, b, k in zip(spec["channels"], spec["channels"][1:], spec["kernels"]):
+            layers += [rnn.LipSwish(), rnn.InducedNormConv2d(a, b, k, 1, k // 2, coeff=0.9, n_iterations=5)]
         net = torch.nn.Sequential(*layers)
         net.load_state_dict({k.removeprefix("net."): v for k, v in state.items()})
         return net
@@ -135,9 +162,7 @@ class IResBlockCase(Case):
         reading every weight and each layer's input and writing its output once (float32)."""
         spec = self.blocks[block]
         if "dims" in spec:
-            pairs = list(zip(spec["dims"], spec["dims"][1:]))
-            flops = 2 * spec["batch"] * sum(a * b for a, b in pairs)
-            return flops, 4 * sum(a * b + spec["batch"] * (a + b) for a, b in pairs)
+            return mlp_pass(spec["dims"], spec["batch"])
         pixels = spec["batch"] * spec["hw"] ** 2
         triples = list(zip(spec["channels"], spec["channels"][1:], spec["kernels"]))
         flops = 2 * pixels * sum(a * b * k * k for a, b, k in triples)
@@ -180,8 +205,13 @@ class IResBlockCase(Case):
         return rows
 
     def targets(self, rows: list[dict], quick: bool) -> list[Target]:
-        """>= 5x normflows on the toy block, 1.5x tabular, 1.3x conv (train and eval)."""
-        return speedup_targets(rows, {"toy": 5.0, "tabular": 1.5, "conv": 1.3}.__getitem__, "normflows")
+        """>= 1.5x normflows on the tabular block, 1.3x on conv (train and eval); the conv block's ops per
+        step at most 1/3 of the count recorded in budgets.json's baseline. The toy block's 5x is retired:
+        the overhead targets of ``small_step``, ``tabular_small`` and ``model_step`` (ops, host syncs and
+        time against normflows) replace it (issue "Small flows are bound by overhead, not FLOPs")."""
+        timed = [r for r in rows if r["label"] != "toy"]
+        return (speedup_targets(timed, {"tabular": 1.5, "conv": 1.3}.__getitem__, "normflows")
+                + baseline_targets(self.name, rows, ("conv",)))
 
 
 def sweep_peak(provider: str, block: str, n: int, grad_in_forward: bool, device: str) -> float:

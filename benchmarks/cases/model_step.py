@@ -9,8 +9,9 @@ import torch
 
 import resflow_cuda
 
-from .base import AUTOGRAD, EAGER, RESFLOW, Case, CaseConfig, digits_flow, model_batch, training_step
-from .iresblock import BlockConfig, IResBlockCase
+from .base import (AUTOGRAD, EAGER, RESFLOW, Case, CaseConfig, Target, baseline_targets, digits_flow, model_batch,
+                   overhead_targets, training_step)
+from .iresblock import BlockConfig, IResBlockCase, mlp_pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,13 +24,50 @@ class ModelConfig(CaseConfig):
         return self.model
 
 
+def nll(model, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The standard-normal negative log-likelihood of ``x`` under our flow ``model`` (mean over the batch)."""
+    from resflow_cuda import models
+
+    def loss_fn():
+        z, delta = model(x, x.new_zeros(x.shape[0], 1))
+        return -(models.standard_normal_logprob(z).sum(1) - delta.squeeze(1)).mean()
+
+    return loss_fn
+
+
+def normflows_nll(flows, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The same loss under a stack of normflows flows (each returns its log-det)."""
+    from resflow_cuda import models
+
+    def loss_fn():
+        z, log_det = x, torch.zeros(x.shape[0], device=x.device)
+        for flow in flows:
+            z, ld = flow(z)
+            log_det = log_det + ld
+        return -(models.standard_normal_logprob(z).sum(1) + log_det).mean()
+
+    return loss_fn
+
+
+def normflows_update(model) -> Callable[[], None]:
+    """normflows' own update_lipschitz (5 iterations): resflow_cuda.update_lipschitz skips layers of
+    other libraries."""
+    import normflows as nf
+
+    def update():
+        nf.utils.update_lipschitz(model, 5)
+
+    return update
+
+
 class ModelStepCase(Case):
     """One training step of a whole model (loss, backward into every parameter, Adam step and
     update_lipschitz), each call from the same state and with the same roulette draws and probes:
 
     - ``toy``: the reference toy model, 16 iResBlocks over pre-activation LipSwish MLPs 2-128-128-128-128-2
       (basic estimator, as train_toy.py), batch 512; eager = the same stack of normflows' ``Residual``
-      flows (normflows 1.7.3, the reference code) with the same weights;
+      flows (normflows 1.7.3, the reference code) with the same weights, updated by normflows'
+      ``update_lipschitz``;
     - ``digits``: a ResidualFlow on 1×8×8 images, 2 scales × 4 blocks, idim 128, the CIFAR-10 settings
       of train_img.py (Poisson roulette, Neumann gradient with backward-in-forward), batch 64; eager =
       the same model on autograd VJPs (the reference's algorithm; the reference package is not
@@ -91,30 +129,28 @@ class ModelStepCase(Case):
         return model
 
     def runner(self, provider: str, inputs: dict, config: ModelConfig) -> Callable[[], tuple]:
-        from resflow_cuda import models
-
         x, state = inputs["x"], inputs["state"]
+        update = None  # resflow_cuda.update_lipschitz
         if provider == "autograd" and config.model == "digits":
             raise RuntimeError("the digits model's eager provider already is our blocks on autograd VJPs")
         if provider == "eager" and config.model == "toy":
             model = self._normflows_toy(state).to(x.device)
-
-            def loss_fn():
-                z, log_det = x, torch.zeros(x.shape[0], device=x.device)
-                for flow in model.flows:
-                    z, ld = flow(z)
-                    log_det = log_det + ld
-                return -(models.standard_normal_logprob(z).sum(1) + log_det).mean()
+            loss_fn, update = normflows_nll(model.flows, x), normflows_update(model)
         else:
             build = self._toy if config.model == "toy" else self._digits
             model = build(provider == "fast").to(x.device)
             model.load_state_dict(state)
+            loss_fn = nll(model, x)
+        return training_step(model, loss_fn, update)
 
-            def loss_fn():
-                z, delta = model(x, x.new_zeros(x.shape[0], 1))
-                return -(models.standard_normal_logprob(z).sum(1) - delta.squeeze(1)).mean()
-
-        return training_step(model, loss_fn)
+    def targets(self, rows: list[dict], quick: bool) -> list[Target]:
+        """Toy: the whole step (Adam and update_lipschitz included) >= 2.5x normflows, and ops per
+        forward + backward (the counted step) at most 1/5 of normflows'; digits: ops per forward +
+        backward at most 1/3 of the count recorded in budgets.json's baseline (issue "Small flows are
+        bound by overhead, not FLOPs")."""
+        toy = [r for r in rows if r["label"] == "toy"]
+        return (overhead_targets(toy, EAGER, 2.5, syncs=None, what="ops per forward+backward", shown="normflows")
+                + baseline_targets(self.name, rows, ("digits",)))
 
     def counts(self, config: ModelConfig) -> tuple[float, float]:
         """(FLOPs, bytes) of a step: per block, passes of its branch as in IResBlockCase (forward,
@@ -124,9 +160,7 @@ class ModelStepCase(Case):
         model the Poisson roulette's mean length (2 + 2 exact terms) and the Neumann gradient's 8 passes
         (1 + 4 + 8)."""
         if config.model == "toy":
-            dims = [2, 128, 128, 128, 128, 2]
-            per_pass = (2 * 512 * sum(a * b for a, b in zip(dims, dims[1:])),
-                        4 * sum(a * b + 512 * (a + b) for a, b in zip(dims, dims[1:])))
+            per_pass = mlp_pass([2, 128, 128, 128, 128, 2], 512)
             n = IResBlockCase().terms(BlockConfig("toy", "train"))
             passes = 16 * (3 + 3 * n)
         else:
