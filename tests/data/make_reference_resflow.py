@@ -284,6 +284,8 @@ def learnable_case(seed, kernel, padding, x_shape, domain0, codomain0):
         layer.weight.mul_(3.0)
     x = randn(x_shape, seed + 100)
     out = {"seed": seed, "x": x, "kernel": kernel, "padding": padding, "state_dict": snapshot(layer)}
+    for key in ("u", "v"):  # allocated uninitialised (new_empty) until the first forward: store zeros
+        out["state_dict"][key].zero_()
     torch.manual_seed(seed + 1)
     xr = x.clone().requires_grad_(True)
     y = layer(xr)
