@@ -3,9 +3,9 @@
 The fixtures tests/data/reference_resflow_{geometric,factor_out,lipschitz,learnable_ord,power_series}_small.pt
 are written by tests/data/make_reference_resflow.py, which runs the reference's iResBlock, ResidualFlow,
 SpectralNorm*, Lop* and InducedNormConv2d in float64 on the CPU. Each test loads our counterpart from the
-stored state_dict, replays the generator's seeded calls under the generator's default dtype float64 (NumPy's global RNG for the roulette's number of
-terms, torch's for the probes and lazy u / v, as the reference draws them) and compares outputs, every
-gradient and the buffers the calls leave behind.
+stored state_dict, replays the generator's seeded calls under its default dtype (float64): NumPy's
+global RNG for the roulette's number of terms, torch's for the probes and lazy u / v, as the reference
+draws them; and compares outputs, every gradient and the buffers the calls leave behind.
 
 Why the default dtype: the reference's normalisation factor ``torch.max(torch.ones(1), sigma / coeff)``
 takes the dtype of its float32 ``torch.ones(1)`` (a 1-dim tensor wins type promotion over the 0-dim
@@ -20,9 +20,9 @@ results differ from the reference's by accumulated float64 rounding: about 1.1e-
 operation, a few thousand operations deep at most (200 power-iteration steps and ten restarts, 20 + n
 series terms), i.e. below about 1e-12 relative. The bounds (rtol 1e-11, and atol 1e-13 for entries
 that cancel to about zero) keep a margin over that for other CPU kernel sets and thread counts and are
-still far below what a real difference gives: the reference's float32-rounded factor (about 1e-8, see
-below), a missed or extra series term, another random draw, norm order or power-iteration step (1e-4
-and more at these sizes).
+still far below what a real difference gives: the reference's float32-rounded factor (up to 2**-24
+relative, see below), and orders of magnitude more for a missed or extra series term, another random
+draw, norm order or power-iteration step.
 """
 
 from __future__ import annotations
@@ -203,7 +203,8 @@ def _layer_for(name, case):
     return rnn.SpectralNormConv2d(w.shape[1], w.shape[0], k, stride, k // 2, **settings)
 
 
-LAYER_CASES = ["sn_linear", "sn_linear_tol", "sn_conv", "sn_conv_stride", "sn_conv_tol", "sn_conv_1x1", "sn_conv_eval"] + [
+LAYER_CASES = [
+    "sn_linear", "sn_linear_tol", "sn_conv", "sn_conv_stride", "sn_conv_tol", "sn_conv_1x1", "sn_conv_eval"] + [
     f"lop_linear_{pq}_{kind}" for pq in ("1_1", "1_2", "1_i", "2_i", "i_i") for kind in ("local", "global")] + [
     f"lop_conv_{pq}_local" for pq in ("1_1", "1_2", "1_i", "2_i", "i_i")] + ["lop_conv_1_2_global"]
 

@@ -14,15 +14,19 @@ Fixtures (``reference_resflow_<NAME>_small.pt``, except the first), each run on 
   training forward).
 - ``geometric``: iResBlocks with ``n_dist="geometric"`` and the basic estimator (dense and conv
   branches, several samples of n, and the brute-force 2-D determinant in training), float64.
-- ``factor_out``: a two-scale ``ResidualFlow(factor_out=True)``, float64.
+- ``factor_out``: two-scale ``ResidualFlow(factor_out=True)`` models, float64.
 - ``lipschitz``: SpectralNormLinear / SpectralNormConv2d (3x3 and 1x1, fixed steps and tolerances)
   and LopLinear / LopConv2d (every closed-form norm pair, local and global), float64.
 - ``learnable_ord``: InducedNormConv2d with learnable norm orders (3x3 and 1x1), float64.
 - ``power_series``: iResBlocks and a ResidualFlow with ``n_power_series`` set, in training (truncated
   series) and in eval (which ignores it and runs the roulette with 20 exact terms), float64.
 
-Every case stores the state_dict the test loads, the inputs, and the reference's outputs, gradients and
-buffers after its seeded calls; tests/test_reference_fixtures.py replays each recipe on resflow_cuda.
+The float64 fixtures are made under ``torch.set_default_dtype(torch.float64)``: the reference builds
+its normalisation factor from ``torch.ones(1)`` (the default dtype), which would round a float64
+layer's factor to float32 (docs/parity.md#lipschitz-layers); ``lipschitz/sn_linear_float32_default``
+is made under the float32 default to show that. Every case stores the state_dict the test loads, the
+inputs, and the reference's outputs, gradients and buffers after its seeded calls;
+tests/test_reference_fixtures.py replays each recipe on resflow_cuda.
 """
 
 import contextlib
@@ -263,7 +267,8 @@ def lipschitz():
         cases[f"lop_conv_{tag}_local"] = layer_case(
             20 + i, lambda: base.LopConv2d(2, 2, 3, 1, 1, coeff=0.7, domain=p, codomain=q), (1, 2, 3, 3))
     cases["lop_conv_1_2_global"] = layer_case(
-        30, lambda: base.LopConv2d(2, 3, 3, 1, 1, coeff=0.7, domain=1, codomain=2, local_constraint=False), (1, 2, 3, 3))
+        30, lambda: base.LopConv2d(2, 3, 3, 1, 1, coeff=0.7, domain=1, codomain=2, local_constraint=False),
+        (1, 2, 3, 3))
     return cases
 
 
