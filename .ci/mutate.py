@@ -13,8 +13,10 @@ is never written to. Checks:
   math    the torch-free C++ math tests (tests/cpp, CMake with RESFLOW_BUILD_LIBRARY=OFF, then
           ctest), built from the copy's csrc/include.
 
-A mutant is killed when its check fails (pytest exit status 1, a failed build or ctest), survives
-when it passes, and is an error when pytest could not run the selection (exit status 2-5).
+A mutant is killed when its check fails (pytest exit status 1, a failed build or ctest, or a run
+past --timeout, whose process group is then killed), survives when it passes, and is an error when
+pytest could not run the selection (exit status 2-5). The table gives each check's wall and CPU
+seconds (the CPU time of its processes, whatever else the machine runs).
 First, unless --no-control, the same checks run on an unmutated copy (the control): all of them
 must pass there, or no kill means anything.
 
@@ -34,9 +36,11 @@ import concurrent.futures
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,25 +184,48 @@ class Outcome:
     error: str = ""       # the check could not run as listed (not a kill)
     detail: str = ""      # the first failing test or step
     log: str = ""         # the output's tail, for reports
+    cpu: float = 0.0      # CPU seconds of the check's processes and their children
 
 
 def _tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def run_command(cmd: list[str], copy: Path, timeout: float) -> tuple[int | None, str, float]:
+    """Runs ``cmd`` in ``copy``: (exit status, or None when it ran past ``timeout`` and its process
+    group was killed; stdout and stderr together; CPU seconds of it and the children it waited for,
+    which does not depend on what else the machine runs)."""
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, cwd=copy, env=child_env(copy), stdout=out, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        timed_out = threading.Event()
+
+        def kill():
+            timed_out.set()
+            os.killpg(proc.pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout, kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        out.seek(0)
+        return (None if timed_out.is_set() else proc.returncode), out.read(), usage.ru_utime + usage.ru_stime
+
+
 def run_pytest(copy: Path, tests: list[str], timeout: float) -> Outcome:
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
-    try:
-        proc = subprocess.run(cmd, cwd=copy, env=child_env(copy), capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return Outcome(False, detail=f"timed out after {timeout:.0f} s")
-    out = proc.stdout + proc.stderr
-    if proc.returncode == 0:
-        return Outcome(True, log=_tail(out))
-    if proc.returncode != 1:
-        return Outcome(False, error=f"pytest exit status {proc.returncode}", log=_tail(out))
+    status, out, cpu = run_command([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                                   copy, timeout)
+    if status is None:
+        return Outcome(False, detail=f"timed out after {timeout:.0f} s", log=_tail(out), cpu=cpu)
+    if status == 0:
+        return Outcome(True, log=_tail(out), cpu=cpu)
+    if status != 1:
+        return Outcome(False, error=f"pytest exit status {status}", log=_tail(out), cpu=cpu)
     first = next((line for line in out.splitlines() if line.startswith(("FAILED ", "ERROR "))), "tests failed")
-    return Outcome(False, detail=first.split(" - ")[0], log=_tail(out))
+    return Outcome(False, detail=first.split(" - ")[0], log=_tail(out), cpu=cpu)
 
 
 def run_math(copy: Path, timeout: float) -> Outcome:
@@ -210,21 +237,21 @@ def run_math(copy: Path, timeout: float) -> Outcome:
         ("compile", ["cmake", "--build", str(build)]),
         ("ctest", ["ctest", "--test-dir", str(build), "--output-on-failure"]),
     ]
-    log = []
+    log, cpu = [], 0.0
     deadline = time.monotonic() + timeout
     for name, cmd in steps:
-        try:
-            proc = subprocess.run(cmd, cwd=copy, env=child_env(copy), capture_output=True, text=True,
-                                  timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            return Outcome(False, detail=f"{name} timed out", log="\n".join(log))
-        log.append(proc.stdout + proc.stderr)
-        if proc.returncode != 0:
+        status, out, used = run_command(cmd, copy, max(1.0, deadline - time.monotonic()))
+        log.append(out)
+        cpu += used
+        if status is None:
+            return Outcome(False, detail=f"{name} timed out", log=_tail("\n".join(log)), cpu=cpu)
+        if status != 0:
             if name == "configure":  # the mutant cannot reach CMake's configure step: a broken setup
-                return Outcome(False, error="cmake configure failed", log=_tail("\n".join(log)))
-            fail = next((line for line in proc.stdout.splitlines() if line.startswith("FAIL")), "")
-            return Outcome(False, detail=f"{name} failed" + (f": {fail}" if fail else ""), log=_tail("\n".join(log)))
-    return Outcome(True, log=_tail("\n".join(log)))
+                return Outcome(False, error="cmake configure failed", log=_tail("\n".join(log)), cpu=cpu)
+            fail = next((line for line in out.splitlines() if line.startswith("FAIL")), "")
+            return Outcome(False, detail=f"{name} failed" + (f": {fail}" if fail else ""), log=_tail("\n".join(log)),
+                           cpu=cpu)
+    return Outcome(True, log=_tail("\n".join(log)), cpu=cpu)
 
 
 def check_import(files: list[str], built: list[Path]) -> None:
@@ -302,16 +329,18 @@ def _expected_cost(mutant: dict | None) -> int:
 
 
 def print_table(results: list[Result], total: float) -> None:
-    rows = [("mutant", "where", "check", "result", "s", "killed by / why not")]
+    rows = [("mutant", "where", "check", "result", "wall s", "cpu s", "killed by / why not")]
     for r in results:
         where = f"{r.mutant['file']}:{r.line}" if r.line else r.mutant["file"]
-        why = r.outcome.error or r.outcome.detail if r.outcome else ""
-        rows.append((r.mutant["id"], where, r.mutant["check"], r.status, f"{r.seconds:.1f}", why))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        why = (r.outcome.error or r.outcome.detail) if r.outcome else ""
+        cpu = f"{r.outcome.cpu:.1f}" if r.outcome else ""
+        rows.append((r.mutant["id"], where, r.mutant["check"], r.status, f"{r.seconds:.1f}", cpu, why))
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
     for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row[:5], widths)) + "  " + row[5])
-    print(f"mutation check: {sum(r.status == 'killed' for r in results if r.line)} of "
-          f"{sum(1 for r in results if r.line)} mutants killed in {total:.1f} s")
+        print("  ".join(c.ljust(w) for c, w in zip(row[:6], widths)) + "  " + row[6])
+    mutants = [r for r in results if r.line]
+    print(f"mutation check: {sum(r.status == 'killed' for r in mutants)} of {len(mutants)} mutants killed in "
+          f"{total:.1f} s ({sum(r.outcome.cpu for r in results if r.outcome):.1f} CPU seconds in the checks)")
 
 
 def main(argv: list[str] | None = None) -> int:
