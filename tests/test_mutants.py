@@ -13,18 +13,22 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+RUNNER = ROOT / ".ci" / "mutate.py"
+
+# The sdist carries tests/ but not .ci/: there, nothing to check.
+pytestmark = pytest.mark.skipif(not RUNNER.is_file(), reason="needs the source checkout's .ci/ (not in the sdist)")
 
 
 def _load_runner():
-    spec = importlib.util.spec_from_file_location("resflow_mutate", ROOT / ".ci" / "mutate.py")
+    spec = importlib.util.spec_from_file_location("resflow_mutate", RUNNER)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
     return module
 
 
-mutate = _load_runner()
-MUTANTS = mutate.load()
+mutate = _load_runner() if RUNNER.is_file() else None
+MUTANTS = mutate.load() if mutate else [{"id": "none", "original": "", "tests": []}]
 
 
 @pytest.mark.parametrize("mutant", MUTANTS, ids=[m["id"] for m in MUTANTS])
