@@ -34,7 +34,8 @@ from . import ops
 
 __all__ = [
     "SeriesPlan", "AutogradVJP", "JacobianVJP", "geometric_survival", "poisson_survival", "draw_terms", "roulette_plan",
-    "truncated_plan", "HostCopies", "series_plan", "check_estimator_args", "series_terms", "basic_estimator", "neumann_estimator",
+    "truncated_plan", "HostCopies", "series_plan", "check_estimator_args", "check_block_input", "series_terms",
+    "basic_estimator", "neumann_estimator",
     "MemoryEfficientLogDet", "batch_jacobian", "batch_trace", "grads_or_none",
 ]
 
@@ -42,14 +43,22 @@ DISTRIBUTIONS = ("geometric", "poisson")
 RNGS = ("numpy", "torch")
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 def check_estimator_args(owner: str, geom_p: float, lamb: float, n_dist: str, rng: str, n_power_series,
-                         integers) -> None:
+                         integers, tolerances=()) -> None:
     """The argument checks of the log-det estimator that iResBlock and ImplicitBlock share; ``integers``
-    holds (name, value, least) for the block's integer arguments (bools are refused)."""
-    if not 0 < geom_p < 1:
-        raise ValueError(f"{owner}: expected geom_p in (0, 1), but got {geom_p}")
-    if not lamb > 0:
-        raise ValueError(f"{owner}: expected lamb > 0, but got {lamb}")
+    holds (name, value, least) for the block's integer arguments (bools are refused), ``tolerances``
+    (name, value) for its solver tolerances (finite numbers > 0)."""
+    if not _is_number(geom_p) or not 0 < geom_p < 1:
+        raise ValueError(f"{owner}: expected geom_p in (0, 1), but got {geom_p!r}")
+    if not _is_number(lamb) or not 0 < lamb < math.inf:
+        raise ValueError(f"{owner}: expected lamb > 0 and finite, but got {lamb!r}")
+    for name, value in tolerances:
+        if not (_is_number(value) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{owner}: expected {name} to be a finite number > 0, but got {value!r}")
     if n_dist not in DISTRIBUTIONS:
         raise ValueError(f"{owner}: expected n_dist to be one of {DISTRIBUTIONS}, but got {n_dist!r}")
     if rng not in RNGS:
@@ -59,6 +68,32 @@ def check_estimator_args(owner: str, geom_p: float, lamb: float, n_dist: str, rn
             raise ValueError(f"{owner}: expected {name} to be an integer >= {least}, but got {value!r}")
     if n_power_series is not None and (not isinstance(n_power_series, (int, np.integer)) or n_power_series < 1):
         raise ValueError(f"{owner}: expected n_power_series to be None or an integer >= 1, but got {n_power_series!r}")
+
+
+def check_block_input(owner: str, name: str, x, module: torch.nn.Module) -> None:
+    """The entry check of the flow blocks and layers: ``x`` a floating-point tensor on the device of
+    ``module``'s first floating-point parameter and, outside autocast, of its dtype (no silent cast;
+    under autocast the products run in the autocast dtype and x may be 16-bit). Raises TypeError
+    for a wrong type or dtype, ValueError for a wrong device; nothing for a module without
+    parameters."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{owner}: expected {name} to be a tensor, but got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{owner}: expected {name} to have a floating-point dtype (torch.float32, torch.float64, "
+                        f"torch.float16 or torch.bfloat16), but got {x.dtype}")
+    for param in module.parameters():
+        if param.is_floating_point():
+            break
+    else:
+        return
+    if x.device != param.device:
+        raise ValueError(f"{owner}: expected {name} on the device of the parameters ({param.device}), but got "
+                         f"{x.device}; move one of them (.to(device))")
+    device = x.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    if x.dtype != param.dtype and not autocast:
+        raise TypeError(f"{owner}: expected {name} to have the dtype of the parameters ({param.dtype}), but got "
+                        f"{x.dtype}; convert the input or the module (.to(dtype))")
 
 
 def geometric_survival(p: float, j: int) -> float:

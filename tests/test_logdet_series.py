@@ -144,12 +144,52 @@ def test_deterministic_across_thread_counts():
     (lambda w, e, l, n: (w, e, l, n[:, :1]), r"expected neumann to have the shape of w"),
     (lambda w, e, l, n: (w, e, l, w), "expected neumann not to share memory with w"),
     (lambda w, e, l, n: (w, e, l, n[:1].expand(3, 4)), "expected neumann not to have overlapping elements"),
+    # Every output against every input and the other output; the kernels read w and eps while they
+    # write, so an overlap would give a wrong result without an error.
+    (lambda w, e, l, n: (w, e, l, e), r"expected neumann not to share memory with eps \(neumann is written"),
+    (lambda w, e, l, n: (w, e, w.view(-1)[4:7], n), "expected logdet not to share memory with w"),
+    (lambda w, e, l, n: (w, e, e.view(-1)[:3], None), "expected logdet not to share memory with eps"),
+    (lambda w, e, l, n: (w, e, n.view(-1)[9:], n), r"expected neumann not to share memory with logdet \(both"),
+    (lambda w, e, l, n: (w, e, l[:1].expand(3), n), "expected logdet not to have overlapping elements"),
+    # A strided view (a column of w), where ATen does not decide overlap exactly.
+    (lambda w, e, l, n: (w, e, w[:, 1], n), "expected logdet not to share memory with w"),
     (lambda w, e, l, n: (w[0, 0], e[0, 0], l, None), "batch dimension"),
 ])
 def test_errors_name_the_argument(args, match):
     w, eps, logdet, neumann = _inputs((3, 4), torch.float32)
     with pytest.raises(RuntimeError, match=match):
         ops.logdet_series_accumulate_(*args(w, eps, logdet, neumann), 1.0, 1.0)
+
+
+def test_refused_overlap_writes_nothing():
+    w, eps, logdet, neumann = _inputs((3, 4), torch.float32)
+    before = (w.clone(), eps.clone(), neumann.clone())
+    with pytest.raises(RuntimeError, match="expected logdet not to share memory with w"):
+        ops.logdet_series_accumulate_(w, eps, w[:, 0], neumann, 1.0, 1.0)
+    for got, expected in zip((w, eps, neumann), before):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.emulated
+def test_cuda_binding_refuses_overlap_with_the_same_message():
+    # The CUDA op's tensor binding (csrc/cuda/logdet_series_binding.h), built against the CUDA
+    # emulation: it calls the same check as the CPU op.
+    import emulation
+
+    w, eps, logdet, neumann = _inputs((3, 4), torch.float32)
+    with pytest.raises(RuntimeError, match="expected logdet not to share memory with w"):
+        emulation.ops().logdet_series_accumulate_(w, eps, w[:, 0], neumann, 1.0, 1.0, 2)
+    with pytest.raises(RuntimeError, match="expected neumann not to share memory with eps"):
+        emulation.ops().logdet_series_accumulate_(w, eps, logdet, eps, 1.0, 1.0, 2)
+
+
+def test_disjoint_outputs_in_one_buffer_are_accepted():
+    w, eps, logdet, neumann = _inputs((3, 4), torch.float32)
+    buffer = torch.cat([logdet, neumann.reshape(-1)])  # logdet and neumann side by side, not overlapping
+    ops.logdet_series_accumulate_(w, eps, buffer[:3], buffer[3:].view(3, 4), 0.5, -1.0)
+    ops.logdet_series_accumulate_(w, eps, logdet, neumann, 0.5, -1.0)
+    # the same kernel on the same values: bit-equal
+    assert torch.equal(buffer[:3], logdet) and torch.equal(buffer[3:].view(3, 4), neumann)
 
 
 def test_refuses_tensors_that_require_grad():

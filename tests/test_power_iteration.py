@@ -381,6 +381,49 @@ def test_update_in_place_refuses_mismatched_lists():
         ops.power_iteration_update_([weights[0][None]] + weights[1:], us, vs, sigmas, 5)
 
 
+@pytest.mark.parametrize("alias,match", [
+    (lambda w, u, v, s: u.__setitem__(0, w[0].view(-1)[:7]), r"expected us\[0\] not to share memory with weights\[0\]"),
+    (lambda w, u, v, s: v.__setitem__(1, w[2].view(-1)[10:22]),
+     r"expected vs\[1\] not to share memory with weights\[2\] \(vs\[1\] is written in place, weights\[2\] is read\)"),
+    (lambda w, u, v, s: s.__setitem__(2, u[2][3]), r"expected sigmas\[2\] not to share memory with us\[2\] \(both"),
+    (lambda w, u, v, s: u.__setitem__(2, u[0]), r"expected us\[2\] not to share memory with us\[0\]"),
+    (lambda w, u, v, s: v.__setitem__(0, u[0][:5]), r"expected vs\[0\] not to share memory with us\[0\]"),
+    (lambda w, u, v, s: u.__setitem__(1, torch.zeros(1).expand(3)), r"expected us\[1\] not to have overlapping"),
+    # a strided view (a column of the weight), where ATen does not decide overlap exactly
+    (lambda w, u, v, s: u.__setitem__(0, w[0][:, 1]), r"expected us\[0\] not to share memory with weights\[0\]"),
+])
+def test_update_in_place_refuses_overlapping_outputs(alias, match):
+    weights, us, vs, sigmas, _ = _update_inputs()
+    alias(weights, us, vs, sigmas)
+    before = [t.clone() for t in weights + us + vs + sigmas]
+    with pytest.raises(RuntimeError, match=match):
+        ops.power_iteration_update_(weights, us, vs, sigmas, 5)
+    for got, expected in zip(weights + us + vs + sigmas, before):
+        assert torch.equal(got, expected)  # refused before anything is written
+
+
+@pytest.mark.emulated
+def test_cuda_binding_refuses_overlapping_outputs_with_the_same_message():
+    # The CUDA op's binding (csrc/cuda/power_iteration_binding.h), built against the CUDA emulation:
+    # it calls the same check as the CPU op.
+    import emulation
+
+    weights, us, vs, sigmas, _ = _update_inputs()
+    with pytest.raises(RuntimeError, match=r"expected us\[2\] not to share memory with us\[0\]"):
+        emulation.ops().power_iteration_update_(weights, us[:2] + us[:1], vs, sigmas, 3, None, None, 2.0, 2.0, True)
+
+
+def test_update_in_place_accepts_disjoint_slices_of_one_buffer():
+    weights, us, vs, sigmas, _ = _update_inputs()
+    flat = torch.cat([t.reshape(-1) for t in us + vs])  # every u and v side by side in one storage
+    sizes = [t.numel() for t in us + vs]
+    views = list(torch.split(flat, sizes))
+    ops.power_iteration_update_(weights, views[:3], views[3:], [s.clone() for s in sigmas], 7, None, None, 2, 2, False)
+    ops.power_iteration_update_(weights, us, vs, sigmas, 7, None, None, 2, 2, False)
+    for got, expected in zip(views, us + vs):
+        assert torch.equal(got, expected)  # the same steps on the same values: bit-equal
+
+
 def test_update_in_place_opcheck():
     weights, us, vs, sigmas, _ = _update_inputs()
     torch.library.opcheck(torch.ops.resflow_cuda.power_iteration_update_.default,

@@ -8,7 +8,6 @@
 // contiguous memory and neumann is updated through a contiguous copy written back at the end.
 #pragma once
 
-#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 
 #include <optional>
@@ -35,18 +34,12 @@ inline void check_logdet_series(const at::Tensor& w, const at::Tensor& eps, cons
   check_same_device(kSeriesOp, "logdet", logdet, "w", w);
   TORCH_CHECK(logdet.dim() == 1 && logdet.size(0) == w.size(0), kSeriesOp, ": expected logdet to have shape [",
               w.size(0), "] (one entry per sample of w), but got ", logdet.sizes());
-  TORCH_CHECK(at::has_internal_overlap(logdet) != at::MemOverlap::Yes, kSeriesOp,
-              ": expected logdet not to have overlapping elements (e.g. an expanded tensor)");
-  if (neumann.has_value() && neumann->defined()) {
+  const bool with_neumann = neumann.has_value() && neumann->defined();
+  if (with_neumann) {
     check_matches(kSeriesOp, "neumann", *neumann, "w", w);
-    TORCH_CHECK(at::has_internal_overlap(*neumann) != at::MemOverlap::Yes, kSeriesOp,
-                ": expected neumann not to have overlapping elements (e.g. an expanded tensor)");
-    for (const auto& [name, other] : {std::pair<const char*, const at::Tensor*>{"w", &w}, {"eps", &eps}}) {
-      const auto status = at::get_overlap_status(*neumann, *other);
-      TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, kSeriesOp,
-                  ": expected neumann not to share memory with ", name, " (it is updated in place)");
-    }
   }
+  check_no_overlap(kSeriesOp, {{"logdet", &logdet}, {"neumann", with_neumann ? &*neumann : nullptr}},
+                   {{"w", &w}, {"eps", &eps}});
 }
 
 struct SeriesOperands {

@@ -102,7 +102,8 @@ inline ConvGeometry check_conv_power_iteration(const char* op, const at::Tensor&
 }
 
 // The list form (power_iteration_update_): equal list lengths; each entry a 2-D weight with its
-// u, v and a one-element sigma of the weight's dtype and device.
+// u, v and a one-element sigma of the weight's dtype and device; no u, v or sigma shares memory
+// with a weight or with another u, v or sigma (they are written in place).
 inline void check_power_iteration_update(const char* op, at::TensorList weights, at::TensorList us,
                                          at::TensorList vs, at::TensorList sigmas) {
   TORCH_CHECK(us.size() == weights.size() && vs.size() == weights.size() && sigmas.size() == weights.size(), op,
@@ -117,6 +118,17 @@ inline void check_power_iteration_update(const char* op, at::TensorList weights,
     TORCH_CHECK(sigmas[i].numel() == 1, op, ": expected sigmas[", i, "] to have one element, but got shape ",
                 sigmas[i].sizes());
   }
+  std::vector<NamedTensor> outputs, inputs;
+  outputs.reserve(3 * weights.size());
+  inputs.reserve(weights.size());
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const std::string index = "[" + std::to_string(i) + "]";
+    outputs.push_back({"us" + index, &us[i]});
+    outputs.push_back({"vs" + index, &vs[i]});
+    outputs.push_back({"sigmas" + index, &sigmas[i]});
+    inputs.push_back({"weights" + index, &weights[i]});
+  }
+  check_no_overlap(op, outputs, inputs);
 }
 
 }  // namespace resflow_cuda

@@ -3,11 +3,16 @@
 // expected and what was given.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <initializer_list>
+#include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace resflow_cuda {
@@ -65,6 +70,85 @@ inline void check_tensor_and_param(const char* op, const char* x_name, const at:
   check_scalar_param(op, p_name, p);
   check_same_dtype(op, p_name, p, x_name, x);
   check_same_device(op, p_name, p, x_name, x);
+}
+
+// Whether a and b may refer to a common memory location. ATen decides dense tensors exactly; for
+// a strided view (e.g. a column of a matrix) it gives up, and then two tensors of one storage whose
+// address spans intersect count as sharing memory. That refuses interleaved views that would not
+// collide (e.g. x[0::2] and x[1::2]), which an in-place op has no reason to be given.
+inline bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
+  switch (at::get_overlap_status(a, b)) {
+    case at::MemOverlapStatus::Full:
+    case at::MemOverlapStatus::Partial:
+      return true;
+    case at::MemOverlapStatus::No:
+      return false;
+    case at::MemOverlapStatus::TooHard:
+      break;
+  }
+  if (a.numel() == 0 || b.numel() == 0 || !a.has_storage() || !b.has_storage() ||
+      !a.storage().is_alias_of(b.storage())) {
+    return false;
+  }
+  const auto span = [](const at::Tensor& t) {
+    int64_t last = 0;  // element offset of the last element from the first (strides are >= 0)
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      last += (t.size(d) - 1) * t.stride(d);
+    }
+    const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+    return std::pair<uintptr_t, uintptr_t>{begin, begin + static_cast<uintptr_t>((last + 1) * t.element_size())};
+  };
+  const auto [a_begin, a_end] = span(a);
+  const auto [b_begin, b_end] = span(b);
+  return a_begin < b_end && b_begin < a_end;
+}
+
+// A tensor and the name the op's schema gives it (with an index for list arguments: "us[2]").
+struct NamedTensor {
+  std::string name;
+  const at::Tensor* tensor;
+};
+
+// The one aliasing check of the in-place ops: no output has internally overlapping elements
+// (e.g. an expanded tensor), and no output shares memory with an input or with another output,
+// since the kernels read inputs while they write outputs and an aliased write gives wrong results
+// without an error. Inputs may alias each other. Null or undefined tensors (an omitted optional
+// output) are skipped. Only tensors of one storage are compared, so long lists cost linear time.
+inline void check_no_overlap(const char* op, const std::vector<NamedTensor>& outputs,
+                             const std::vector<NamedTensor>& inputs) {
+  std::unordered_map<const void*, std::vector<const NamedTensor*>> seen;  // by storage
+  const auto key = [](const at::Tensor& t) -> const void* {
+    return t.has_storage() ? static_cast<const void*>(t.storage().unsafeGetStorageImpl()) : nullptr;
+  };
+  for (const NamedTensor& out : outputs) {
+    if (out.tensor == nullptr || !out.tensor->defined()) {
+      continue;
+    }
+    const at::Tensor& t = *out.tensor;
+    TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": expected ", out.name,
+                " not to have overlapping elements (it is written in place), but got an expanded tensor with strides ",
+                t.strides());
+    auto& same_storage = seen[key(t)];
+    for (const NamedTensor* other : same_storage) {
+      TORCH_CHECK(!may_share_memory(t, *other->tensor), op, ": expected ", out.name, " not to share memory with ",
+                  other->name, " (both are written in place), but they overlap");
+    }
+    same_storage.push_back(&out);
+  }
+  for (const NamedTensor& in : inputs) {
+    if (in.tensor == nullptr || !in.tensor->defined()) {
+      continue;
+    }
+    const at::Tensor& t = *in.tensor;
+    const auto found = seen.find(key(t));
+    if (found == seen.end()) {
+      continue;
+    }
+    for (const NamedTensor* out : found->second) {
+      TORCH_CHECK(!may_share_memory(*out->tensor, t), op, ": expected ", out->name, " not to share memory with ",
+                  in.name, " (", out->name, " is written in place, ", in.name, " is read), but they overlap");
+    }
+  }
 }
 
 // Elementwise kernels walk their operands in storage order. When every operand is dense in the

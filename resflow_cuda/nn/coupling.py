@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..estimators import check_block_input
 from ..ops import autocast_disabled
 
 __all__ = ["AdditiveCoupling", "AffineCoupling", "ChannelCouplingBlock", "CouplingBlock", "InvertibleConv2dLU",
@@ -98,6 +99,7 @@ class _Coupling(nn.Module):
     # -- layout helpers -------------------------------------------------------------------------
 
     def _check_input(self, x: Tensor, name: str) -> None:
+        check_block_input(type(self).__name__, name, x, self.nnet)
         if self.mask_type.startswith("checkerboard") and x.dim() != 4:
             raise ValueError(f"{name}: {type(self).__name__} with mask_type={self.mask_type!r} expects a 4-D input "
                              f"(B, C, H, W), but got shape {tuple(x.shape)}")
@@ -156,7 +158,7 @@ class _Coupling(nn.Module):
             return y
         if log_scale is None:
             return y, logpx
-        return y, logpx - log_scale.reshape(x.shape[0], -1).sum(1, keepdim=True)
+        return y, logpx - log_scale.flatten(1).sum(1, keepdim=True)
 
     def inverse(self, y: Tensor, logpy: Tensor | None = None):
         self._check_input(y, "y")
@@ -172,7 +174,7 @@ class _Coupling(nn.Module):
             return x
         if log_scale is None:
             return x, logpy
-        return x, logpy + log_scale.reshape(y.shape[0], -1).sum(1, keepdim=True)
+        return x, logpy + log_scale.flatten(1).sum(1, keepdim=True)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, mask_type={self.mask_type!r}"
@@ -399,6 +401,7 @@ class InvertibleConv2dLU(nn.Module):
         return torch.linalg.solve_triangular(upper, z, upper=True)
 
     def _transform(self, x: Tensor, matrix: Tensor, name: str) -> Tensor:
+        check_block_input("InvertibleConv2dLU", name, x, self)
         if x.dim() not in (2, 4) or x.shape[1] != self.num_channels:
             raise ValueError(f"{name}: InvertibleConv2dLU expects (B, {self.num_channels}, H, W) or "
                              f"(B, {self.num_channels}), but got shape {tuple(x.shape)}")

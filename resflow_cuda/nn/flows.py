@@ -123,10 +123,17 @@ class SqueezeLayer(nn.Module):
         if x.dim() != 4 or x.shape[2] % r or x.shape[3] % r:
             raise ValueError(f"SqueezeLayer: expected a 4-D input with H and W divisible by {r}, "
                              f"but got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:  # pixel_unshuffle returns an empty batch in its input's shape
+            b, c, h, w = x.shape
+            return _with_logp(x.new_empty(0, c * r * r, h // r, w // r), logpx, None)
         return _with_logp(F.pixel_unshuffle(x, r), logpx, None)
 
     def inverse(self, y: Tensor, logpy: Tensor | None = None):
-        return _with_logp(F.pixel_shuffle(y, self.downscale_factor), logpy, None)
+        r = self.downscale_factor
+        if y.dim() == 4 and y.shape[0] == 0 and y.shape[1] % (r * r) == 0:  # as pixel_unshuffle, pixel_shuffle
+            b, c, h, w = y.shape
+            return _with_logp(y.new_empty(0, c // (r * r), h * r, w * r), logpy, None)
+        return _with_logp(F.pixel_shuffle(y, r), logpy, None)
 
     def extra_repr(self) -> str:
         return str(self.downscale_factor)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 
 import numpy as np
@@ -11,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..estimators import HostCopies, check_estimator_args, series_plan
+from ..estimators import HostCopies, check_block_input, check_estimator_args, series_plan
 from ..linearize import fast_path_repr
 from ..logdet import branch_estimate, branch_jacobian, exact_trace_logdet
 from ..ops import autocast_disabled
@@ -95,10 +94,8 @@ class ImplicitBlock(nn.Module):
         check_estimator_args("ImplicitBlock", geom_p, lamb, n_dist, rng, n_power_series,
                              (("n_samples", n_samples, 1), ("n_exact_terms", n_exact_terms, 0),
                               ("n_exact_terms_test", n_exact_terms_test, 0), ("threshold", threshold, 0),
-                              ("fallback_steps", fallback_steps, 0)))
-        for name, value in (("eps_forward", eps_forward), ("eps_backward", eps_backward), ("eps_sample", eps_sample)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"ImplicitBlock: expected {name} to be a finite number > 0, but got {value!r}")
+                              ("fallback_steps", fallback_steps, 0)),
+                             (("eps_forward", eps_forward), ("eps_backward", eps_backward), ("eps_sample", eps_sample)))
         self.nnet_x = nnet_x
         self.nnet_z = nnet_z
         self.n_dist = n_dist
@@ -149,6 +146,9 @@ class ImplicitBlock(nn.Module):
         if not isinstance(given, Tensor) or given.dim() < 2:
             raise ValueError(f"ImplicitBlock.{direction}: expected a tensor of shape (B, ...) with at least 2 "
                              f"dimensions, but got {getattr(given, 'shape', type(given).__name__)}")
+        check_block_input(f"ImplicitBlock.{direction}", "x" if direction == "forward" else "z", given, net_given)
+        if given.shape[0] == 0:  # an empty batch: an empty result; nothing to solve, no branch run
+            return given.clone()
         with torch.profiler.record_function(SOLVE_EVENT):  # the solve's own read: a NaN/Inf cannot be solved
             finite = bool(torch.isfinite(given).all())
         if not finite:
@@ -187,6 +187,8 @@ class ImplicitBlock(nn.Module):
 
     def _logdetgrad(self, x: Tensor, z: Tensor) -> Tensor:
         """log|det dz/dx| per sample, shape (B, 1) (class docstring)."""
+        if x.shape[0] == 0:
+            return x.new_zeros(0, 1)
         with torch.enable_grad():
             small = x.dim() == 2 and x.shape[1] <= BRUTE_FORCE_MAX_DIM
             if (self.brute_force or not self.training) and small:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import estimators as est
-from ..estimators import HostCopies, check_estimator_args, series_plan
+from ..estimators import HostCopies, check_block_input, check_estimator_args, series_plan
 from ..linearize import fast_path_repr
 from ..logdet import branch_estimate, branch_jacobian, exact_trace_logdet
 from ..ops import autocast_disabled
@@ -102,7 +102,8 @@ class iResBlock(nn.Module):  # noqa: N801 (the reference's name)
             raise TypeError(f"iResBlock: expected nnet to be an nn.Module, but got {type(nnet).__name__}")
         check_estimator_args("iResBlock", geom_p, lamb, n_dist, rng, n_power_series,
                              (("n_samples", n_samples, 1), ("n_exact_terms", n_exact_terms, 0),
-                              ("inverse_max_iterations", inverse_max_iterations, 0)))
+                              ("inverse_max_iterations", inverse_max_iterations, 0)),
+                             (("inverse_atol", inverse_atol), ("inverse_rtol", inverse_rtol)))
         self.nnet = nnet
         self.n_dist = n_dist
         self.geom_p = nn.Parameter(torch.tensor(np.log(geom_p) - np.log(1. - geom_p)))
@@ -128,12 +129,18 @@ class iResBlock(nn.Module):  # noqa: N801 (the reference's name)
         self.register_buffer("last_secmom", torch.zeros(1))
 
     def forward(self, x: Tensor, logpx: Tensor | float | None = None):
+        check_block_input("iResBlock", "x", x, self.nnet)
+        if x.dim() >= 2 and x.shape[0] == 0:
+            return _empty_batch(x, logpx)
         if logpx is None:
             return x + self.nnet(x)
         g, logdet = self._logdetgrad(x)
         return x + g, logpx - logdet
 
     def inverse(self, y: Tensor, logpy: Tensor | float | None = None):
+        check_block_input("iResBlock.inverse", "y", y, self.nnet)
+        if y.dim() >= 2 and y.shape[0] == 0:
+            return _empty_batch(y, logpy)
         # The fixed-point iteration in y's dtype also under autocast: in 16 bits g's rounding (2^-9 |g|
         # for bfloat16) lies above the iteration's tolerances (docs/parity.md#mixed-precision).
         with autocast_disabled(y):
@@ -214,7 +221,9 @@ class iResBlock(nn.Module):  # noqa: N801 (the reference's name)
                 g, value = self._exact_trace(x, plan)
                 estimate = value
             else:
-                eps = torch.randn_like(x)
+                # Drawn in x's logical order whatever its layout (channels_last too): the same probe,
+                # hence the same estimate, as for the contiguous x (for which it is the reference's draw).
+                eps = torch.randn_like(x, memory_format=torch.contiguous_format)
                 g, value, estimate = self._estimate(x, eps, plan)
             self.last_logdet_estimate = estimate.detach().view(-1, 1)
             if self.logdet_estimate and self.training and self.neumann_grad and not self.exact_trace:
@@ -245,6 +254,13 @@ class iResBlock(nn.Module):  # noqa: N801 (the reference's name)
         return (f"dist={self.n_dist}, n_samples={self.n_samples}, n_power_series={self.n_power_series}, "
                 f"neumann_grad={self.neumann_grad}, exact_trace={self.exact_trace}, brute_force={self.brute_force}, "
                 f"{fast_path_repr(self.fast_path, nnet=self.nnet)}")
+
+
+def _empty_batch(x: Tensor, logp: Tensor | float | None):
+    """The result of a block on an empty batch: an empty output like x and, with logp, logp minus a
+    (0, 1) log-det; the branch is not run (no sample to run it on)."""
+    y = x.clone()
+    return y if logp is None else (y, logp - x.new_zeros(0, 1))
 
 
 def _max_or_zero(t: Tensor) -> float:

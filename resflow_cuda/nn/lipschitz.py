@@ -16,7 +16,7 @@ from .. import ops
 from ..functional import conv_operator, eager_power_iteration, normalize_u, normalize_v
 from ..linearize import register_linear
 from .lipschitz_base import (INF, _check_common, _check_norm, _InducedNormsMixin, _LipschitzMixin,
-                             _reset_parameters)
+                             _load_conv_geometry, _reset_parameters)
 
 __all__ = ["SpectralNormLinear", "SpectralNormConv2d", "InducedNormLinear", "InducedNormConv2d"]
 
@@ -256,18 +256,6 @@ class _LipschitzConv2d(_LipschitzMixin, nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         return F.conv2d(input, self.forward_weight(input), self.bias, self.stride, self.padding, 1, 1)
 
-    def _load_geometry(self, state_dict, prefix) -> None:
-        """Adopts the checkpoint's u / v sizes and input size (before or after its first forward)."""
-        dims = state_dict.get(prefix + "spatial_dims")
-        if dims is not None:
-            self._input_hw = tuple(int(d) for d in dims.tolist())
-        for name in ("u", "v"):
-            saved = state_dict.get(prefix + name)
-            mine = getattr(self, name, None)
-            if saved is not None and (mine is None or mine.shape != saved.shape):
-                like = self.weight
-                self.register_buffer(name, torch.empty(saved.shape, dtype=like.dtype, device=like.device))
-
     def extra_repr(self):
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}")
         if self.padding != (0, 0):
@@ -339,8 +327,8 @@ class SpectralNormConv2d(_LipschitzConv2d):
         return self._normalized(self.weight, u, v)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self._load_geometry(state_dict, prefix)
-        if prefix + "u" in state_dict:
+        if prefix + "u" in state_dict or prefix + "v" in state_dict:
+            _load_conv_geometry(self, state_dict, prefix, initialized=True)
             self.initialized = True
         elif getattr(self, "u", None) is not None:
             # A checkpoint from before the first forward: back to the uninitialised state.
@@ -380,10 +368,10 @@ class InducedNormConv2d(_InducedNormsMixin, _LipschitzConv2d):
                  reference_rtol_quirk=False, **unused_kwargs):
         del unused_kwargs
         super().__init__()
-        _check_norm("domain", domain)
-        _check_norm("codomain", codomain)
         self._setup(in_channels, out_channels, kernel_size, stride, padding, bias, coeff, n_iterations, atol, rtol,
                     detach_sigma, reference_rtol_quirk)
+        _check_norm("domain", domain)
+        _check_norm("codomain", codomain)
         self.domain, self.codomain = domain, codomain
         _reset_parameters(self, zero_init)
         self._initialized = False  # mirrors the initialized buffer
@@ -480,10 +468,10 @@ class InducedNormConv2d(_InducedNormsMixin, _LipschitzConv2d):
         return torch.dot(u, matvec(v))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self._load_geometry(state_dict, prefix)
         flag = state_dict.get(prefix + "initialized")
         if flag is not None:
             self._initialized = bool(flag)
+        _load_conv_geometry(self, state_dict, prefix, self._initialized)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):

@@ -38,8 +38,41 @@ def _check_common(coeff, n_iterations, atol, rtol):
 
 
 def _check_norm(name, p):
-    if not torch.is_tensor(p) and not p >= 1:
-        raise ValueError(f"{name} must be a norm order >= 1 (or inf), got {p}")
+    if torch.is_tensor(p):
+        return
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not p >= 1:
+        raise ValueError(f"{name} must be a norm order >= 1 (or inf), got {p!r}")
+
+
+def _load_conv_geometry(layer, state_dict, prefix, initialized: bool) -> None:
+    """Prepares a Lipschitz convolution to load a checkpoint: takes its input size (spatial_dims)
+    and gives the u / v buffers the sizes that this geometry implies, so that torch's loader
+    reports a checkpoint whose u or v disagrees with the layer ("size mismatch for u", always an
+    error) or lacks one ("Missing key(s)", an error with strict=True) as it does for any buffer,
+    instead of the layer adopting them. A buffer resized here starts from a random unit vector, as
+    at initialisation (what strict=False leaves for a missing one).
+
+    Args:
+        layer: a SpectralNormConv2d or InducedNormConv2d.
+        initialized: whether the checkpoint's u and v are those of the operator (after the first
+            forward); before it they have the channel counts (out_channels, in_channels).
+    """
+    dims = state_dict.get(prefix + "spatial_dims")
+    if torch.is_tensor(dims) and dims.numel() == 2 and bool((dims >= 1).all()):
+        layer._input_hw = tuple(int(d) for d in dims.tolist())
+    n_u, n_v = layer.out_channels, layer.in_channels
+    if initialized and not layer._pointwise:
+        n_u = math.prod(layer._output_shape())
+        n_v = layer.in_channels * layer._input_hw[0] * layer._input_hw[1]
+        if n_u <= 0:
+            raise ValueError(f"{prefix}spatial_dims: the checkpoint's input size {list(layer._input_hw)} is smaller "
+                             f"than the {layer.kernel_size} kernel with padding {layer.padding}")
+    for name, n in (("u", n_u), ("v", n_v)):
+        mine = layer._buffers.get(name)
+        if mine is None or tuple(mine.shape) != (n,):
+            like = layer.weight
+            fresh = torch.randn(n, dtype=like.dtype, device=like.device)
+            layer.register_buffer(name, fresh / fresh.norm().clamp_min(1e-12))
 
 
 def _reset_parameters(module, zero_init=False):
