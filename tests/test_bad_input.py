@@ -162,11 +162,12 @@ def test_empty_batch_gives_empty_outputs(name, training):
     assert back.shape == x.shape and logp_back.shape == (0, 1)
 
 
-@pytest.mark.xfail(strict=True, reason="ResidualFlow.forward flattens each scale with reshape(B, -1), which "
-                                       "an empty batch cannot take (resflow_cuda/models/resflow.py)")
 def test_empty_batch_through_residual_flow():
-    z, logp = _flow()(torch.rand(0, 1, 8, 8), torch.zeros(0, 1))
+    flow = _flow()
+    z, logp = flow(torch.rand(0, 1, 8, 8), torch.zeros(0, 1))
     assert z.shape == (0, 64) and logp.shape == (0, 1)
+    x, logp_back = flow.eval().inverse(z, logp)
+    assert x.shape == (0, 1, 8, 8) and logp_back.shape == (0, 1)
 
 
 def test_empty_batch_through_squeeze():

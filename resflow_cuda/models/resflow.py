@@ -184,14 +184,14 @@ class ResidualFlow(nn.Module):
                 # last scale's head sees the previous scale's (same shape), or x with a single scale.
                 class_outs.append(self.classification_heads[idx](f if self.factor_out and f is not None else x))
         out.append(x)
-        z = torch.cat([o.reshape(o.shape[0], -1) for o in out], 1)
+        z = torch.cat([o.flatten(1) for o in out], 1)  # flatten(1) also takes an empty batch
         output = z if logpx is None else (z, logpx)
         if classify:
             return output, self.logit_layer(torch.cat(class_outs, dim=1).flatten(1))
         return output
 
     def inverse(self, z: Tensor, logpz: Tensor | None = None):
-        z = z.reshape(z.shape[0], -1)
+        z = z.flatten(1)
         if not self.factor_out:
             x = z.view(z.shape[0], *self.dims[-1])
             for scale in reversed(self.transforms):
