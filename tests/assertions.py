@@ -35,3 +35,31 @@ def assert_unbiased(draws: torch.Tensor, truth: torch.Tensor | float, k: float =
     ok = gap <= k * stderr + slack
     assert bool(ok.all()), (f"{what}: the mean of {draws.shape[0]} draws is {mean} and the truth {truth}: "
                             f"|gap| {gap} exceeds {k} standard errors {stderr}")
+
+
+def drop_roulette_reweighting(monkeypatch) -> None:
+    """A deliberately biased estimator for the negative controls: every Russian-roulette plan keeps the
+    drawn terms but drops their 1 / P(N >= k) reweighting (the coefficient of term k is then the fraction
+    of draws with N >= k, not 1), so the estimate is the series cut at random N, biased towards 0."""
+    from resflow_cuda import estimators
+
+    unbiased = estimators.roulette_plan
+
+    def biased(samples, offset, survival):
+        return unbiased(samples, offset, lambda j: 1.0)
+
+    monkeypatch.setattr(estimators, "roulette_plan", biased)
+
+
+def shift_roulette_survival(monkeypatch) -> None:
+    """A deliberately biased estimator for the negative controls: every Russian-roulette plan reweights
+    term k by 1 / P(N >= j + 1) instead of 1 / P(N >= j) (an off-by-one in the survival index), which
+    overweights every drawn term past the exact ones."""
+    from resflow_cuda import estimators
+
+    unbiased = estimators.roulette_plan
+
+    def biased(samples, offset, survival):
+        return unbiased(samples, offset, lambda j: survival(j + 1))
+
+    monkeypatch.setattr(estimators, "roulette_plan", biased)
