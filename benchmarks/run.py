@@ -36,11 +36,17 @@ from .timing import environment, first_call_seconds, measure, steady_state_alloc
 
 
 def _max_abs_err(outputs, expected) -> float:
-    return max(float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
-               for a, b in zip(outputs, expected))
+    """The largest difference over the outputs (0 where there are none); only for outputs that
+    passed _check, so the two sequences have the same length and shapes."""
+    return max((float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
+                for a, b in zip(outputs, expected)), default=0.0)
 
 
 def _check(outputs, expected, tol) -> str | None:
+    """Why a provider's outputs fail the correctness gate against eager's, or None when they pass:
+    the same number of outputs, each within ``tol`` (torch.testing.assert_close)."""
+    if len(outputs) != len(expected):
+        return f"returned {len(outputs)} outputs, eager returns {len(expected)}"
     for i, (a, b) in enumerate(zip(outputs, expected)):
         try:
             torch.testing.assert_close(a, b, **tol)
@@ -108,12 +114,12 @@ def run_case(case, device: str, quick: bool, min_run_time: float, limits: dict, 
                 rows.append({**row, "status": "n/a", "error": f"{type(exc).__name__}: {exc}"[:300]})
                 log(f"  {case.name} {config.label} {config.mode} {name}: N/A ({type(exc).__name__})")
                 continue
-            row["max_abs_err"] = _max_abs_err(outputs, expected)
             problem = _check(outputs, expected, case.tolerance(config))
             if problem:
                 rows.append({**row, "status": "failed", "error": problem})
                 log(f"  {case.name} {config.label} {config.mode} {name}: FAILED the correctness gate")
                 continue
+            row["max_abs_err"] = _max_abs_err(outputs, expected)
             t = measure(step, min_run_time, device)
             if name == RESFLOW:  # the noise band: the same provider measured again, right after
                 row["repeat_us"] = measure(step, min_run_time, device).median_s * 1e6

@@ -168,3 +168,144 @@ def test_rotated_inputs_start_with_the_first_copy_and_cycle():
         step()
     assert [s is x for s, x in zip(seen, inputs["x"] + inputs["x"][:1])] == [True] * (k + 1)
     assert case.make_inputs(config, "cpu", rotate=False)["rotation"] == 1
+
+
+# -- the correctness gate ----------------------------------------------------------------------
+# These import the runner and the cases from the source tree (benchmarks/), which is the code under test here
+# (an editable install may map resflow_cuda.benchmarks to another checkout).
+
+
+@pytest.fixture
+def gate(monkeypatch):
+    """benchmarks.run with timing, op counting and the memory probe replaced by stubs that record which
+    steps they were given; returns (run module, the list of timed steps' provider names)."""
+    from benchmarks import run as tree_run
+    from benchmarks.timing import Timing
+
+    timed = []
+
+    def fake_measure(step, min_run_time, device="cpu"):
+        timed.append(step.provider)
+        return Timing(median_s=1e-6, iqr_s=0.0, runs=1)
+
+    monkeypatch.setattr(tree_run, "measure", fake_measure)
+    monkeypatch.setattr(tree_run.counts, "count_step", lambda step, warm=True: {"ops_per_step": 1, "syncs_per_step": 0})
+    monkeypatch.setattr(tree_run.memory, "in_subprocess", lambda *args: 0.0)
+    return tree_run, timed
+
+
+LIMITS = {"bandwidth_gbps": 1.0, "matmul_gflops": 1.0}
+
+
+def _gate_case():
+    from benchmarks.cases import EAGER, RESFLOW, Case, Config
+
+    def right(x):
+        return x * 2, x + 1
+
+    def wrong(x):  # the second output off by 0.5: far outside atol 1e-4 + rtol 1e-3 * |x + 1|
+        return x * 2, x + 1.5
+
+    def short(x):  # the first output right, the second missing
+        return (x * 2,)
+
+    def also_right(x):  # another function: the runner tells providers apart by function
+        return right(x)
+
+    class GateCase(Case):
+        name, title = "gate", "the correctness gate"
+
+        def configs(self, quick):
+            return [Config((4,), "fwd")]
+
+        def providers(self):
+            return {EAGER: right, RESFLOW: short, "wrong": wrong, "right too": also_right}
+
+        def make_inputs(self, config, device, rotate=True):
+            return {"x": torch.arange(4.0)}
+
+        def runner(self, provider, inputs, config):
+            def step():
+                return provider(inputs["x"])
+
+            step.provider = next(name for name, fn in self.providers().items() if fn is provider)
+            return step
+
+        def counts(self, config):
+            return 1.0, 1.0
+
+    return GateCase()
+
+
+def test_gate_marks_wrong_values_and_short_outputs_failed_and_times_neither(gate):
+    tree_run, timed = gate
+    rows = tree_run.run_case(_gate_case(), "cpu", True, 0.01, LIMITS, lambda msg: None)
+    by_provider = {r["provider"]: r for r in rows}
+    short, wrong = by_provider["resflow_cuda"], by_provider["wrong"]
+    assert short["status"] == "failed" and short["error"] == "returned 1 outputs, eager returns 2", short
+    assert wrong["status"] == "failed" and wrong["error"].startswith("output 1 differs from eager"), wrong
+    for r in (short, wrong):
+        assert "median_us" not in r and "ops_per_step" not in r  # not timed, not counted
+    assert by_provider["right too"]["status"] == "ok" and by_provider["right too"]["max_abs_err"] == 0
+    # only the providers that passed were timed: "eager" and "right too" once each (the noise band's repeat
+    # is resflow_cuda's, which failed)
+    assert sorted(timed) == ["eager", "right too"]
+
+
+def test_gate_check_compares_lengths_before_values():
+    from benchmarks import run as tree_run
+
+    a, b = torch.ones(3), torch.zeros(3)
+    tol = dict(atol=1e-4, rtol=1e-3)
+    assert tree_run._check((a, b), (a, b), tol) is None
+    assert tree_run._check((a,), (a, b), tol) == "returned 1 outputs, eager returns 2"
+    assert tree_run._check((a, b, b), (a, b), tol) == "returned 3 outputs, eager returns 2"
+    assert tree_run._check((), (a,), tol) == "returned 0 outputs, eager returns 1"
+    assert tree_run._check((a, a), (a, b), tol).startswith("output 1 differs from eager")
+
+
+def _stale_update_lipschitz_case(stale: str):
+    """update_lipschitz's case on the MLP stack, 5 iterations, with two more providers: our update with every
+    layer's ``stale`` buffer ("u" or "v") put back to the value before the update (right sigma, wrong vector)."""
+    from benchmarks.cases import EAGER, RESFLOW, StackConfig, UpdateLipschitzCase
+
+    class Stale(UpdateLipschitzCase):
+        def configs(self, quick):
+            return [StackConfig("mlp", "5 iterations")]
+
+        def providers(self):
+            return {RESFLOW: "resflow", EAGER: "eager", f"stale {stale}": "stale"}
+
+        def runner(self, provider, inputs, config):
+            names = {v: k for k, v in self.providers().items()}
+            inner = super().runner("resflow" if provider == "stale" else provider, inputs, config)
+            before = [t for k, t in inputs["state"].items() if k.endswith("." + stale)]
+            which = {"u": 1, "v": 2}[stale]  # outputs per layer: (sigma, u, v)
+
+            def step():
+                out = list(inner())
+                if provider == "stale":
+                    for layer, old in enumerate(before):
+                        out[3 * layer + which] = old.clone()
+                return tuple(out)
+
+            step.provider = names[provider]
+            return step
+
+    return Stale()
+
+
+@pytest.mark.parametrize("stale", ["u", "v"])
+def test_update_lipschitz_gate_checks_u_and_v(gate, stale):
+    tree_run, timed = gate
+    case = _stale_update_lipschitz_case(stale)
+    rows = {r["provider"]: r for r in tree_run.run_case(case, "cpu", True, 0.01, LIMITS, lambda msg: None)}
+    assert rows["resflow_cuda"]["status"] == "ok", rows["resflow_cuda"]  # the real update passes the gate
+    bad = rows[f"stale {stale}"]
+    first = {"u": 1, "v": 2}[stale]  # the first layer's u or v is the first output that differs
+    assert bad["status"] == "failed" and bad["error"].startswith(f"output {first} differs from eager"), bad
+    assert "median_us" not in bad and f"stale {stale}" not in timed
+    # every layer's sigma, u and v is an output (5 layers): the gate sees all three
+    config = case.configs(True)[0]
+    inputs = case.make_inputs(config, "cpu")
+    assert len(case.runner("eager", inputs, config)()) == 3 * 5

@@ -33,6 +33,13 @@ def emu():
     return emulation.ops()
 
 
+@pytest.fixture(autouse=True)
+def _own_launches(emu):
+    """The emulator records launches per process (the kernels launched, the launch count): cleared before
+    every test, so that a test's "was launched" check sees only its own launches, not an earlier test's."""
+    emu.reset_launches()
+
+
 def _plan(emu, x, sms, aligned=True):
     return dict(zip(("vec", "blocks", "threads"), emu.elementwise_plan(x.numel(), sms, aligned, x.element_size())))
 
@@ -424,8 +431,28 @@ def test_every_cuda_kernel_is_in_the_emulated_registry():
 
 @pytest.mark.parametrize("kernel", sorted(REGISTRY))
 def test_registered_kernel_runs_under_the_emulator(emu, kernel):
+    assert emu.launched_kernels() == [] and emu.launch_count() == 0  # _own_launches cleared the record
     REGISTRY[kernel](emu)
     assert kernel in emu.launched_kernels()
+
+
+_LAUNCHED_BEFORE = []  # what the first of the two tests below launched, for the second
+
+
+def test_launch_record_sees_this_tests_launch(emu):
+    _run_logdet_series(emu)
+    assert emu.launched_kernels() == ["logdet_series_kernel"] and emu.launch_count() == 1
+    _LAUNCHED_BEFORE.append("logdet_series_kernel")
+
+
+def test_launch_record_is_cleared_between_tests(emu):
+    """Runs after the test above (definition order): its launch is not seen here."""
+    if not _LAUNCHED_BEFORE:
+        pytest.skip("needs test_launch_record_sees_this_tests_launch to run first in this process")
+    assert emu.launched_kernels() == [] and emu.launch_count() == 0
+    _run_lipswish_forward(emu)
+    assert "lipswish_forward_kernel" in emu.launched_kernels()
+    assert "logdet_series_kernel" not in emu.launched_kernels()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ from normflows.flows.residual import iResBlock as NfBlock
 
 import resflow_cuda
 from resflow_cuda import estimators as est
-from resflow_cuda.nn import iResBlock, logdet_exact
+from resflow_cuda.nn import InducedNormLinear, LipSwish, iResBlock, logdet_exact
+
+from assertions import assert_none_or_zero, assert_unbiased, drop_roulette_reweighting, shift_roulette_survival
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*did not converge")
 
@@ -73,7 +75,7 @@ def _assert_same(a, b, atol=1e-10, rtol=1e-9):
     assert len(ga) == len(gb)
     for i, (u, v) in enumerate(zip(ga, gb)):
         if u is None:
-            assert v is None or not v.abs().max() > 0, f"gradient {i}: reference has none"
+            assert_none_or_zero(v, f"gradient {i}: reference has none")
         else:
             torch.testing.assert_close(v, u, atol=atol, rtol=rtol, msg=lambda m: f"gradient {i}: {m}")
 
@@ -193,34 +195,82 @@ def test_normflows_residual_state_dict_loads_into_the_block():
 # One call draws one N for the whole batch, so the independent draws are the per-call means.
 
 
-@pytest.mark.parametrize("dist,offset", [("geometric", 0), ("geometric", 2), ("poisson", 0), ("poisson", 3)])
-def test_the_estimator_is_unbiased(dist, offset):
+def _aligned_branch():
+    """g(x) = W2 LipSwish(W1 x) with W2 = W1^T before the layers' normalisation (coeff 0.9): the Jacobian
+    W1^T D W1 has large, mostly positive eigenvalues (log-det ~0.7 at the test point), so the series' higher
+    terms matter. A random net's terms nearly cancel (log-det ~0.01 for _mlp([3, 16, 3])), and a check that
+    sees only the first term cannot tell a wrong roulette weight from the right one."""
+    torch.manual_seed(0)
+    first = InducedNormLinear(3, 16, coeff=0.9, n_iterations=5)
+    second = InducedNormLinear(16, 3, coeff=0.9, n_iterations=5)
+    with torch.no_grad():
+        second.weight.copy_(first.weight.T)
+    net = torch.nn.Sequential(first, LipSwish(), second)
+    resflow_cuda.update_lipschitz(net, n_iterations=50)
+    return net
+
+
+def _logdet_draws(dist, offset, n_draws=400):
+    """Per-call means of the basic estimator at one point (64 copies) and the exact log-det there."""
     np.random.seed(0)
-    block = iResBlock(_mlp([3, 16, 3], coeff=0.7), n_dist=dist, n_exact_terms=offset, neumann_grad=False).double()
+    torch.manual_seed(0)
+    block = iResBlock(_aligned_branch(), n_dist=dist, n_exact_terms=offset, neumann_grad=False).double()
     x = torch.randn(1, 3, dtype=torch.float64).expand(64, 3).contiguous()
     exact = logdet_exact(block, x[:1]).item()
     with torch.no_grad():
-        draws = torch.stack([-block(x, 0.0)[1].mean() for _ in range(400)])
-    stderr = draws.std().item() / math.sqrt(draws.numel())
-    assert abs(draws.mean().item() - exact) < 4 * stderr, (draws.mean().item(), exact, stderr)
+        draws = torch.stack([-block(x, 0.0)[1].mean() for _ in range(n_draws)])
+    return draws, exact
 
 
-def test_the_neumann_gradient_is_unbiased():
-    block = iResBlock(_mlp([3, 16, 3], coeff=0.7), n_exact_terms=1, grad_in_forward=True).double()
+@pytest.mark.parametrize("dist,offset", [("geometric", 0), ("geometric", 2), ("poisson", 0), ("poisson", 3)])
+def test_the_estimator_is_unbiased(dist, offset):
+    draws, exact = _logdet_draws(dist, offset)
+    assert_unbiased(draws, exact, what=f"{dist} log-det")  # 5 standard errors, seeded (assertions.py)
+
+
+@pytest.mark.parametrize("dist,bias", [("geometric", drop_roulette_reweighting), ("poisson", shift_roulette_survival)],
+                         ids=["geometric-no-reweighting", "poisson-shifted-survival"])
+def test_the_unbiasedness_check_rejects_a_biased_roulette(dist, bias, monkeypatch):
+    """Negative control: the same draws and check with a wrong roulette weight (assertions.py)."""
+    bias(monkeypatch)
+    draws, exact = _logdet_draws(dist, 0)
+    with pytest.raises(AssertionError, match="standard errors"):
+        assert_unbiased(draws, exact, what=f"biased {dist} log-det")
+
+
+def _neumann_gradient_draws(n_draws=150):
+    """Per-call Neumann gradients (64 copies of one point) and the exact log-det's gradient there."""
+    block = iResBlock(_aligned_branch(), n_exact_terms=1, grad_in_forward=True).double()
+    torch.manual_seed(0)
     params = [p for p in block.nnet.parameters() if p.requires_grad]
     x0 = torch.randn(1, 3, dtype=torch.float64)
     exact = torch.autograd.grad(logdet_exact_with_graph(block, x0).sum(), params, allow_unused=True)
     x = x0.expand(64, 3).contiguous()
     np.random.seed(1)
-    draws = [torch.autograd.grad(-block(x, 0.0)[1].mean(), params, allow_unused=True) for _ in range(300)]
+    draws = [torch.autograd.grad(-block(x, 0.0)[1].mean(), params, allow_unused=True) for _ in range(n_draws)]
+    return draws, exact
+
+
+def _assert_gradients_unbiased(draws, exact):
     for i, truth in enumerate(exact):
         if truth is None:  # the last bias does not move the log-det
-            assert all(g[i] is None or not g[i].any() for g in draws)
+            for g in draws:
+                assert_none_or_zero(g[i], f"gradient {i}")
             continue
-        d = torch.stack([g[i] for g in draws])
-        stderr = d.std(0) / math.sqrt(d.shape[0])
-        # 4 standard errors; 1e-12 only for entries the draws do not move, which must then match to float64 rounding
-        assert torch.all((d.mean(0) - truth).abs() <= 4 * stderr + 1e-12), (i, d.mean(0), truth, stderr)
+        # 5 standard errors, seeded (assertions.py); 1e-12 only for entries the draws do not move, which must then
+        # match to float64 rounding
+        assert_unbiased(torch.stack([g[i] for g in draws]), truth, slack=1e-12, what=f"gradient {i}")
+
+
+def test_the_neumann_gradient_is_unbiased():
+    _assert_gradients_unbiased(*_neumann_gradient_draws())
+
+
+def test_the_gradient_check_rejects_a_biased_roulette(monkeypatch):
+    """Negative control: the same draws and check with the survival index shifted by one (assertions.py)."""
+    shift_roulette_survival(monkeypatch)
+    with pytest.raises(AssertionError, match="standard errors"):
+        _assert_gradients_unbiased(*_neumann_gradient_draws())
 
 
 def logdet_exact_with_graph(block, x):
@@ -296,16 +346,24 @@ def test_grad_in_forward_refuses_a_per_sample_weighted_parameter_gradient():
         _step(block, x, 2, weights=weights)
 
 
+@pytest.mark.parity
 def test_works_under_no_grad_and_in_eval():
-    block = iResBlock(_mlp([3, 16, 3])).double()
+    ref, block = _pair(_mlp([3, 16, 3]))
     x = torch.randn(4, 3, dtype=torch.float64)
-    with torch.no_grad():
-        block.train()
-        y, logp = block(x, 0.0)
-        block.eval()
-        y2, logp2 = block(x, 0.0)
-    assert torch.isfinite(logp).all() and torch.isfinite(logp2).all()
-    torch.testing.assert_close(y, y2)  # InducedNorm forwards do not iterate: the same weight and ops, equal
+    outs = []
+    for training in (True, False):
+        block.train(training)
+        ref.train(training)
+        np.random.seed(5)
+        torch.manual_seed(5)
+        with torch.no_grad():
+            y, logp = block(x, 0.0)
+        np.random.seed(5)  # the same N and probes: normflows' block, with autograd on, estimates the same value
+        torch.manual_seed(5)
+        y_ref, logp_ref = ref(x, torch.zeros(4, 1, dtype=torch.float64))
+        _assert_same((y, logp, ()), (y_ref.detach(), logp_ref.detach(), ()))
+        outs.append(y)
+    torch.testing.assert_close(outs[0], outs[1])  # InducedNorm forwards do not iterate: the same weight and ops, equal
 
 
 # -- inverse --------------------------------------------------------------------------------------

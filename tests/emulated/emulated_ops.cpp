@@ -165,6 +165,13 @@ int64_t launch_count() {
   return resflow_emu::launch_count();
 }
 
+// Forgets the launches so far (the kernels' list and the count), so that a test sees only its own: the
+// conftest calls it before every emulated test.
+void reset_launches() {
+  resflow_emu::launched_kernels().clear();
+  resflow_emu::launch_count() = 0;
+}
+
 // Static shared bytes of the last emulated launch (cudaFuncAttributes::sharedSizeBytes on a GPU).
 int64_t last_static_shared_bytes() {
   return static_cast<int64_t>(resflow_emu::last_static_shared_bytes());
@@ -286,6 +293,7 @@ TORCH_LIBRARY(resflow_emulated, m) {
   m.def("power_iteration_limits() -> int[]", &power_iteration_limits);
   m.def("last_static_shared_bytes() -> int", &last_static_shared_bytes);
   m.def("launch_count() -> int", &launch_count);
+  m.def("reset_launches() -> ()", &reset_launches);
   m.def("probe(str which, int blocks, int threads, int width) -> Tensor", &probe);
   m.def("shared_reverse(Tensor x, bool with_barrier) -> Tensor");
   m.def("sanitizer() -> str", &sanitizer);
