@@ -78,6 +78,18 @@ def _seed(seed):
     torch.manual_seed(seed)
 
 
+def _forward_and_gradients(layer, case) -> None:
+    """A training forward of the stored x after the stored seed + 1 (the reference's draws in that
+    forward): the output and the gradients of sum(y * w) w.r.t. the parameters and x."""
+    torch.manual_seed(case["seed"] + 1)
+    xr = case["x"].clone().requires_grad_(True)
+    y = layer(xr)
+    _close(y, case["y"], "y")
+    grads, (grad_x,) = _grads(layer, (y * case["w"]).sum(), xr)
+    _same_grads(grads, case["grads"], "gradient of")
+    _close(grad_x, case["grad_x"], "gradient of x")
+
+
 # ---------------------------------------------------------------- iResBlock
 
 def _dense_branch(dim, hidden):
@@ -219,13 +231,7 @@ def test_spectral_norm_and_lop_layers(name):
     layer = _layer_for(name, case).double()
     layer.load_state_dict(case["state_dict"])  # strict
     layer.train(case["train"])
-    torch.manual_seed(case["seed"] + 1)
-    xr = case["x"].clone().requires_grad_(True)
-    y = layer(xr)
-    _close(y, case["y"], "y")
-    grads, (grad_x,) = _grads(layer, (y * case["w"]).sum(), xr)
-    _same_grads(grads, case["grads"], "gradient of")
-    _close(grad_x, case["grad_x"], "gradient of x")
+    _forward_and_gradients(layer, case)
     buffers = dict(layer.named_buffers())
     assert sorted(buffers) == sorted(case["buffers"])
     for key, value in case["buffers"].items():
@@ -252,13 +258,7 @@ def test_learnable_norm_orders_on_convolutions(name):
                                   codomain=codomain, n_iterations=3).double()
     layer.load_state_dict(state)  # strict; sets the orders too
     assert domain.item() == state["domain"].item() and codomain.item() == state["codomain"].item()
-    torch.manual_seed(case["seed"] + 1)
-    xr = case["x"].clone().requires_grad_(True)
-    y = layer(xr)
-    _close(y, case["y"], "y")
-    grads, (grad_x,) = _grads(layer, (y * case["w"]).sum(), xr)
-    _same_grads(grads, case["grads"], "gradient of")
-    _close(grad_x, case["grad_x"], "gradient of x")
+    _forward_and_gradients(layer, case)
     for key, value in case["state_after_forward"].items():
         _close(layer.state_dict()[key], value, f"{key} after the first forward")
     with torch.no_grad():
