@@ -309,3 +309,22 @@ def test_update_lipschitz_gate_checks_u_and_v(gate, stale):
     config = case.configs(True)[0]
     inputs = case.make_inputs(config, "cpu")
     assert len(case.runner("eager", inputs, config)()) == 3 * 5
+
+
+def test_a_case_whose_eager_reference_cannot_run_is_not_available_not_a_crash(gate):
+    """Where the reference cannot run (normflows not installed, say), nothing can be gated: every
+    provider of that configuration is N/A with the reason, none is timed, and the run goes on."""
+    tree_run, timed = gate
+    case = _gate_case()
+
+    def no_reference(config, device, rotate=True):
+        raise ModuleNotFoundError("No module named 'normflows'")
+
+    case.make_inputs = no_reference
+    logged = []
+    rows = tree_run.run_case(case, "cpu", True, 0.01, LIMITS, logged.append)
+    assert sorted(r["provider"] for r in rows) == sorted(case.providers())
+    for r in rows:
+        assert r["status"] == "n/a" and "No module named 'normflows'" in r["error"] and "median_us" not in r, r
+    assert timed == [] and any("N/A" in line for line in logged)
+
