@@ -89,9 +89,7 @@ def check_block_input(owner: str, name: str, x, module: torch.nn.Module) -> None
     if x.device != param.device:
         raise ValueError(f"{owner}: expected {name} on the device of the parameters ({param.device}), but got "
                          f"{x.device}; move one of them (.to(device))")
-    device = x.device.type
-    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-    if x.dtype != param.dtype and not autocast:
+    if x.dtype != param.dtype and not ops.autocast_enabled(x.device.type):
         raise TypeError(f"{owner}: expected {name} to have the dtype of the parameters ({param.dtype}), but got "
                         f"{x.dtype}; convert the input or the module (.to(dtype))")
 

@@ -418,12 +418,22 @@ def _logdet_series_accumulate_fake(w, eps, logdet, neumann, logdet_coeff, neuman
 # ---------------------------------------------------------------------------------------------
 
 
+def autocast_enabled(device: str) -> bool:
+    """Whether autocast is on for the device type ``device`` (False where autocast does not exist).
+
+    On CPU and CUDA it asks ``torch.is_autocast_enabled`` alone, which torch.compile traces in every
+    supported torch (``torch.amp.is_autocast_available`` breaks the graph in torch 2.11)."""
+    if device in ("cpu", "cuda"):
+        return torch.is_autocast_enabled(device)
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+
+
 def autocast_disabled(like: Tensor):
     """A context with autocast off on ``like``'s device type (a null context where autocast is not on):
     what the Python code that must run in its inputs' dtypes (the power iteration's sigma, the
     estimators' Jacobian products, root solves) wraps itself in."""
     device = like.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    if autocast_enabled(device):
         return torch.autocast(device, enabled=False)
     return contextlib.nullcontext()
 
