@@ -38,8 +38,8 @@ inline void check_logdet_series(const at::Tensor& w, const at::Tensor& eps, cons
   if (with_neumann) {
     check_matches(kSeriesOp, "neumann", *neumann, "w", w);
   }
-  check_no_overlap(kSeriesOp, {{"logdet", &logdet}, {"neumann", with_neumann ? &*neumann : nullptr}},
-                   {{"w", &w}, {"eps", &eps}});
+  check_no_overlap(kSeriesOp, {{"logdet", -1, &logdet}, {"neumann", -1, with_neumann ? &*neumann : nullptr}},
+                   {{"w", -1, &w}, {"eps", -1, &eps}});
 }
 
 struct SeriesOperands {

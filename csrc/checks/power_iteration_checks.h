@@ -122,11 +122,11 @@ inline void check_power_iteration_update(const char* op, at::TensorList weights,
   outputs.reserve(3 * weights.size());
   inputs.reserve(weights.size());
   for (size_t i = 0; i < weights.size(); ++i) {
-    const std::string index = "[" + std::to_string(i) + "]";
-    outputs.push_back({"us" + index, &us[i]});
-    outputs.push_back({"vs" + index, &vs[i]});
-    outputs.push_back({"sigmas" + index, &sigmas[i]});
-    inputs.push_back({"weights" + index, &weights[i]});
+    const auto index = static_cast<int64_t>(i);
+    outputs.push_back({"us", index, &us[i]});
+    outputs.push_back({"vs", index, &vs[i]});
+    outputs.push_back({"sigmas", index, &sigmas[i]});
+    inputs.push_back({"weights", index, &weights[i]});
   }
   check_no_overlap(op, outputs, inputs);
 }

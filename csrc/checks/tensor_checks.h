@@ -103,11 +103,17 @@ inline bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
   return a_begin < b_end && b_begin < a_end;
 }
 
-// A tensor and the name the op's schema gives it (with an index for list arguments: "us[2]").
+// A tensor and the name the op's schema gives it, with its position for list arguments ("us", 2
+// reads "us[2]"; -1 for a plain argument). The name is spelled out only in an error message.
 struct NamedTensor {
-  std::string name;
+  const char* name;
+  int64_t index;
   const at::Tensor* tensor;
 };
+
+inline std::string tensor_name(const NamedTensor& t) {
+  return t.index < 0 ? std::string(t.name) : std::string(t.name) + "[" + std::to_string(t.index) + "]";
+}
 
 // The one aliasing check of the in-place ops: no output has internally overlapping elements
 // (e.g. an expanded tensor), and no output shares memory with an input or with another output,
@@ -125,13 +131,13 @@ inline void check_no_overlap(const char* op, const std::vector<NamedTensor>& out
       continue;
     }
     const at::Tensor& t = *out.tensor;
-    TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": expected ", out.name,
+    TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": expected ", tensor_name(out),
                 " not to have overlapping elements (it is written in place), but got an expanded tensor with strides ",
                 t.strides());
     auto& same_storage = seen[key(t)];
     for (const NamedTensor* other : same_storage) {
-      TORCH_CHECK(!may_share_memory(t, *other->tensor), op, ": expected ", out.name, " not to share memory with ",
-                  other->name, " (both are written in place), but they overlap");
+      TORCH_CHECK(!may_share_memory(t, *other->tensor), op, ": expected ", tensor_name(out),
+                  " not to share memory with ", tensor_name(*other), " (both are written in place), but they overlap");
     }
     same_storage.push_back(&out);
   }
@@ -145,8 +151,9 @@ inline void check_no_overlap(const char* op, const std::vector<NamedTensor>& out
       continue;
     }
     for (const NamedTensor* out : found->second) {
-      TORCH_CHECK(!may_share_memory(*out->tensor, t), op, ": expected ", out->name, " not to share memory with ",
-                  in.name, " (", out->name, " is written in place, ", in.name, " is read), but they overlap");
+      TORCH_CHECK(!may_share_memory(*out->tensor, t), op, ": expected ", tensor_name(*out),
+                  " not to share memory with ", tensor_name(in), " (", tensor_name(*out), " is written in place, ",
+                  tensor_name(in), " is read), but they overlap");
     }
   }
 }
