@@ -36,6 +36,19 @@ constexpr const char* kKernelSchemas[] = {
     // logdet += logdet_coeff <w, eps>, and neumann += neumann_coeff w, in place.
     "logdet_series_accumulate_(Tensor w, Tensor eps, Tensor(a!) logdet, Tensor(b!)? neumann, float logdet_coeff, "
     "float neumann_coeff) -> ()",
+    // The fused dense block's kernels (csrc/include/resflow/dense_jacobian_math.h): a LipSwish step of a
+    // forward-mode Jacobian stack (returns h, a) and its backward on the primal and eps-tangent rows
+    // (returns the co-tangents and beta's gradient); the power series from the last stack (returns g,
+    // logdet, the surrogate and w~); W / max(1, sigma / coeff) for many layers into `out`, sigma into
+    // `sigmas` and `scales`, and its backward.
+    "jacobian_lipswish(Tensor z, Tensor? bias, Tensor beta, int batch) -> (Tensor, Tensor)",
+    "jacobian_lipswish_backward(Tensor grad, Tensor h, Tensor tangent, Tensor beta) -> (Tensor, Tensor)",
+    "jacobian_series(Tensor z, Tensor? bias, Tensor eps, float[] logdet_coeffs, float[] neumann_coeffs) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+    "lipschitz_normalize_(Tensor[] weights, Tensor[] us, Tensor[] vs, float[] coeffs, Tensor(a!)[] out, "
+    "Tensor(b!) sigmas, Tensor(c!)[] scales) -> ()",
+    "lipschitz_normalize_backward(Tensor[] grads, Tensor[] weights, Tensor[] us, Tensor[] vs, Tensor sigmas, "
+    "float[] coeffs, bool[] detach_sigma) -> Tensor[]",
 };
 
 // Ops composed of ATen calls and the kernels above, one implementation for every device
@@ -49,6 +62,13 @@ constexpr const char* kCompositeSchemas[] = {
     "linearized_neumann_gradient(Tensor w_tilde, Tensor eps, Tensor[] weights, int[] strides, int[] paddings, "
     "Tensor?[] derivs, Tensor[] layer_inputs, Tensor?[] act_inputs, int[] activations, float[] act_params, "
     "Tensor?[] betas, bool[] has_bias) -> (Tensor, Tensor, Tensor[], Tensor[], Tensor[])",
+    // A dense branch in forward mode (csrc/composite/dense_jacobian_block.cpp): g, the series' log-det,
+    // the Neumann surrogate and w~, and what the backward keeps (per step h, the input stack and the
+    // activated stack); the backward of <grad_g, g> + <grad_value, surrogate>.
+    "dense_jacobian_forward(Tensor x, Tensor eps, Tensor[] weights, Tensor?[] biases, Tensor?[] betas, "
+    "float[] logdet_coeffs, float[] neumann_coeffs) -> (Tensor, Tensor, Tensor, Tensor, Tensor[], Tensor[], Tensor[])",
+    "dense_jacobian_backward(Tensor grad_g, Tensor grad_value, Tensor w_tilde, Tensor[] weights, Tensor?[] biases, "
+    "Tensor?[] betas, Tensor[] hs, Tensor[] stacks, Tensor[] activated) -> (Tensor, Tensor[], Tensor[], Tensor[])",
 };
 
 }  // namespace
@@ -64,7 +84,7 @@ TORCH_LIBRARY(resflow_cuda, m) {
 }
 
 namespace {
-// In-place ops without a derivative (logdet_series_accumulate_): a tensor argument that requires
+// In-place ops without a derivative (logdet_series_accumulate_, lipschitz_normalize_): a tensor argument that requires
 // grad under grad mode is refused, instead of the graph being dropped silently.
 void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   if (at::GradMode::is_enabled()) {
@@ -83,6 +103,7 @@ void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch:
 
 TORCH_LIBRARY_IMPL(resflow_cuda, Autograd, m) {
   m.impl("logdet_series_accumulate_", torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
+  m.impl("lipschitz_normalize_", torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
 }
 
 #if !defined(RESFLOW_WITH_CUDA)

@@ -36,7 +36,7 @@ __all__ = [
     "SeriesPlan", "AutogradVJP", "JacobianVJP", "geometric_survival", "poisson_survival", "draw_terms", "roulette_plan",
     "truncated_plan", "HostCopies", "series_plan", "check_estimator_args", "check_block_input", "series_terms",
     "basic_estimator", "neumann_estimator",
-    "MemoryEfficientLogDet", "batch_jacobian", "batch_trace", "grads_or_none",
+    "MemoryEfficientLogDet", "require_uniform_upstream", "batch_jacobian", "batch_trace", "grads_or_none",
 ]
 
 DISTRIBUTIONS = ("geometric", "poisson")
@@ -388,7 +388,7 @@ class MemoryEfficientLogDet(torch.autograd.Function):
         param_grads = ctx.param_grads
         if any(gp is not None for gp in param_grads) and grad_value.numel() > 0:
             first = grad_value.reshape(-1)[0]
-            _require_uniform(grad_value, first)
+            require_uniform_upstream(grad_value, first)
             param_grads = [None if gp is None else gp * first for gp in param_grads]
         out_params = []
         for gp, dp in zip(param_grads, dg[1:]):
@@ -408,8 +408,9 @@ _NON_UNIFORM = ("iResBlock(grad_in_forward=True): the upstream gradient of the p
                 "grad_in_forward=False for such losses.")
 
 
-def _require_uniform(grad_value: Tensor, first: Tensor) -> None:
-    """Refuses a non-uniform upstream gradient without a host sync: on CUDA as a device-side assert
+def require_uniform_upstream(grad_value: Tensor, first: Tensor) -> None:
+    """Backward-in-forward's condition on the upstream gradient of the log-det (``first``: its first
+    entry): refuses a non-uniform upstream gradient without a host sync: on CUDA as a device-side assert
     (the error surfaces at the next synchronisation), on the CPU by reading the gradient where it
     already is (host memory, no dispatcher op); elsewhere with one read."""
     if grad_value.device.type == "cuda":

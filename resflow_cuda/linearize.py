@@ -56,7 +56,7 @@ IDENTITY, LIPSWISH, ELU, SOFTPLUS = 0, 1, 2, 3
 
 # The registered layers (see the module docstring).
 _LIPSWISH_TYPES: tuple[type, ...] = ()
-_LINEAR_TYPES: dict[type, tuple[bool, Callable[[nn.Module, Tensor], Tensor]]] = {}
+_LINEAR_TYPES: dict[type, tuple[bool, Callable[[nn.Module, Tensor], Tensor], Callable | None]] = {}
 _WRAPPER_TYPES: dict[type, Callable[[nn.Module], nn.Module]] = {}
 _ON_IMPORT: dict[str, str] = {}
 
@@ -71,11 +71,15 @@ def register_lipswish(cls: type) -> None:
     _LIPSWISH_TYPES = (*_LIPSWISH_TYPES, cls)
 
 
-def register_linear(cls: type, conv: bool, weight: Callable[[nn.Module, Tensor], Tensor] = _forward_weight) -> None:
+def register_linear(cls: type, conv: bool, weight: Callable[[nn.Module, Tensor], Tensor] = _forward_weight,
+                    normalization: Callable[[nn.Module, Tensor], tuple] | None = None) -> None:
     """Layers of type ``cls`` (or a subclass) are linear maps ``F.linear(a, W, bias)`` or, with
     ``conv``, ``F.conv2d(a, W, bias, stride, padding)`` (zero padding), where ``weight(layer, a)``
-    returns W with the side effects of the layer's forward on a (default ``layer.forward_weight(a)``)."""
-    _LINEAR_TYPES[cls] = (conv, weight)
+    returns W with the side effects of the layer's forward on a (default ``layer.forward_weight(a)``).
+    ``normalization(layer, a)``, where given, returns ``(weight, u, v, coeff, detach_sigma, scale)`` such
+    that W = weight / max(1, u^T weight v / coeff), with the same side effects but for writing sigma
+    into ``scale``: the fused dense block then normalizes (and differentiates) all weights in one op."""
+    _LINEAR_TYPES[cls] = (conv, weight, normalization)
 
 
 def register_wrapper(cls: type, inner: Callable[[nn.Module], nn.Module]) -> None:
@@ -123,6 +127,7 @@ class _Step:
     stride: tuple[int, int]
     padding: tuple[int, int]
     weight_of: Callable[[nn.Module, Tensor], Tensor]
+    normalization_of: Callable[[nn.Module, Tensor], tuple] | None = None
 
     def activate(self, h: Tensor, slope_graph: bool = False) -> tuple[Tensor, Tensor | None]:
         """phi(h) with its autograd graph, and phi'(h) (with a graph only if ``slope_graph``)."""
@@ -166,10 +171,10 @@ def _activation(module: nn.Module):
 
 
 def _linear(module: nn.Module):
-    """(conv, stride, padding, weight_of) of a supported linear map, else None."""
-    registered = _lookup(_LINEAR_TYPES, module)
+    """(conv, stride, padding, weight_of, normalization_of) of a supported linear map, else None."""
+    registered, normalization_of = _lookup(_LINEAR_TYPES, module), None
     if registered is not None:
-        conv, weight_of = registered
+        conv, weight_of, normalization_of = registered
     elif type(module) is nn.Linear:
         conv, weight_of = False, _module_weight
     elif type(module) is nn.Conv2d:
@@ -180,8 +185,8 @@ def _linear(module: nn.Module):
     else:
         return None
     if not conv:
-        return False, (1, 1), (1, 1), weight_of
-    return True, tuple(module.stride), tuple(module.padding), weight_of
+        return False, (1, 1), (1, 1), weight_of, normalization_of
+    return True, tuple(module.stride), tuple(module.padding), weight_of, normalization_of
 
 
 def _children(nnet: nn.Module) -> list[nn.Module] | None:

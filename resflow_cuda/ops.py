@@ -1,6 +1,7 @@
 """Typed wrappers of ``torch.ops.resflow_cuda.*`` with their fake kernels and autograd.
 
-The only module that touches ``torch.ops.resflow_cuda``. Each op section has: the wrapper, the
+With :mod:`resflow_cuda.dense_ops` (the fused dense block's ops), the only module that touches
+``torch.ops.resflow_cuda``. Each op section has: the wrapper, the
 fake (meta) kernel that ``torch.compile`` and ``opcheck`` use, and the autograd formula, which
 calls further custom ops so that derivatives form a ladder (LipSwish: forward → backward →
 double backward; third order is not supported). The ops that run matrix products inside are opaque to

@@ -350,3 +350,78 @@ def logdet_series_accumulate_(w: Tensor, eps: Tensor, logdet: Tensor, neumann: T
     logdet.add_(logdet_coeff * (w.reshape(flat).to(acc) * eps.reshape(flat).to(acc)).sum(1))
     if neumann is not None:
         neumann.copy_(neumann.to(acc) + neumann_coeff * w.to(acc))
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused dense block (resflow_cuda.dense_block): its kernels and composite ops, by autograd
+# ---------------------------------------------------------------------------------------------
+
+
+def jacobian_lipswish(z: Tensor, bias: Tensor | None, beta: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+    """(h, a): h = z[:B] + bias; a = f(h) on the first B rows, f'(h) z on every further block of B rows."""
+    h = z[:batch] + (0 if bias is None else bias)
+    value, slope = lipswish_with_derivative(h, beta)
+    blocks = z.shape[0] // batch if batch else 0
+    return h, torch.cat([value, slope.repeat(max(blocks - 1, 0), 1) * z[batch:]])
+
+
+def jacobian_lipswish_backward(grad: Tensor, h: Tensor, tangent: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    """The gradients of <grad[:B], f(h)> + <grad[B:], f'(h) t> with respect to (h, t) (stacked) and beta."""
+    h, tangent, beta = (t.detach().requires_grad_(True) for t in (h, tangent, beta))
+    with torch.enable_grad():
+        value, slope = lipswish_with_derivative(h, beta)
+        total = (grad[:h.shape[0]] * value).sum() + (grad[h.shape[0]:] * slope * tangent).sum()
+        gh, gt, gb = torch.autograd.grad(total, (h, tangent, beta))
+    return torch.cat([gh, gt]), gb
+
+
+def _series_from_jacobian(jac: Tensor, eps: Tensor, logdet_coeffs, neumann_coeffs):
+    """log-det terms and w~ from per-sample Jacobians (B, D, D): w_k = J^T w_{k-1}."""
+    logdet = eps.new_zeros(eps.shape[0])
+    w, w_tilde = eps, eps
+    for k, c in enumerate(logdet_coeffs):
+        w = torch.einsum("bed,be->bd", jac, w)
+        logdet = logdet + c * (w * eps).sum(1)
+        if neumann_coeffs:
+            w_tilde = w_tilde + neumann_coeffs[k] * w
+    return logdet, w_tilde
+
+
+def jacobian_series(z: Tensor, bias: Tensor | None, eps: Tensor, logdet_coeffs, neumann_coeffs):
+    """(g, logdet, surrogate, w~) from the last stack [g; J eps; J e_1; ...; J e_D] (blocks of B rows)."""
+    batch, dim = eps.shape
+    jac = z[2 * batch:].reshape(dim, batch, dim).permute(1, 2, 0)  # (B, e, d)
+    logdet, w_tilde = _series_from_jacobian(jac, eps, logdet_coeffs, neumann_coeffs)
+    g = z[:batch] + (0 if bias is None else bias)
+    if not neumann_coeffs:
+        return g, logdet, eps.new_zeros(0), eps.new_zeros(0)
+    return g, logdet, (w_tilde * z[batch:2 * batch]).sum(1), w_tilde
+
+
+def lipschitz_normalize(weights, us, vs, coeffs, detach_sigma: bool = False) -> tuple[list[Tensor], Tensor]:
+    """The reference's ``W / max(ones(1), u^T W v / coeff)`` per layer (differentiable in W; in sigma too
+    unless ``detach_sigma``), and the sigmas."""
+    sigmas = [torch.dot(u, torch.mv(w, v)) for w, u, v in zip(weights, us, vs)]
+    out = [w / torch.max(s.new_ones(1), (s.detach() if detach_sigma else s) / c)
+           for w, s, c in zip(weights, sigmas, coeffs)]
+    return out, torch.stack(sigmas) if sigmas else torch.zeros(0)
+
+
+def dense_branch(x: Tensor, weights, biases, betas) -> Tensor:
+    """The branch of steps "LipSwish (beta; None: none), then x W^T + b" with autograd."""
+    h = x
+    for w, b, beta in zip(weights, biases, betas):
+        h = F.linear(h if beta is None else lipswish(h, beta), w, b)
+    return h
+
+
+def dense_jacobian_block(x: Tensor, eps: Tensor, weights, biases, betas, logdet_coeffs, neumann_coeffs):
+    """(g, logdet, surrogate, w~) of the fused block by autograd: J from D backward passes, the series
+    from J, surrogate = <w~^T J, eps> with w~ detached (so its gradient is the Neumann gradient)."""
+    with torch.enable_grad():
+        g = dense_branch(x, weights, biases, betas)
+        rows = [torch.autograd.grad(g[:, e].sum(), x, create_graph=True)[0] for e in range(g.shape[1])]
+        jac = torch.stack(rows, 1)  # (B, e, d)
+        logdet, w_tilde = _series_from_jacobian(jac.detach(), eps, logdet_coeffs, neumann_coeffs)
+        surrogate = (w_tilde.detach().unsqueeze(2) * jac * eps.unsqueeze(1)).sum((1, 2))
+    return g, logdet, surrogate, w_tilde

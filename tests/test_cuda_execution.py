@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from resflow_cuda import ops
+from resflow_cuda import dense_ops, ops
 from conftest import TOLERANCES, cudnn_deterministic
 from test_power_iteration import _conv_start, _start
 
@@ -33,7 +33,8 @@ def _workload(dtype):
                 conv_u=conv[1], conv_v=conv[2], list_w0=listed[0][0], list_u0=listed[0][1], list_v0=listed[0][2],
                 list_w1=listed[1][0], list_u1=listed[1][1], list_v1=listed[1][2],
                 chain_w1=0.3 * randn(16, 6), chain_w2=0.3 * randn(6, 16), chain_slope=randn(5, 16).sigmoid(),
-                chain_eps=randn(5, 6))
+                chain_eps=randn(5, 6), block_x=randn(7, 3), block_eps=randn(7, 3), block_w1=0.3 * randn(12, 3),
+                block_w2=0.3 * randn(3, 12), block_b1=randn(12), block_beta=randn(1))
 
 
 def _run_all(t):
@@ -49,7 +50,16 @@ def _run_all(t):
     ops.power_iteration_update_([t["list_w0"], t["list_w1"]], us, vs, sigmas, 30, 1e-5, 1e-5)
     chain = ops.linearized_logdet_series(t["chain_eps"], [t["chain_w1"], t["chain_w2"]], [1] * 4, [0] * 4,
                                          [None, t["chain_slope"]], [1.0, -0.5, 1 / 3], [-1.0, 0.5, -1 / 3])
-    return [y, grad_x, grad_beta, *dense, *conv, logdet, neumann, *us, *vs, *sigmas, *chain]
+    weights, betas = [t["block_w1"], t["block_w2"]], [t["block_beta"], t["block_beta"]]
+    block = dense_ops.dense_jacobian_forward(t["block_x"], t["block_eps"], weights, [t["block_b1"], None], betas,
+                                             [1.0, -0.5, 1 / 3], [-1.0, 0.5, -1 / 3])
+    block_grads = dense_ops.dense_jacobian_backward(block[0], block[2].to(block[0].dtype), block[3], weights,
+                                                    [t["block_b1"], None], betas, *block[4:])
+    normalized, block_sigmas = dense_ops.lipschitz_normalize_(weights, [t["block_b1"], t["block_x"][0]],
+                                                              [t["block_x"][1], t["block_b1"]], [0.5, 0.5],
+                                                              [t["block_beta"][0].clone(), t["block_beta"][0].clone()])
+    return [y, grad_x, grad_beta, *dense, *conv, logdet, neumann, *us, *vs, *sigmas, *chain, *block[:4],
+            block_grads[0], *block_grads[1], *block_grads[3], *normalized, block_sigmas]
 
 
 def test_ops_on_a_side_stream_match_the_default_stream(cuda):
@@ -200,3 +210,30 @@ def test_power_iteration_update_runs_a_list_in_one_launch_and_matches_the_cpu(cu
             tol = dict(TOLERANCES[torch.float32])
             tol["atol"] = 10 * tol["rtol"]
             assert_close(a.cpu(), b, **tol)
+
+
+def test_fused_dense_block_step_on_cuda_matches_the_cpu(cuda, probes_drawn_on_cpu):
+    """A small iResBlock's training step on the fused dense block (normalize, forward-mode stack, series,
+    backward) on the GPU against the same step on the CPU, with the same draws."""
+    import copy
+
+    import numpy as np
+
+    from resflow_cuda.nn import InducedNormLinear, LipSwish, iResBlock
+
+    net = torch.nn.Sequential(LipSwish(), InducedNormLinear(2, 32, coeff=0.9, n_iterations=2), LipSwish(),
+                              InducedNormLinear(32, 2, coeff=0.9, n_iterations=2))
+    blocks = {"cpu": iResBlock(net, neumann_grad=True, grad_in_forward=True).double()}
+    blocks[cuda] = copy.deepcopy(blocks["cpu"]).to(cuda)
+    x = torch.randn(300, 2, dtype=torch.float64)
+    results = {}
+    for device, block in blocks.items():
+        np.random.seed(0)
+        torch.manual_seed(1)
+        x_in = x.to(device).requires_grad_(True)
+        y, logp = block(x_in, torch.zeros(300, 1, dtype=torch.float64, device=device))
+        (y.square().sum() + logp.sum()).backward()
+        results[device] = [t.detach().cpu() for t in (y, logp, x_in.grad, *[p.grad for p in block.nnet.parameters()],
+                                                      *block.nnet.buffers())]
+    for a, b in zip(results[cuda], results["cpu"]):
+        assert_close(a, b, rtol=1e-10, atol=1e-12)  # float64: summation order only

@@ -18,6 +18,7 @@ import torch
 from torch.testing import assert_close
 
 import resflow_cuda
+from resflow_cuda import dense_ops
 from resflow_cuda import ops as cpu_ops
 
 import emulation
@@ -405,6 +406,100 @@ def _run_logdet_series(emu):
     emu.logdet_series_accumulate_(w, torch.randn(3, 8), torch.zeros(3), torch.zeros(3, 8), 1.0, 1.0, 2)
 
 
+# ----------------------------------------------------------------------------------------------
+# The fused dense block's kernels (csrc/cuda/dense_jacobian_kernels.cuh) against the CPU ops
+# ----------------------------------------------------------------------------------------------
+
+# Same arithmetic in the same order per element as the CPU ops, but the beta gradient and sigma sum in
+# another order (block sums), and nvcc-style contraction may differ: 1e-5 float32 / 1e-12 float64 relative.
+DENSE_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def _dense_close(got, expected, dtype, scale=1.0):
+    assert_close(got, expected, rtol=DENSE_RTOL[dtype], atol=DENSE_RTOL[dtype] * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch,width,blocks,sms", [(5, 7, 4, 1), (300, 64, 3, 2), (1, 1, 2, 4), (0, 3, 0, 1)])
+def test_jacobian_lipswish_kernels_match_the_cpu_ops(emu, dtype, batch, width, blocks, sms):
+    g = torch.Generator().manual_seed(0)
+    z = (2 * torch.randn(blocks * batch, width, generator=g, dtype=torch.float64)).to(dtype)
+    bias = torch.randn(width, generator=g, dtype=torch.float64).to(dtype)
+    beta = torch.tensor([0.7], dtype=dtype)
+    for a, b in zip(emu.jacobian_lipswish(z, bias, beta, batch, sms), dense_ops._OPS.jacobian_lipswish(z, bias, beta,
+                                                                                                       batch)):
+        _dense_close(a, b, dtype)
+    grad = torch.randn(2 * batch, width, generator=g, dtype=torch.float64).to(dtype)
+    h, t = z[:batch], z[batch:2 * batch] if blocks >= 2 else z[:batch]
+    got = emu.jacobian_lipswish_backward(grad, h, t, beta, sms)
+    expected = dense_ops._OPS.jacobian_lipswish_backward(grad, h, t, beta)
+    _dense_close(got[0], expected[0], dtype)
+    _dense_close(got[1], expected[1], dtype, scale=max(batch * width, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch,dim,terms,sms", [(7, 2, 5, 1), (600, 6, 3, 2), (3, 16, 70, 1), (1, 1, 0, 1)])
+@pytest.mark.parametrize("neumann", [True, False])
+def test_jacobian_series_kernel_matches_the_cpu_op(emu, dtype, batch, dim, terms, sms, neumann):
+    # 70 terms: three launches of 32-term chunks carrying w, w~ and the log-det between them.
+    g = torch.Generator().manual_seed(1)
+    z = (0.3 * torch.randn((2 + dim) * batch, dim, generator=g, dtype=torch.float64)).to(dtype)
+    eps = torch.randn(batch, dim, generator=g, dtype=torch.float64).to(dtype)
+    bias = torch.randn(dim, generator=g, dtype=torch.float64).to(dtype)
+    logdet_coeffs = [(-1) ** k / (k + 1) for k in range(terms)]
+    neumann_coeffs = [(-1) ** (k + 1) * 0.9 for k in range(terms)] if neumann else []
+    got = emu.jacobian_series(z, bias, eps, logdet_coeffs, neumann_coeffs, sms)
+    expected = dense_ops._OPS.jacobian_series(z, bias, eps, logdet_coeffs, neumann_coeffs)
+    for a, b in zip(got, expected):
+        _dense_close(a, b, dtype, scale=10.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layers", [3, 17])  # 17: two launches of 16 layers
+def test_lipschitz_normalize_kernels_match_the_cpu_ops(emu, dtype, layers):
+    g = torch.Generator().manual_seed(2)
+    shapes = [(1 + (5 * i) % 40, 1 + (3 * i) % 33) for i in range(layers)]
+    weights = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+    us = [torch.randn(s[0], generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+    vs = [torch.randn(s[1], generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+    coeffs = [0.5 + (i % 3) for i in range(layers)]
+    outs = []
+    for run in ("emulated", "cpu"):
+        out = [torch.empty_like(w) for w in weights]
+        sigmas = weights[0].new_empty(layers)
+        scales = [torch.zeros((), dtype=dtype) for _ in weights]
+        if run == "emulated":
+            emu.lipschitz_normalize_(weights, us, vs, coeffs, out, sigmas, scales)
+        else:
+            cpu_ops._OPS.lipschitz_normalize_(weights, us, vs, coeffs, out, sigmas, scales)
+        grads = [torch.ones_like(w) * (i + 1) for i, w in enumerate(weights)]
+        detach = [i % 2 == 0 for i in range(layers)]
+        back = (emu.lipschitz_normalize_backward if run == "emulated" else
+                cpu_ops._OPS.lipschitz_normalize_backward)(grads, weights, us, vs, sigmas, coeffs, detach)
+        outs.append([*out, sigmas, *scales, *back])
+    for a, b in zip(*outs):
+        _dense_close(a, b, dtype, scale=100.0)
+
+
+def _run_jacobian_lipswish(emu):
+    emu.jacobian_lipswish(torch.randn(12, 5), None, torch.tensor([0.5]), 3, 2)
+
+
+def _run_jacobian_lipswish_backward(emu):
+    emu.jacobian_lipswish_backward(torch.randn(6, 5), torch.randn(3, 5), torch.randn(3, 5), torch.tensor([0.5]), 2)
+
+
+def _run_jacobian_series(emu):
+    emu.jacobian_series(torch.randn(8, 2), None, torch.randn(2, 2), [0.5, -0.25], [0.5, 0.5], 1)
+
+
+def _run_lipschitz_normalize(emu):
+    w, u, v = torch.randn(4, 3), torch.randn(4), torch.randn(3)
+    out, sigmas = [torch.empty(4, 3)], torch.empty(1)
+    emu.lipschitz_normalize_([w], [u], [v], [0.5], out, sigmas, [torch.zeros(())])
+    emu.lipschitz_normalize_backward([torch.ones(4, 3)], [w], [u], [v], sigmas, [0.5], [False])
+
+
 # Kernel name -> a small launch of it; the tests above check the values.
 REGISTRY = {
     "power_iteration_kernel": _run_power_iteration,
@@ -417,6 +512,11 @@ REGISTRY = {
     "lipswish_double_backward_kernel": _run_lipswish_double_backward,
     "finish_sum_kernel": _run_lipswish_backward,
     "logdet_series_kernel": _run_logdet_series,
+    "jacobian_lipswish_kernel": _run_jacobian_lipswish,
+    "jacobian_lipswish_backward_kernel": _run_jacobian_lipswish_backward,
+    "jacobian_series_kernel": _run_jacobian_series,
+    "lipschitz_normalize_kernel": _run_lipschitz_normalize,
+    "lipschitz_normalize_backward_kernel": _run_lipschitz_normalize,
 }
 
 

@@ -70,6 +70,10 @@ class SpectralNormLinear(_LipschitzMixin, nn.Module):
         self.compute_weight(True, 200)
 
     def compute_weight(self, update=True, n_iterations=None, atol=None, rtol=None):
+        return self._normalized(self.weight, *self._vectors(update, n_iterations, atol, rtol))
+
+    def _vectors(self, update, n_iterations=None, atol=None, rtol=None):
+        """(u, v) of sigma = u^T W v, after the power iteration when ``update``."""
         u, v = self.u, self.v
         if update:
             _, atol, rtol, max_iterations = self._iteration_settings(n_iterations, atol, rtol, 20000)
@@ -80,11 +84,15 @@ class SpectralNormLinear(_LipschitzMixin, nn.Module):
                                                  atol if tol else None, rtol if tol else None, 2.0, 2.0, False)
                 self.u.copy_(u)
                 self.v.copy_(v)
-        return self._normalized(self.weight, u, v)
+        return u, v
 
     def forward_weight(self, input: Tensor) -> Tensor:
         """The weight forward applies to ``input`` (with forward's side effects)."""
         return self.compute_weight(update=self.training)
+
+    def forward_vectors(self, input: Tensor) -> tuple[Tensor, Tensor]:
+        """(u, v) that :meth:`forward_weight` normalizes with, with its side effects but for the scale buffer."""
+        return self._vectors(self.training)
 
     def forward(self, input: Tensor) -> Tensor:
         return F.linear(input, self.forward_weight(input), self.bias)
@@ -177,6 +185,10 @@ class InducedNormLinear(_InducedNormsMixin, _LipschitzMixin, nn.Module):
             with torch.no_grad():
                 u, v = self._iterate(max_iterations, atol if tol else None, rtol if tol else None)
         return self._normalized(self.weight, u, v)
+
+    def forward_vectors(self, input: Tensor) -> tuple[Tensor, Tensor]:
+        """(u, v) that :meth:`forward_weight` normalizes with (forward does not update them)."""
+        return self.u, self.v
 
     def compute_one_iter(self):
         """One iteration from the current u, v, differentiable in the learnable norm orders only."""
@@ -484,4 +496,4 @@ class InducedNormConv2d(_InducedNormsMixin, _LipschitzConv2d):
 
 for _layer, _conv in ((SpectralNormLinear, False), (InducedNormLinear, False), (SpectralNormConv2d, True),
                      (InducedNormConv2d, True)):
-    register_linear(_layer, conv=_conv)
+    register_linear(_layer, conv=_conv, normalization=None if _conv else _LipschitzMixin.normalization_inputs)

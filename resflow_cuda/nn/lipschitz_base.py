@@ -106,6 +106,13 @@ class _LipschitzMixin:
         factor = torch.max(sigma.new_ones(1), sigma / self.coeff)
         return weight / factor
 
+    def normalization_inputs(self, input: Tensor) -> tuple:
+        """(weight, u, v, coeff, detach_sigma, scale) of the weight that ``forward_weight(input)`` returns,
+        with its side effects but for the scale buffer: the fused block of :mod:`resflow_cuda.linearize`
+        normalizes the weights of a dense branch in one op, which writes the scales."""
+        u, v = self.forward_vectors(input)
+        return self.weight, u, v, self.coeff, self.detach_sigma, self.scale
+
     def _iteration_settings(self, n_iterations, atol, rtol, default_max):
         n_iterations = self.n_iterations if n_iterations is None else n_iterations
         atol = self.atol if atol is None else atol

@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "cuda/dense_jacobian_binding.h"
 #include "cuda/lipswish_binding.h"
 #include "cuda/logdet_series_binding.h"
 #include "cuda/power_iteration_binding.h"
@@ -117,6 +118,38 @@ void logdet_series_accumulate_(const at::Tensor& w, const at::Tensor& eps, const
                                const std::optional<at::Tensor>& neumann, double logdet_coeff, double neumann_coeff,
                                int64_t sms) {
   cu::logdet_series_accumulate_on(backend(sms), w, eps, logdet, neumann, logdet_coeff, neumann_coeff);
+}
+
+// The fused dense block's kernels.
+std::tuple<at::Tensor, at::Tensor> jacobian_lipswish(const at::Tensor& z, const std::optional<at::Tensor>& bias,
+                                                     const at::Tensor& beta, int64_t batch, int64_t sms) {
+  return cu::jacobian_lipswish_on(backend(sms), z, bias, beta, batch);
+}
+
+std::tuple<at::Tensor, at::Tensor> jacobian_lipswish_backward(const at::Tensor& grad, const at::Tensor& h,
+                                                              const at::Tensor& tangent, const at::Tensor& beta,
+                                                              int64_t sms) {
+  return cu::jacobian_lipswish_backward_on(backend(sms), grad, h, tangent, beta);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jacobian_series(const at::Tensor& z,
+                                                                           const std::optional<at::Tensor>& bias,
+                                                                           const at::Tensor& eps,
+                                                                           at::ArrayRef<double> logdet_coeffs,
+                                                                           at::ArrayRef<double> neumann_coeffs,
+                                                                           int64_t sms) {
+  return cu::jacobian_series_on(backend(sms), z, bias, eps, logdet_coeffs, neumann_coeffs);
+}
+
+void lipschitz_normalize_(at::TensorList weights, at::TensorList us, at::TensorList vs, at::ArrayRef<double> coeffs,
+                          at::TensorList out, const at::Tensor& sigmas, at::TensorList scales) {
+  cu::lipschitz_normalize_on(backend(1), weights, us, vs, coeffs, out, sigmas, scales);
+}
+
+std::vector<at::Tensor> lipschitz_normalize_backward(at::TensorList grads, at::TensorList weights, at::TensorList us,
+                                                     at::TensorList vs, const at::Tensor& sigmas,
+                                                     at::ArrayRef<double> coeffs, const c10::List<bool>& detach_sigma) {
+  return cu::lipschitz_normalize_backward_on(backend(1), grads, weights, us, vs, sigmas, coeffs, detach_sigma);
 }
 
 // The series launch plan for rows x cols elements of `element_size` bytes: [vec, blocks, warp per row].
@@ -287,6 +320,15 @@ TORCH_LIBRARY(resflow_emulated, m) {
   m.def("series_plan(int rows, int cols, int sm_count, bool aligned, int element_size) -> int[]", &series_plan);
   m.def("logdet_series_accumulate_(Tensor w, Tensor eps, Tensor(a!) logdet, Tensor(b!)? neumann, float logdet_coeff, "
         "float neumann_coeff, int sm_count) -> ()");
+  m.def("jacobian_lipswish(Tensor z, Tensor? bias, Tensor beta, int batch, int sm_count) -> (Tensor, Tensor)");
+  m.def("jacobian_lipswish_backward(Tensor grad, Tensor h, Tensor tangent, Tensor beta, int sm_count) "
+        "-> (Tensor, Tensor)");
+  m.def("jacobian_series(Tensor z, Tensor? bias, Tensor eps, float[] logdet_coeffs, float[] neumann_coeffs, "
+        "int sm_count) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("lipschitz_normalize_(Tensor[] weights, Tensor[] us, Tensor[] vs, float[] coeffs, Tensor(a!)[] out, "
+        "Tensor(b!) sigmas, Tensor(c!)[] scales) -> ()");
+  m.def("lipschitz_normalize_backward(Tensor[] grads, Tensor[] weights, Tensor[] us, Tensor[] vs, Tensor sigmas, "
+        "float[] coeffs, bool[] detach_sigma) -> Tensor[]");
   m.def("launched_kernels() -> str[]", &launched_kernels);
   m.def("power_iteration_plan(int batch, int m, int n, int max_shared_bytes, int sm_count, int element_size) -> int[]",
         &power_iteration_plan);
@@ -316,4 +358,9 @@ TORCH_LIBRARY_IMPL(resflow_emulated, CPU, m) {
   m.impl("conv_power_iteration", &conv_power_iteration);
   m.impl("power_iteration_update_", &power_iteration_update_);
   m.impl("logdet_series_accumulate_", &logdet_series_accumulate_);
+  m.impl("jacobian_lipswish", &jacobian_lipswish);
+  m.impl("jacobian_lipswish_backward", &jacobian_lipswish_backward);
+  m.impl("jacobian_series", &jacobian_series);
+  m.impl("lipschitz_normalize_", &lipschitz_normalize_);
+  m.impl("lipschitz_normalize_backward", &lipschitz_normalize_backward);
 }

@@ -1,0 +1,177 @@
+// dense_jacobian_forward / dense_jacobian_backward: a dense residual branch g(x) of steps "LipSwish (or
+// nothing), then W a + b" with its log-det power series and the Neumann surrogate, in forward mode.
+//
+// Forward: one stack of S = 2 + D blocks of the batch's rows runs through the branch, the primal rows
+// (x), the tangents along the probe eps and along every input direction e_d; each step is one matrix
+// product of the whole stack and one fused activation kernel (jacobian_lipswish). The last stack holds
+// g and the Jacobians J (B, D, D), from which jacobian_series takes every term of the series, the
+// Neumann vector w~ and the surrogate s = <w~^T J, eps> in one kernel.
+//
+// Backward: L = <grad_g, g> + sum_b grad_value_b s_b, with w~ held constant, goes back through the
+// primal rows and the eps tangent only: per step the co-tangent stack [dh; dt] (2B rows) gives the
+// weight's gradient (one product), the bias' (one sum), the input's (one product) and the step's
+// activation backward (jacobian_lipswish_backward). Exact for any upstream gradient.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "checks/dense_jacobian_checks.h"
+
+namespace resflow_cuda {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> jacobian_lipswish(const at::Tensor& z, const std::optional<at::Tensor>& bias,
+                                                     const at::Tensor& beta, int64_t batch) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("resflow_cuda::jacobian_lipswish", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&,
+                                                                       const std::optional<at::Tensor>&,
+                                                                       const at::Tensor&, int64_t)>();
+  return op.call(z, bias, beta, batch);
+}
+
+std::tuple<at::Tensor, at::Tensor> jacobian_lipswish_backward(const at::Tensor& grad, const at::Tensor& h,
+                                                              const at::Tensor& t, const at::Tensor& beta) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("resflow_cuda::jacobian_lipswish_backward", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                       const at::Tensor&, const at::Tensor&)>();
+  return op.call(grad, h, t, beta);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jacobian_series(const at::Tensor& z,
+                                                                           const std::optional<at::Tensor>& bias,
+                                                                           const at::Tensor& eps,
+                                                                           at::ArrayRef<double> logdet_coeffs,
+                                                                           at::ArrayRef<double> neumann_coeffs) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("resflow_cuda::jacobian_series", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, at::ArrayRef<double>,
+              at::ArrayRef<double>)>();
+  return op.call(z, bias, eps, logdet_coeffs, neumann_coeffs);
+}
+
+std::optional<at::Tensor> given(const c10::List<std::optional<at::Tensor>>& list, size_t i) {
+  auto t = list.get(i);
+  return t.has_value() && t->defined() ? t : std::nullopt;
+}
+
+void check_steps(const char* op, const at::Tensor& ref, at::TensorList weights,
+                 const c10::List<std::optional<at::Tensor>>& biases, const c10::List<std::optional<at::Tensor>>& betas) {
+  const size_t steps = weights.size();
+  TORCH_CHECK(steps >= 1, op, ": expected at least one weight, but got none");
+  TORCH_CHECK(biases.size() == steps && betas.size() == steps, op, ": expected biases and betas to have one entry ",
+              "per weight (", steps, "), but got ", biases.size(), " and ", betas.size());
+  int64_t width = ref.size(1);
+  for (size_t i = 0; i < steps; ++i) {
+    const at::Tensor& w = weights[i];
+    check_matrix(op, "weights[i]", w);
+    check_same_dtype(op, "weights[i]", w, "x", ref);
+    check_same_device(op, "weights[i]", w, "x", ref);
+    TORCH_CHECK(w.size(1) == width, op, ": weights[", i, "] of shape ", w.sizes(), " expects ", w.size(1),
+                " inputs, but the branch gives ", width);
+    width = w.size(0);
+    check_bias(op, given(biases, i), width, ref, "x");
+    if (const auto beta = given(betas, i)) {
+      check_scalar_param(op, "betas[i]", *beta);
+      check_same_dtype(op, "betas[i]", *beta, "x", ref);
+      check_same_device(op, "betas[i]", *beta, "x", ref);
+    }
+  }
+  TORCH_CHECK(width == ref.size(1), op, ": the branch maps ", ref.size(1), " inputs to ", width,
+              "; a residual branch must keep the shape");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+           std::vector<at::Tensor>>
+dense_jacobian_forward(const at::Tensor& x, const at::Tensor& eps, at::TensorList weights,
+                       const c10::List<std::optional<at::Tensor>>& biases,
+                       const c10::List<std::optional<at::Tensor>>& betas, at::ArrayRef<double> logdet_coeffs,
+                       at::ArrayRef<double> neumann_coeffs) {
+  constexpr const char* op = "resflow_cuda.dense_jacobian_forward";
+  check_matrix(op, "x", x);
+  check_matches(op, "eps", eps, "x", x);
+  check_steps(op, x, weights, biases, betas);
+  const int64_t batch = x.size(0);
+  const int64_t dim = x.size(1);
+  const size_t steps = weights.size();
+  // [x; eps; e_1 ... e_D], each block B rows.
+  const at::Tensor basis = at::eye(dim, x.options()).unsqueeze(1).expand({dim, batch, dim});
+  at::Tensor z = at::cat({x.unsqueeze(0), eps.unsqueeze(0), basis}, 0).view({(2 + dim) * batch, dim});
+  // Kept per step (whole tensors, not views: the op's outputs alias nothing): h, the input stack z (its
+  // second block is the eps tangent t) and the activated stack a (its first two blocks feed the weight's
+  // gradient).
+  std::vector<at::Tensor> hs(steps), stacks(steps), activated(steps);
+  std::optional<at::Tensor> bias_in;
+  for (size_t i = 0; i < steps; ++i) {
+    stacks[i] = z;
+    if (const auto beta = given(betas, i)) {
+      std::tie(hs[i], activated[i]) = jacobian_lipswish(z, bias_in, *beta, batch);
+    } else {
+      // No activation: a = z with the bias on the primal rows.
+      activated[i] = z.clone();
+      if (bias_in.has_value()) {
+        activated[i].narrow(0, 0, batch).add_(*bias_in);
+      }
+      hs[i] = activated[i].narrow(0, 0, batch).clone();
+    }
+    z = at::mm(activated[i], weights[i].t());
+    bias_in = given(biases, i);
+  }
+  auto [g, logdet, value, w_tilde] = jacobian_series(z, bias_in, eps, logdet_coeffs, neumann_coeffs);
+  return {g, logdet, value, w_tilde, hs, stacks, activated};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+dense_jacobian_backward(const at::Tensor& grad_g, const at::Tensor& grad_value, const at::Tensor& w_tilde,
+                        at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                        const c10::List<std::optional<at::Tensor>>& betas, at::TensorList hs,
+                        at::TensorList stacks, at::TensorList activated) {
+  constexpr const char* op = "resflow_cuda.dense_jacobian_backward";
+  check_matrix(op, "grad_g", grad_g);
+  check_matches(op, "w_tilde", w_tilde, "grad_g", grad_g);
+  const int64_t batch = grad_g.size(0);
+  TORCH_CHECK(grad_value.dim() == 1 && grad_value.size(0) == batch, op, ": expected grad_value of shape [", batch,
+              "], but got ", grad_value.sizes());
+  check_same_device(op, "grad_value", grad_value, "grad_g", grad_g);
+  check_steps(op, grad_g, weights, biases, betas);
+  const size_t steps = weights.size();
+  TORCH_CHECK(hs.size() == steps && stacks.size() == steps && activated.size() == steps, op,
+              ": expected hs, stacks and activated to have one entry per weight (", steps, ")");
+  // The co-tangents of the last stack's primal rows (g) and eps tangent (J eps, seeded by grad_value w~).
+  at::Tensor r = at::cat({grad_g, w_tilde * grad_value.to(w_tilde.scalar_type()).unsqueeze(1)}, 0);
+  std::vector<at::Tensor> grad_weights(steps), grad_biases(steps), grad_betas(steps);
+  for (size_t i = steps; i-- > 0;) {
+    for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"activated", activated[i]},
+                                  std::pair<const char*, const at::Tensor&>{"stacks", stacks[i]}}) {
+      TORCH_CHECK(t.dim() == 2 && t.size(0) >= 2 * batch && t.size(1) == weights[i].size(1), op, ": expected ", name,
+                  "[", i, "] to have at least ", 2 * batch, " rows of ", weights[i].size(1), ", but got shape ",
+                  t.sizes());
+    }
+    grad_weights[i] = at::mm(r.t(), activated[i].narrow(0, 0, 2 * batch));
+    grad_biases[i] = given(biases, i) ? r.narrow(0, 0, batch).sum(0) : at::empty({0}, grad_g.options());
+    at::Tensor p = at::mm(r, weights[i]);
+    if (const auto beta = given(betas, i)) {
+      std::tie(r, grad_betas[i]) = jacobian_lipswish_backward(p, hs[i], stacks[i].narrow(0, batch, batch), *beta);
+    } else {
+      r = p;
+      grad_betas[i] = at::empty({0}, grad_g.options());
+    }
+  }
+  return {r.narrow(0, 0, batch), grad_weights, grad_biases, grad_betas};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resflow_cuda, CompositeExplicitAutograd, m) {
+  m.impl("dense_jacobian_forward", &dense_jacobian_forward);
+  m.impl("dense_jacobian_backward", &dense_jacobian_backward);
+}
+
+}  // namespace resflow_cuda

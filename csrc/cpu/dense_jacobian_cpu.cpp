@@ -1,0 +1,247 @@
+// CPU kernels of the fused dense block (csrc/composite/dense_jacobian_block.cpp): the LipSwish step of a
+// forward-mode Jacobian stack and its backward, the per-sample power series from the Jacobians, and the
+// Lipschitz weight normalization W / max(1, sigma / coeff) with its backward, for all layers at once.
+// Bindings and plain loops over resflow/dense_jacobian_math.h, which the CUDA kernels share.
+// Contract: float32 / float64; inputs of any strides (made contiguous); outputs contiguous; sums in
+// double where they cross samples (beta's gradient: fixed chunk order, independent of the threads).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "checks/dense_jacobian_checks.h"
+#include "parallel_chunks.h"
+#include "resflow/dense_jacobian_math.h"
+#include "vec/lipswish_vec.h"
+
+namespace resflow_cuda::cpu {
+namespace {
+
+template <class scalar_t>
+at::Tensor param_filled(const at::Tensor& like, double value) {
+  at::Tensor out = at::empty(like.sizes(), like.options());
+  *out.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(value);
+  return out;
+}
+
+template <class scalar_t>
+LipSwishScalars<scalar_t> scalars_of(const at::Tensor& beta) {
+  const auto p = math::lipswish_params(*beta.const_data_ptr<scalar_t>());
+  return {p.beta, p.dbeta, p.d2beta, scalar_t(0)};
+}
+
+// The primal rows through the vectorized LipSwish forward (value and f'), then f' times each tangent row.
+std::tuple<at::Tensor, at::Tensor> jacobian_lipswish_cpu(const at::Tensor& z_in, const std::optional<at::Tensor>& bias,
+                                                         const at::Tensor& beta, int64_t batch) {
+  auto o = jacobian_lipswish_operands("resflow_cuda.jacobian_lipswish", z_in, bias, beta, batch);
+  const at::Tensor &z = o.z, &b = o.bias;
+  at::Tensor &h = o.h, &a = o.a;
+  const int64_t width = o.width, blocks = o.blocks;
+  const bool with_bias = b.defined();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "jacobian_lipswish_cpu", [&] {
+    const auto s = scalars_of<scalar_t>(beta);
+    const auto forward = RESFLOW_CPU_PICK(lipswish_forward_vec<scalar_t>);
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const scalar_t* bp = with_bias ? b.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* hp = h.mutable_data_ptr<scalar_t>();
+    scalar_t* ap = a.mutable_data_ptr<scalar_t>();
+    const int64_t n = batch * width;
+    std::vector<scalar_t> slope(static_cast<size_t>(n));
+    parallel_chunk_sum(n, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin, j = width == 0 ? 0 : begin % width; i < end; ++i) {
+        hp[i] = zp[i] + (bp == nullptr ? scalar_t(0) : bp[j]);
+        j = j + 1 == width ? 0 : j + 1;
+      }
+      forward(hp + begin, ap + begin, slope.data() + begin, end - begin, s);
+      for (int64_t block = 1; block < blocks; ++block) {
+        const scalar_t* zb = zp + block * n;
+        scalar_t* ab = ap + block * n;
+        for (int64_t i = begin; i < end; ++i) {
+          ab[i] = slope[i] * zb[i];
+        }
+      }
+      return 0.0;
+    });
+  });
+  return {h, a};
+}
+
+// dh = ga f_x (LipSwish's backward) + t gu f_xx, dt = gu f_x (its double backward with g = t, gg_x = gu).
+std::tuple<at::Tensor, at::Tensor> jacobian_lipswish_backward_cpu(const at::Tensor& grad_in, const at::Tensor& h_in,
+                                                                  const at::Tensor& t_in, const at::Tensor& beta) {
+  constexpr const char* op = "resflow_cuda.jacobian_lipswish_backward";
+  check_jacobian_lipswish_backward(op, grad_in, h_in, t_in, beta);
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor h = h_in.contiguous();
+  const at::Tensor t = t_in.contiguous();
+  at::Tensor out = at::empty(grad.sizes(), grad.options());
+  at::Tensor grad_beta;
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "jacobian_lipswish_backward_cpu", [&] {
+    const auto s = scalars_of<scalar_t>(beta);
+    const auto backward = RESFLOW_CPU_PICK(lipswish_backward_vec<scalar_t>);
+    const auto double_backward = RESFLOW_CPU_PICK(lipswish_double_backward_vec<scalar_t>);
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    const scalar_t* hp = h.const_data_ptr<scalar_t>();
+    const scalar_t* tp = t.const_data_ptr<scalar_t>();
+    scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
+    const int64_t n = h.numel();
+    std::vector<scalar_t> through_slope(static_cast<size_t>(n));
+    const double total = parallel_chunk_sum(n, [&](int64_t begin, int64_t end) {
+      const int64_t len = end - begin;
+      const double from_value = static_cast<double>(backward(gp + begin, hp + begin, op_ + begin, len, s));
+      const double from_slope = static_cast<double>(double_backward(
+          tp + begin, gp + n + begin, hp + begin, op_ + n + begin, through_slope.data() + begin, len, s));
+      for (int64_t i = begin; i < end; ++i) {
+        op_[i] += through_slope[i];
+      }
+      return from_value + from_slope;
+    });
+    grad_beta = param_filled<scalar_t>(beta, total);
+  });
+  return {out, grad_beta};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jacobian_series_cpu(
+    const at::Tensor& z_in, const std::optional<at::Tensor>& bias, const at::Tensor& eps_in,
+    at::ArrayRef<double> logdet_coeffs, at::ArrayRef<double> neumann_coeffs) {
+  auto o = jacobian_series_operands("resflow_cuda.jacobian_series", z_in, bias, eps_in, logdet_coeffs.size(),
+                                    neumann_coeffs.size());
+  const at::Tensor &z = o.z, &eps = o.eps, &b = o.bias;
+  at::Tensor &g = o.g, &logdet = o.logdet, &value = o.value, &w_tilde = o.w_tilde;
+  const int64_t batch = o.batch, dim = o.dim;
+  const bool neumann = o.neumann, with_bias = b.defined();
+  const int64_t terms = static_cast<int64_t>(logdet_coeffs.size());
+  AT_DISPATCH_FLOATING_TYPES(eps.scalar_type(), "jacobian_series_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const scalar_t* ep = eps.const_data_ptr<scalar_t>();
+    const scalar_t* bp = with_bias ? b.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gp = g.mutable_data_ptr<scalar_t>();
+    acc_t* lp = logdet.mutable_data_ptr<acc_t>();
+    acc_t* vp = neumann ? value.mutable_data_ptr<acc_t>() : nullptr;
+    scalar_t* wtp = neumann ? w_tilde.mutable_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, batch, 16, [&](int64_t first, int64_t last) {
+      std::vector<acc_t> w(dim), scratch(dim), wt(dim);
+      for (int64_t r = first; r < last; ++r) {
+        const scalar_t* e = ep + r * dim;
+        for (int64_t d = 0; d < dim; ++d) {
+          gp[r * dim + d] = zp[r * dim + d] + (bp == nullptr ? scalar_t(0) : bp[d]);
+          w[d] = static_cast<acc_t>(e[d]);
+          wt[d] = w[d];
+        }
+        // J(e, d): component e of the tangent along x's direction d (block 2 + d).
+        const auto jac = [&](int64_t i, int64_t d) { return zp[((2 + d) * batch + r) * dim + i]; };
+        acc_t ld = acc_t(0);
+        math::jacobian_series_terms<scalar_t>(dim, jac, e, w.data(), scratch.data(), wt.data(), logdet_coeffs.data(),
+                                              neumann ? neumann_coeffs.data() : nullptr, terms, neumann, ld);
+        lp[r] = ld;
+        if (neumann) {
+          // <w~^T J, eps> from the eps tangent (block 1), the row the surrogate's gradient seeds.
+          acc_t v = acc_t(0);
+          for (int64_t d = 0; d < dim; ++d) {
+            wtp[r * dim + d] = static_cast<scalar_t>(wt[d]);
+            v += static_cast<acc_t>(wtp[r * dim + d]) * static_cast<acc_t>(zp[(batch + r) * dim + d]);
+          }
+          vp[r] = v;
+        }
+      }
+    });
+  });
+  return {g, logdet, value, w_tilde};
+}
+
+void lipschitz_normalize_cpu(at::TensorList weights, at::TensorList us, at::TensorList vs, at::ArrayRef<double> coeffs,
+                             at::TensorList out, const at::Tensor& sigmas, at::TensorList scales) {
+  constexpr const char* op = "resflow_cuda.lipschitz_normalize_";
+  check_normalize_lists(op, weights, us, vs, coeffs.size());
+  check_normalize_outputs(op, weights, out, sigmas, scales);
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const at::Tensor w = weights[i].contiguous();
+    const at::Tensor u = us[i].contiguous();
+    const at::Tensor v = vs[i].contiguous();
+    AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "lipschitz_normalize_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* wp = w.const_data_ptr<scalar_t>();
+      const scalar_t* up = u.const_data_ptr<scalar_t>();
+      const scalar_t* vp = v.const_data_ptr<scalar_t>();
+      const int64_t rows = w.size(0), cols = w.size(1);
+      acc_t sigma = acc_t(0);
+      for (int64_t r = 0; r < rows; ++r) {
+        acc_t row = acc_t(0);
+        for (int64_t c = 0; c < cols; ++c) {
+          row += static_cast<acc_t>(wp[r * cols + c]) * static_cast<acc_t>(vp[c]);
+        }
+        sigma += static_cast<acc_t>(up[r]) * row;
+      }
+      const scalar_t s = static_cast<scalar_t>(sigma);
+      const scalar_t factor = math::normalization_factor(s, static_cast<scalar_t>(coeffs[i]));
+      scalar_t* np = out[i].mutable_data_ptr<scalar_t>();
+      for (int64_t k = 0; k < w.numel(); ++k) {
+        np[k] = wp[k] / factor;
+      }
+      sigmas.mutable_data_ptr<scalar_t>()[i] = s;
+      *scales[i].mutable_data_ptr<scalar_t>() = s;
+    });
+  }
+}
+
+std::vector<at::Tensor> lipschitz_normalize_backward_cpu(at::TensorList grads, at::TensorList weights,
+                                                         at::TensorList us, at::TensorList vs, const at::Tensor& sigmas,
+                                                         at::ArrayRef<double> coeffs,
+                                                         const c10::List<bool>& detach_sigma) {
+  check_normalize_backward("resflow_cuda.lipschitz_normalize_backward", grads, weights, us, vs, sigmas, coeffs.size(),
+                           detach_sigma.size());
+  const size_t n = weights.size();
+  std::vector<at::Tensor> out(n);
+  const at::Tensor sig = sigmas.contiguous();
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor g = grads[i].contiguous();
+    const at::Tensor w = weights[i].contiguous();
+    const at::Tensor u = us[i].contiguous();
+    const at::Tensor v = vs[i].contiguous();
+    out[i] = at::empty(w.sizes(), w.options());
+    AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "lipschitz_normalize_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* gp = g.const_data_ptr<scalar_t>();
+      const scalar_t* wp = w.const_data_ptr<scalar_t>();
+      const scalar_t* up = u.const_data_ptr<scalar_t>();
+      const scalar_t* vp = v.const_data_ptr<scalar_t>();
+      scalar_t* op_ = out[i].mutable_data_ptr<scalar_t>();
+      const int64_t rows = w.size(0), cols = w.size(1);
+      const scalar_t sigma = sig.const_data_ptr<scalar_t>()[i];
+      const scalar_t coeff = static_cast<scalar_t>(coeffs[i]);
+      const scalar_t factor = math::normalization_factor(sigma, coeff);
+      // dL/dW = G / factor + c u v^T with c = -<G, W> / factor^2 * dfactor/dsigma (0 with detach_sigma).
+      acc_t gw = acc_t(0);
+      for (int64_t k = 0; k < w.numel(); ++k) {
+        gw += static_cast<acc_t>(gp[k]) * static_cast<acc_t>(wp[k]);
+      }
+      const scalar_t slope = detach_sigma.get(i) ? scalar_t(0) : math::normalization_slope(sigma, coeff);
+      const scalar_t c = -static_cast<scalar_t>(gw) / (factor * factor) * slope;
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t col = 0; col < cols; ++col) {
+          op_[r * cols + col] = gp[r * cols + col] / factor + c * up[r] * vp[col];
+        }
+      }
+    });
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resflow_cuda, CPU, m) {
+  m.impl("jacobian_lipswish", &jacobian_lipswish_cpu);
+  m.impl("jacobian_lipswish_backward", &jacobian_lipswish_backward_cpu);
+  m.impl("jacobian_series", &jacobian_series_cpu);
+  m.impl("lipschitz_normalize_", &lipschitz_normalize_cpu);
+  m.impl("lipschitz_normalize_backward", &lipschitz_normalize_backward_cpu);
+}
+
+}  // namespace resflow_cuda::cpu

@@ -1,0 +1,81 @@
+// The forward-mode Jacobian of a dense residual branch and the Lipschitz weight normalization, as the
+// fused dense-block ops compute them (csrc/composite/dense_jacobian_block.cpp), once for every backend:
+// the CPU kernels, the CUDA kernels and the CUDA emulator. Torch-free.
+//
+// A stack holds S = 2 + D blocks of B rows: the primal rows (the branch's activations), the tangent
+// rows along the probe eps, and one block of tangent rows per input direction e_d. An activation step
+// maps a pre-activation stack z to
+//   a = f(h) on the primal rows (h = z + bias),   a = f'(h) z on every tangent row,
+// the same h (the sample's primal row) for all S - 1 tangents of a sample.
+#pragma once
+
+#include <stdint.h>
+
+#include "resflow/lipswish_math.h"
+#include "resflow/macros.h"
+
+namespace resflow_cuda::math {
+
+// The backward of one LipSwish step of the stack, restricted to the primal row and the eps tangent
+// (the rows the Neumann surrogate and g depend on). Given the gradients ga of a = f(h) and gu of
+// u = f'(h) t (t: the eps tangent's pre-activation), returns those of h and t, and the element's share
+// of the gradient of the raw beta b:
+//   dh = ga f_x + gu t f_xx,   dt = gu f_x,   db = (ga f_beta + gu t f_xbeta) dbeta/db.
+template <class T>
+RESFLOW_HOST_DEVICE_INLINE void jacobian_lipswish_backward_element(T ga, T gu, T h, T t, T beta, T dbeta, T& dh,
+                                                                   T& dt, T& db) {
+  const LipSwishPoint<ScalarOps, T> pt(h, beta);
+  const T q = pt.q();  // f_xx = beta q, f_xbeta = h q
+  const T slope = pt.d_x();
+  const T gut = gu * t;
+  dh = ga * slope + gut * (beta * q);
+  dt = gu * slope;
+  db = (ga * pt.d_beta() + gut * (h * q)) * dbeta;
+}
+
+// One sample's power series from its Jacobian J (D x D, J(e, d) = dg_e / dx_d): the terms
+// w_k = J^T w_{k-1} from w_0 = eps for k = first..last-1 (w holds w_{first-1} on entry and w_{last-1}
+// on exit; scratch is D more values), logdet += logdet_coeffs[k] <w_k, eps> and, with neumann,
+// w_tilde += neumann_coeffs[k] w_k. Coefficient arrays are indexed from `first`.
+template <class T, class Acc, class Jac>
+RESFLOW_HOST_DEVICE_INLINE void jacobian_series_terms(int64_t dim, const Jac& jac, const T* eps, Acc* w, Acc* scratch,
+                                                      Acc* w_tilde, const double* logdet_coeffs,
+                                                      const double* neumann_coeffs, int64_t count, bool neumann,
+                                                      Acc& logdet) {
+  for (int64_t k = 0; k < count; ++k) {
+    Acc dot = Acc(0);
+    for (int64_t d = 0; d < dim; ++d) {
+      Acc s = Acc(0);
+      for (int64_t e = 0; e < dim; ++e) {
+        s += w[e] * static_cast<Acc>(jac(e, d));
+      }
+      scratch[d] = s;
+      dot += s * static_cast<Acc>(eps[d]);
+    }
+    logdet += static_cast<Acc>(logdet_coeffs[k]) * dot;
+    for (int64_t d = 0; d < dim; ++d) {
+      w[d] = scratch[d];
+      if (neumann) {
+        w_tilde[d] += static_cast<Acc>(neumann_coeffs[k]) * scratch[d];
+      }
+    }
+  }
+}
+
+// W / max(1, sigma / coeff) (torch.max: NaN propagates): the factor W is divided by.
+template <class T>
+RESFLOW_HOST_DEVICE_INLINE T normalization_factor(T sigma, T coeff) {
+  const T r = sigma / coeff;
+  return r > T(1) || r != r ? r : T(1);
+}
+
+// d factor / d sigma as autograd takes it through torch.max: 1/coeff where sigma / coeff > 1, half of it
+// at a tie (torch.max splits the gradient of equal inputs), 0 below.
+template <class T>
+RESFLOW_HOST_DEVICE_INLINE T normalization_slope(T sigma, T coeff) {
+  const T r = sigma / coeff;
+  const T share = r > T(1) || r != r ? T(1) : (r == T(1) ? T(0.5) : T(0));
+  return share / coeff;
+}
+
+}  // namespace resflow_cuda::math
