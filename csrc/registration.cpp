@@ -39,12 +39,15 @@ constexpr const char* kKernelSchemas[] = {
     // The fused dense block's kernels (csrc/include/resflow/dense_jacobian_math.h): a LipSwish step of a
     // forward-mode Jacobian stack (returns h, a) and its backward on the primal and eps-tangent rows
     // (returns the co-tangents and beta's gradient); the power series from the last stack (returns g,
-    // logdet, the surrogate and w~); W / max(1, sigma / coeff) for many layers into `out`, sigma into
+    // logdet, the surrogate and w~) and, for the basic estimator, the seed of the backward from the log-det's
+    // gradient (grad_g on the primal rows, dL/dJ on the Jacobian's); W / max(1, sigma / coeff) for many layers into `out`, sigma into
     // `sigmas` and `scales`, and its backward.
     "jacobian_lipswish(Tensor z, Tensor? bias, Tensor beta, int batch) -> (Tensor, Tensor)",
     "jacobian_lipswish_backward(Tensor grad, Tensor h, Tensor tangent, Tensor beta) -> (Tensor, Tensor)",
     "jacobian_series(Tensor z, Tensor? bias, Tensor eps, float[] logdet_coeffs, float[] neumann_coeffs) "
     "-> (Tensor, Tensor, Tensor, Tensor)",
+    "jacobian_series_backward(Tensor z, Tensor eps, float[] logdet_coeffs, Tensor grad_logdet, Tensor grad_g) "
+    "-> Tensor",
     "lipschitz_normalize_(Tensor[] weights, Tensor[] us, Tensor[] vs, float[] coeffs, Tensor(a!)[] out, "
     "Tensor(b!) sigmas, Tensor(c!)[] scales) -> ()",
     "lipschitz_normalize_backward(Tensor[] grads, Tensor[] weights, Tensor[] us, Tensor[] vs, Tensor sigmas, "
@@ -64,11 +67,12 @@ constexpr const char* kCompositeSchemas[] = {
     "Tensor?[] betas, bool[] has_bias) -> (Tensor, Tensor, Tensor[], Tensor[], Tensor[])",
     // A dense branch in forward mode (csrc/composite/dense_jacobian_block.cpp): g, the series' log-det,
     // the Neumann surrogate and w~, and what the backward keeps (per step h, the input stack and the
-    // activated stack); the backward of <grad_g, g> + <grad_value, surrogate>.
+    // activated stack, and the last stack); the backward from the co-tangents `seed` of the last stack's
+    // first blocks (g and J eps for the Neumann surrogate; all of them for the basic estimator).
     "dense_jacobian_forward(Tensor x, Tensor eps, Tensor[] weights, Tensor?[] biases, Tensor?[] betas, "
     "float[] logdet_coeffs, float[] neumann_coeffs) -> (Tensor, Tensor, Tensor, Tensor, Tensor[], Tensor[], Tensor[])",
-    "dense_jacobian_backward(Tensor grad_g, Tensor grad_value, Tensor w_tilde, Tensor[] weights, Tensor?[] biases, "
-    "Tensor?[] betas, Tensor[] hs, Tensor[] stacks, Tensor[] activated) -> (Tensor, Tensor[], Tensor[], Tensor[])",
+    "dense_jacobian_backward(Tensor seed, Tensor[] weights, Tensor?[] biases, Tensor?[] betas, Tensor[] hs, "
+    "Tensor[] stacks, Tensor[] activated) -> (Tensor, Tensor[], Tensor[], Tensor[])",
 };
 
 }  // namespace

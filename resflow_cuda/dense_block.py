@@ -1,26 +1,28 @@
 """The fused dense block: a small dense residual branch's whole training step in a few op calls.
 
 For a branch that :mod:`resflow_cuda.linearize` recognises, made of dense layers with LipSwish (or no)
-activations, on inputs (B, D) with D <= :data:`MAX_DIM`, the Neumann estimator with backward-in-forward
-(normflows' ``Residual`` default, the reference's ``neumann_grad=True, grad_in_forward=True``) runs as:
+activations, on inputs (B, D) with D <= :data:`MAX_DIM`, a training step of either estimator (the Neumann
+estimator with or without backward-in-forward, normflows' ``Residual`` default; the basic estimator
+differentiated through every term, the reference toy model's) runs as:
 
 - forward: the weights of every layer that registered a ``normalization`` (this library's
   SpectralNormLinear / InducedNormLinear) are normalized in one op (``lipschitz_normalize_``, which also
   writes their ``scale`` buffers); then one op (``dense_jacobian_forward``) runs the branch in forward
   mode on a stack of 2 + D blocks of the batch (x, the probe eps and the D input directions), one
   matrix product and one fused bias + LipSwish + derivative kernel per layer, and takes every term of
-  the series, the Neumann vector w~ and the surrogate <w~^T J, eps> from the Jacobians in one kernel;
-- backward: one op (``dense_jacobian_backward``) takes g's gradient and the surrogate's (w~ constant)
-  together through the primal rows and the eps tangent, two products and one fused kernel per layer,
-  then one op the normalization's backward.
+  the series (and, for the Neumann estimator, w~ and the surrogate <w~^T J, eps>) from the Jacobians in
+  one kernel;
+- backward: one op (``dense_jacobian_backward``) takes g's gradient and the value's together back through
+  the stacks from a seed: for the Neumann surrogate (w~ constant) the primal rows and the eps tangent
+  only; for the basic estimator every block, seeded with d(estimate)/dJ by ``jacobian_series_backward``;
+  two products and one fused kernel per layer; then one op the normalization's backward.
 
 The draws, coefficients, values and gradients are the linearized path's (to rounding: the terms come
 from the Jacobian instead of chained vector-Jacobian products). Memory: per layer the stack's rows
-(2 + D times the branch's activations), whatever the number of terms. As with backward-in-forward, a
+(2 + D times the branch's activations), whatever the number of terms. With backward-in-forward a
 non-uniform upstream gradient of the log-det is refused (the block's documented behaviour), although
 this backward would be exact for it. Under autocast, for other activations or shapes, the linearized
-path runs instead.
-"""
+path runs instead."""
 
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from . import dense_ops, ops
 from .estimators import SeriesPlan, require_uniform_upstream
 from .linearize import IDENTITY, LIPSWISH, LinearizedBranch
 
-__all__ = ["MAX_DIM", "fused_neumann_estimate"]
+__all__ = ["MAX_DIM", "fused_estimate"]
 
 # The largest input width D of the fused block: its stack has 2 + D blocks of rows, which for larger D
 # costs more products than the vector-Jacobian series of the linearized path.
@@ -48,7 +50,8 @@ class _Spec:
     detach: list[bool]
     scales: list[Tensor]
     logdet_coeffs: list[float]
-    neumann_coeffs: list[float]
+    neumann_coeffs: list[float]  # empty: the basic estimator
+    uniform_upstream: bool
 
 
 def _eligible(branch: LinearizedBranch, x: Tensor) -> bool:
@@ -57,20 +60,24 @@ def _eligible(branch: LinearizedBranch, x: Tensor) -> bool:
             and all(step.activation in (IDENTITY, LIPSWISH) for step in branch.steps))
 
 
-def fused_neumann_estimate(branch: LinearizedBranch, x: Tensor, eps: Tensor,
-                           plan: SeriesPlan) -> tuple[Tensor, Tensor, Tensor] | None:
-    """``(g, surrogate, estimate)`` of the Neumann estimator with backward-in-forward on the fused block
-    (module docstring), or None when the branch or x does not qualify.
+def fused_estimate(branch: LinearizedBranch, x: Tensor, eps: Tensor, plan: SeriesPlan, neumann: bool,
+                   uniform_upstream: bool) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``(g, value, estimate)`` of a training step on the fused block (module docstring), or None when the
+    branch or x does not qualify.
 
     Args:
         branch: the linearized branch.
         x: the block's input (B, D).
         eps: the probe, like x.
         plan: the series' terms and coefficients.
+        neumann: the Neumann estimator (value: the surrogate <w~^T J, eps>); else the basic estimator
+            differentiated through every term (value: the estimate itself).
+        uniform_upstream: refuse, in backward, an upstream gradient of the value that differs between
+            samples while the branch has parameters (backward-in-forward's condition).
 
     Returns:
-        g (B, D) and the surrogate (B,) with their graphs to x and the branch's parameters, and the
-        log-det estimate (B,) without graph.
+        g (B, D) and the value (B,) with their graphs to x and the branch's parameters, and the log-det
+        estimate (B,) without graph.
     """
     if not _eligible(branch, x):
         return None
@@ -94,14 +101,15 @@ def fused_neumann_estimate(branch: LinearizedBranch, x: Tensor, eps: Tensor,
             biases.append(step.layer.bias)
             betas.append(step.act_module.beta if step.activation == LIPSWISH else None)
     n = plan.n_terms
-    spec = _Spec(len(weights), normalized, coeffs, detach, scales,
-                 [plan.logdet_coeff(k) for k in range(1, n + 1)], [plan.neumann_coeff(k) for k in range(1, n + 1)])
-    return _FusedDenseBlock.apply(spec, x, eps, *weights, *biases, *betas, *us, *vs)
+    spec = _Spec(len(weights), normalized, coeffs, detach, scales, [plan.logdet_coeff(k) for k in range(1, n + 1)],
+                 [plan.neumann_coeff(k) for k in range(1, n + 1)] if neumann else [], uniform_upstream)
+    g, value, estimate = _FusedDenseBlock.apply(spec, x, eps, *weights, *biases, *betas, *us, *vs)
+    return g, value, estimate if neumann else value.detach()
 
 
 class _FusedDenseBlock(torch.autograd.Function):
-    """forward(spec, x, eps, *weights, *biases, *betas, *us, *vs) -> (g, surrogate, estimate); see the
-    module docstring."""
+    """forward(spec, x, eps, *weights, *biases, *betas, *us, *vs) -> (g, value, estimate) (estimate empty
+    for the basic estimator, whose value is the estimate); see the module docstring."""
 
     @staticmethod
     def forward(ctx, spec: _Spec, x, eps, *tensors):
@@ -117,23 +125,33 @@ class _FusedDenseBlock(torch.autograd.Function):
         g, logdet, value, w_tilde, hs, stacks, activated = dense_ops.dense_jacobian_forward(
             x, eps, weights, biases, betas, spec.logdet_coeffs, spec.neumann_coeffs)
         ctx.spec, ctx.biases, ctx.betas, ctx.sigmas = spec, biases, betas, sigmas
-        ctx.cache = (w_tilde, weights, hs, stacks, activated)
+        ctx.cache = (eps, w_tilde, weights, hs, stacks, activated)
         ctx.save_for_backward(*raw, *us, *vs)
         logdet = logdet.to(eps.dtype)
+        if not spec.neumann_coeffs:  # the basic estimator: the value is the estimate
+            estimate = logdet.new_empty(0)
+            ctx.mark_non_differentiable(estimate)
+            return g, logdet, estimate
         ctx.mark_non_differentiable(logdet)
         return g, value.to(eps.dtype), logdet
 
     @staticmethod
     def backward(ctx, grad_g, grad_value, _grad_estimate):
         spec = ctx.spec
-        n, k = spec.steps, len(spec.normalized)
+        k = len(spec.normalized)
         saved = ctx.saved_tensors
         raw, us, vs = list(saved[:k]), list(saved[k:2 * k]), list(saved[2 * k:])
-        w_tilde, weights, hs, stacks, activated = ctx.cache
-        if grad_value.numel() > 0 and any(p is not None and p.requires_grad for p in (*weights, *ctx.biases, *ctx.betas)):
+        eps, w_tilde, weights, hs, stacks, activated = ctx.cache
+        if (spec.uniform_upstream and grad_value.numel() > 0
+                and any(p is not None and p.requires_grad for p in (*weights, *ctx.biases, *ctx.betas))):
             require_uniform_upstream(grad_value, grad_value.reshape(-1)[0])
+        grad_g = grad_g.contiguous()
+        if spec.neumann_coeffs:
+            seed = torch.cat([grad_g, w_tilde * grad_value.to(w_tilde.dtype).unsqueeze(1)])
+        else:
+            seed = dense_ops.jacobian_series_backward(stacks[-1], eps, spec.logdet_coeffs, grad_value, grad_g)
         grad_x, grad_weights, grad_biases, grad_betas = dense_ops.dense_jacobian_backward(
-            grad_g.contiguous(), grad_value, w_tilde, weights, ctx.biases, ctx.betas, hs, stacks, activated)
+            seed, weights, ctx.biases, ctx.betas, hs, stacks, activated)
         if raw:
             through = dense_ops.lipschitz_normalize_backward([grad_weights[i] for i in spec.normalized], raw, us, vs,
                                                              ctx.sigmas, spec.coeffs, spec.detach)

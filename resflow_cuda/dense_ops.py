@@ -15,7 +15,8 @@ from torch import Tensor
 
 from .ops import _OPS, _accumulator_like, _not_differentiable, _without_autocast
 
-__all__ = ["dense_jacobian_backward", "dense_jacobian_forward", "lipschitz_normalize_", "lipschitz_normalize_backward"]
+__all__ = ["dense_jacobian_backward", "dense_jacobian_forward", "jacobian_series_backward", "lipschitz_normalize_",
+           "lipschitz_normalize_backward"]
 
 
 def dense_jacobian_forward(x: Tensor, eps: Tensor, weights: list[Tensor], biases: list[Tensor | None],
@@ -29,13 +30,22 @@ def dense_jacobian_forward(x: Tensor, eps: Tensor, weights: list[Tensor], biases
     return _OPS.dense_jacobian_forward(x, eps, weights, biases, betas, logdet_coeffs, neumann_coeffs)
 
 
-def dense_jacobian_backward(grad_g: Tensor, grad_value: Tensor, w_tilde: Tensor, weights: list[Tensor],
-                            biases: list[Tensor | None], betas: list[Tensor | None], hs: list[Tensor],
-                            stacks: list[Tensor], activated: list[Tensor]):
-    """The gradient of sum_b (<grad_g_b, g_b> + grad_value_b <w~_b^T J_b, e_b>), w~ held constant, with
-    respect to x, every weight, bias and raw beta (empty tensors where a step has none), from
-    :func:`dense_jacobian_forward`'s outputs. Returns ``(grad_x, grad_weights, grad_biases, grad_betas)``."""
-    return _OPS.dense_jacobian_backward(grad_g, grad_value, w_tilde, weights, biases, betas, hs, stacks, activated)
+def dense_jacobian_backward(seed: Tensor, weights: list[Tensor], biases: list[Tensor | None],
+                            betas: list[Tensor | None], hs: list[Tensor], stacks: list[Tensor], activated: list[Tensor]):
+    """The gradient with respect to x, every weight, bias and raw beta (empty tensors where a step has none)
+    of sum <seed, the first rows of the last stack>, through :func:`dense_jacobian_forward`'s stacks:
+    ``seed`` = [grad_g; grad_value w~] for the Neumann surrogate (w~ held constant), or
+    :func:`jacobian_series_backward`'s for the basic estimator. Returns ``(grad_x, grad_weights,
+    grad_biases, grad_betas)``."""
+    return _OPS.dense_jacobian_backward(seed, weights, biases, betas, hs, stacks, activated)
+
+
+def jacobian_series_backward(z: Tensor, eps: Tensor, logdet_coeffs: list[float], grad_logdet: Tensor,
+                             grad_g: Tensor) -> Tensor:
+    """The seed of :func:`dense_jacobian_backward` for the basic estimator sum_k logdet_coeffs[k] e^T J^k e
+    differentiated through every term: ``grad_g`` on the primal rows of the last stack ``z``, 0 on the eps
+    tangent, ``grad_logdet`` times d(estimate)/dJ on the Jacobian's rows."""
+    return _OPS.jacobian_series_backward(z, eps, logdet_coeffs, grad_logdet, grad_g)
 
 
 def lipschitz_normalize_(weights: list[Tensor], us: list[Tensor], vs: list[Tensor], scales: list[Tensor],
@@ -73,6 +83,11 @@ def _jacobian_series_fake(z, bias, eps, logdet_coeffs, neumann_coeffs):
             eps.new_empty(eps.shape if neumann else (0,)))
 
 
+@torch.library.register_fake("resflow_cuda::jacobian_series_backward")
+def _jacobian_series_backward_fake(z, eps, logdet_coeffs, grad_logdet, grad_g):
+    return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("resflow_cuda::lipschitz_normalize_")
 def _lipschitz_normalize_fake(weights, us, vs, coeffs, out, sigmas, scales):
     return None
@@ -90,18 +105,18 @@ def _dense_jacobian_forward_fake(x, eps, weights, biases, betas, logdet_coeffs, 
     widths = [dim] + [w.shape[0] for w in weights[:-1]]
     rows = (2 + dim) * batch
     return (g, logdet, value, w_tilde, [x.new_empty((batch, n)) for n in widths],
-            [x.new_empty((rows, n)) for n in widths], [x.new_empty((rows, n)) for n in widths])
+            [x.new_empty((rows, n)) for n in widths + [dim]], [x.new_empty((rows, n)) for n in widths])
 
 
 @torch.library.register_fake("resflow_cuda::dense_jacobian_backward")
-def _dense_jacobian_backward_fake(grad_g, grad_value, w_tilde, weights, biases, betas, hs, stacks, activated):
-    return (torch.empty_like(grad_g), [w.new_empty(w.shape) for w in weights],
+def _dense_jacobian_backward_fake(seed, weights, biases, betas, hs, stacks, activated):
+    return (seed.new_empty(hs[0].shape[0], seed.shape[1]), [w.new_empty(w.shape) for w in weights],
             [w.new_empty((w.shape[0],) if b is not None else (0,)) for w, b in zip(weights, biases)],
-            [grad_g.new_empty(b.shape if b is not None else (0,)) for b in betas])
+            [seed.new_empty(b.shape if b is not None else (0,)) for b in betas])
 
 
-for _name in ("jacobian_lipswish", "jacobian_lipswish_backward", "jacobian_series", "lipschitz_normalize_backward",
-              "dense_jacobian_forward", "dense_jacobian_backward"):
+for _name in ("jacobian_lipswish", "jacobian_lipswish_backward", "jacobian_series", "jacobian_series_backward",
+              "lipschitz_normalize_backward", "dense_jacobian_forward", "dense_jacobian_backward"):
     torch.library.register_autograd(f"resflow_cuda::{_name}", _not_differentiable(
         f"resflow_cuda::{_name}", "it is a step of the fused dense block, which computes its gradients itself "
         "(resflow_cuda.linearize)."))

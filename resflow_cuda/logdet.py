@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from . import estimators as est
 from . import ops
-from .dense_block import fused_neumann_estimate
+from .dense_block import fused_estimate
 from .linearize import linearize
 
 __all__ = ["branch_estimate", "branch_jacobian", "exact_trace_logdet", "logdet_exact"]
@@ -61,9 +61,9 @@ def branch_estimate(nnet: nn.Module, x: Tensor, eps: Tensor, plan: est.SeriesPla
         g = nnet(x_in)
         return g, est.AutogradVJP(g, x_in)
 
-    if neumann and grad_in_forward and fast_path:
+    if training and fast_path:
         fast = linearize(nnet)
-        fused = fused_neumann_estimate(fast, x, eps, plan) if fast is not None else None
+        fused = fused_estimate(fast, x, eps, plan, neumann, grad_in_forward) if fast is not None else None
         if fused is not None:
             return fused
     if training and grad_in_forward:

@@ -366,13 +366,16 @@ def jacobian_lipswish(z: Tensor, bias: Tensor | None, beta: Tensor, batch: int) 
 
 
 def jacobian_lipswish_backward(grad: Tensor, h: Tensor, tangent: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
-    """The gradients of <grad[:B], f(h)> + <grad[B:], f'(h) t> with respect to (h, t) (stacked) and beta."""
+    """The gradients of <grad[:B], f(h)> + sum_k <grad[B(k+1):B(k+2)], f'(h) t_k> (t_k the k-th block of B rows
+    of ``tangent``) with respect to (h, tangent) (stacked) and beta."""
     h, tangent, beta = (t.detach().requires_grad_(True) for t in (h, tangent, beta))
+    batch = h.shape[0]
+    blocks = tangent.shape[0] // batch if batch else 0
     with torch.enable_grad():
         value, slope = lipswish_with_derivative(h, beta)
-        total = (grad[:h.shape[0]] * value).sum() + (grad[h.shape[0]:] * slope * tangent).sum()
-        gh, gt, gb = torch.autograd.grad(total, (h, tangent, beta))
-    return torch.cat([gh, gt]), gb
+        total = (grad[:batch] * value).sum() + (grad[batch:] * slope.repeat(blocks, 1) * tangent).sum()
+        gh, gt, gb = torch.autograd.grad(total, (h, tangent, beta), allow_unused=True)
+    return torch.cat([gh, torch.zeros_like(tangent) if gt is None else gt]), gb
 
 
 def _series_from_jacobian(jac: Tensor, eps: Tensor, logdet_coeffs, neumann_coeffs):
@@ -417,11 +420,24 @@ def dense_branch(x: Tensor, weights, biases, betas) -> Tensor:
 
 def dense_jacobian_block(x: Tensor, eps: Tensor, weights, biases, betas, logdet_coeffs, neumann_coeffs):
     """(g, logdet, surrogate, w~) of the fused block by autograd: J from D backward passes, the series
-    from J, surrogate = <w~^T J, eps> with w~ detached (so its gradient is the Neumann gradient)."""
+    from J (logdet differentiable through every term: the basic estimator), surrogate = <w~^T J, eps>
+    with w~ detached (so its gradient is the Neumann gradient)."""
     with torch.enable_grad():
         g = dense_branch(x, weights, biases, betas)
         rows = [torch.autograd.grad(g[:, e].sum(), x, create_graph=True)[0] for e in range(g.shape[1])]
         jac = torch.stack(rows, 1)  # (B, e, d)
-        logdet, w_tilde = _series_from_jacobian(jac.detach(), eps, logdet_coeffs, neumann_coeffs)
+        logdet, w_tilde = _series_from_jacobian(jac, eps, logdet_coeffs, neumann_coeffs)
         surrogate = (w_tilde.detach().unsqueeze(2) * jac * eps.unsqueeze(1)).sum((1, 2))
-    return g, logdet, surrogate, w_tilde
+    return g, logdet, surrogate, w_tilde.detach()
+
+
+def jacobian_series_backward(z: Tensor, eps: Tensor, logdet_coeffs, grad_logdet: Tensor, grad_g: Tensor) -> Tensor:
+    """The co-tangents of the last stack for sum_b grad_logdet_b logdet_b + <grad_g, g>, by autograd."""
+    batch = eps.shape[0]
+    leaf = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        _, logdet, _, _ = jacobian_series(leaf, None, eps, logdet_coeffs, [])
+        grad, = torch.autograd.grad((logdet * grad_logdet).sum(), leaf, allow_unused=True)
+    grad = torch.zeros_like(z) if grad is None else grad.clone()
+    grad[:batch] = grad_g
+    return grad

@@ -53,8 +53,9 @@ def _run_all(t):
     weights, betas = [t["block_w1"], t["block_w2"]], [t["block_beta"], t["block_beta"]]
     block = dense_ops.dense_jacobian_forward(t["block_x"], t["block_eps"], weights, [t["block_b1"], None], betas,
                                              [1.0, -0.5, 1 / 3], [-1.0, 0.5, -1 / 3])
-    block_grads = dense_ops.dense_jacobian_backward(block[0], block[2].to(block[0].dtype), block[3], weights,
-                                                    [t["block_b1"], None], betas, *block[4:])
+    seed = dense_ops.jacobian_series_backward(block[5][-1], t["block_eps"], [1.0, -0.5, 1 / 3],
+                                              block[1].to(block[0].dtype), block[0])
+    block_grads = dense_ops.dense_jacobian_backward(seed, weights, [t["block_b1"], None], betas, *block[4:])
     normalized, block_sigmas = dense_ops.lipschitz_normalize_(weights, [t["block_b1"], t["block_x"][0]],
                                                               [t["block_x"][1], t["block_b1"]], [0.5, 0.5],
                                                               [t["block_beta"][0].clone(), t["block_beta"][0].clone()])

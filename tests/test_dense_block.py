@@ -43,10 +43,11 @@ def test_jacobian_lipswish_matches_the_oracle(dtype, batch, width, blocks, with_
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch,width", [(5, 7), (1, 1), (40, 64), (0, 3)])
-def test_jacobian_lipswish_backward_matches_the_oracle(dtype, batch, width):
+@pytest.mark.parametrize("batch,width,blocks", [(5, 7, 1), (1, 1, 1), (40, 64, 1), (0, 3, 1), (6, 9, 4), (3, 2, 0)])
+def test_jacobian_lipswish_backward_matches_the_oracle(dtype, batch, width, blocks):
     g = _gen(1)
-    grad, h, t = (torch.randn(rows, width, generator=g, dtype=dtype) * 3 for rows in (2 * batch, batch, batch))
+    grad, h, t = (torch.randn(rows, width, generator=g, dtype=dtype) * 3
+                  for rows in ((1 + blocks) * batch, batch, blocks * batch))
     beta = torch.tensor([-0.4], dtype=dtype)
     got_grad, got_beta = dense_ops._OPS.jacobian_lipswish_backward(grad, h, t, beta)
     expected_grad, expected_beta = reference.jacobian_lipswish_backward(grad, h, t, beta)
@@ -139,10 +140,25 @@ def _block_args(dtype, dims=(3, 16, 9, 3), batch=11, identity_first=False, seed=
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,dim,terms", [(6, 2, 4), (3, 5, 1), (1, 1, 9), (17, 16, 6)])
+def test_jacobian_series_backward_matches_the_oracle(dtype, batch, dim, terms):
+    g = _gen(10)
+    z = torch.randn((2 + dim) * batch, dim, generator=g, dtype=dtype) * 0.3
+    eps = torch.randn(batch, dim, generator=g, dtype=dtype)
+    grad_logdet = torch.randn(batch, generator=g, dtype=dtype)
+    grad_g = torch.randn(batch, dim, generator=g, dtype=dtype)
+    logdet_coeffs, _ = _coeffs(terms)
+    got = dense_ops.jacobian_series_backward(z, eps, logdet_coeffs, grad_logdet, grad_g)
+    _close(got, reference.jacobian_series_backward(z, eps, logdet_coeffs, grad_logdet, grad_g), dtype, scale=10.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("identity_first", [False, True])
-def test_dense_jacobian_forward_and_backward_match_the_autograd_oracle(dtype, identity_first):
+@pytest.mark.parametrize("estimator", ["neumann", "basic"])
+def test_dense_jacobian_forward_and_backward_match_the_autograd_oracle(dtype, identity_first, estimator):
     x, eps, weights, biases, betas = _block_args(dtype, identity_first=identity_first)
     logdet_coeffs, neumann_coeffs = _coeffs(5)
+    neumann_coeffs = neumann_coeffs if estimator == "neumann" else []
     g, logdet, value, w_tilde, hs, stacks, activated = dense_ops.dense_jacobian_forward(
         x, eps, weights, biases, betas, logdet_coeffs, neumann_coeffs)
     leaves = [t.clone().requires_grad_(True) for t in [x, *weights]]
@@ -150,14 +166,25 @@ def test_dense_jacobian_forward_and_backward_match_the_autograd_oracle(dtype, id
     beta_leaves = [None if b is None else b.clone().requires_grad_(True) for b in betas]
     eg, elogdet, evalue, ew_tilde = reference.dense_jacobian_block(leaves[0], eps, leaves[1:], bias_leaves,
                                                                    beta_leaves, logdet_coeffs, neumann_coeffs)
-    for a, b in ((g, eg), (logdet, elogdet), (value, evalue), (w_tilde, ew_tilde)):
-        _close(a, b.detach().to(a.dtype), dtype, scale=10.0)
+    _close(g, eg.detach(), dtype, scale=10.0)
+    _close(logdet, elogdet.detach().to(logdet.dtype), dtype, scale=10.0)
+    if estimator == "neumann":
+        _close(value, evalue.detach().to(value.dtype), dtype, scale=10.0)
+        _close(w_tilde, ew_tilde.to(w_tilde.dtype), dtype, scale=10.0)
+    else:
+        assert value.numel() == 0 and w_tilde.numel() == 0
     grad_g = torch.randn(g.shape, generator=_gen(8), dtype=dtype)
     grad_value = torch.randn(g.shape[0], generator=_gen(9), dtype=dtype)
+    if estimator == "neumann":
+        seed = torch.cat([grad_g, w_tilde * grad_value.unsqueeze(1)])
+        through = evalue  # the surrogate: its gradient is the Neumann gradient
+    else:
+        seed = dense_ops.jacobian_series_backward(stacks[-1], eps, logdet_coeffs, grad_value, grad_g)
+        through = elogdet  # the basic estimator: differentiated through every term
     grad_x, grad_weights, grad_biases, grad_betas = dense_ops.dense_jacobian_backward(
-        grad_g, grad_value, w_tilde, weights, biases, betas, hs, stacks, activated)
+        seed, weights, biases, betas, hs, stacks, activated)
     wrt = leaves + [b for b in bias_leaves + beta_leaves if b is not None]
-    expected = torch.autograd.grad((eg * grad_g).sum() + (evalue * grad_value).sum(), wrt)
+    expected = torch.autograd.grad((eg * grad_g).sum() + (through * grad_value).sum(), wrt)
     got = [grad_x, *grad_weights, *[b for b, ref in zip(grad_biases, biases) if ref is not None],
            *[b for b, ref in zip(grad_betas, betas) if ref is not None]]
     assert len(got) == len(expected)
@@ -171,9 +198,10 @@ def test_ops_pass_opcheck():
     lc, nc = _coeffs(3)
     out = dense_ops.dense_jacobian_forward(x, eps, weights, biases, betas, lc, nc)
     torch.library.opcheck(torch.ops.resflow_cuda.dense_jacobian_forward, (x, eps, weights, biases, betas, lc, nc))
-    grad_value = torch.ones(x.shape[0], dtype=x.dtype)
-    torch.library.opcheck(torch.ops.resflow_cuda.dense_jacobian_backward,
-                          (out[0], grad_value, out[3], weights, biases, betas, *out[4:]))
+    seed = torch.cat([out[0], out[3]])
+    torch.library.opcheck(torch.ops.resflow_cuda.dense_jacobian_backward, (seed, weights, biases, betas, *out[4:]))
+    torch.library.opcheck(torch.ops.resflow_cuda.jacobian_series_backward,
+                          (out[5][-1], eps, lc, torch.ones(x.shape[0], dtype=x.dtype), out[0]))
     z = torch.randn(12, 5, dtype=torch.float64)
     torch.library.opcheck(torch.ops.resflow_cuda.jacobian_lipswish, (z, None, torch.tensor([0.2], dtype=z.dtype), 3))
     torch.library.opcheck(torch.ops.resflow_cuda.jacobian_lipswish_backward,
@@ -225,18 +253,22 @@ def _ops_of(block, x):
 
 
 @pytest.mark.parametrize("layer", [InducedNormLinear, SpectralNormLinear])
-def test_a_small_dense_block_trains_on_the_fused_ops(layer):
-    block = iResBlock(_mlp(layer), neumann_grad=True, grad_in_forward=True).double()
+@pytest.mark.parametrize("neumann_grad,grad_in_forward", [(True, True), (True, False), (False, False), (False, True)])
+def test_a_small_dense_block_trains_on_the_fused_ops(layer, neumann_grad, grad_in_forward):
+    block = iResBlock(_mlp(layer), neumann_grad=neumann_grad, grad_in_forward=grad_in_forward).double()
     names = _ops_of(block, torch.randn(8, 3, dtype=torch.float64))
     assert {"resflow_cuda::dense_jacobian_forward", "resflow_cuda::dense_jacobian_backward",
             "resflow_cuda::lipschitz_normalize_", "resflow_cuda::lipschitz_normalize_backward"} <= names
     assert "resflow_cuda::linearized_logdet_series" not in names
 
 
-@pytest.mark.parametrize("why", ["wide", "eval", "basic", "autocast"])
+@pytest.mark.parametrize("why", ["wide", "eval", "elu", "autocast"])
 def test_other_blocks_take_the_linearized_path(why):
     dims = (20, 8, 20) if why == "wide" else (3, 8, 3)
-    block = iResBlock(_mlp(InducedNormLinear, dims), neumann_grad=why != "basic", grad_in_forward=why != "basic")
+    net = _mlp(InducedNormLinear, dims)
+    if why == "elu":
+        net[2] = torch.nn.ELU()
+    block = iResBlock(net, neumann_grad=True, grad_in_forward=True)
     x = torch.randn(6, dims[0])
     if why == "eval":
         block.eval()
@@ -245,8 +277,7 @@ def test_other_blocks_take_the_linearized_path(why):
     with context:
         names = _ops_of(block, x) if why != "eval" else _eval_ops(block, x)
     assert "resflow_cuda::dense_jacobian_forward" not in names
-    # the basic estimator differentiates every term (forward-mode Jacobians for D < n); the others: the series op
-    assert why == "basic" or "resflow_cuda::linearized_logdet_series" in names
+    assert "resflow_cuda::linearized_logdet_series" in names
 
 
 def _eval_ops(block, x):
@@ -256,10 +287,11 @@ def _eval_ops(block, x):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_the_fused_block_agrees_with_the_linearized_path(dtype, monkeypatch):
+@pytest.mark.parametrize("neumann_grad", [True, False])
+def test_the_fused_block_agrees_with_the_linearized_path(dtype, neumann_grad, monkeypatch):
     # Two routes of this library over the same draws (the normflows and reference-fixture tests compare
     # the fused route with the reference code); the difference is rounding only.
-    block = iResBlock(_mlp(InducedNormLinear), neumann_grad=True, grad_in_forward=True).to(dtype)
+    block = iResBlock(_mlp(InducedNormLinear), neumann_grad=neumann_grad, grad_in_forward=neumann_grad).to(dtype)
     twin = copy.deepcopy(block)
     x = torch.randn(9, 3, dtype=dtype)
     results = []

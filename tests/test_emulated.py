@@ -429,8 +429,8 @@ def test_jacobian_lipswish_kernels_match_the_cpu_ops(emu, dtype, batch, width, b
     for a, b in zip(emu.jacobian_lipswish(z, bias, beta, batch, sms), dense_ops._OPS.jacobian_lipswish(z, bias, beta,
                                                                                                        batch)):
         _dense_close(a, b, dtype)
-    grad = torch.randn(2 * batch, width, generator=g, dtype=torch.float64).to(dtype)
-    h, t = z[:batch], z[batch:2 * batch] if blocks >= 2 else z[:batch]
+    grad = torch.randn(blocks * batch, width, generator=g, dtype=torch.float64).to(dtype)
+    h, t = z[:batch], z[batch:]  # every further block is a tangent
     got = emu.jacobian_lipswish_backward(grad, h, t, beta, sms)
     expected = dense_ops._OPS.jacobian_lipswish_backward(grad, h, t, beta)
     _dense_close(got[0], expected[0], dtype)
@@ -452,6 +452,18 @@ def test_jacobian_series_kernel_matches_the_cpu_op(emu, dtype, batch, dim, terms
     expected = dense_ops._OPS.jacobian_series(z, bias, eps, logdet_coeffs, neumann_coeffs)
     for a, b in zip(got, expected):
         _dense_close(a, b, dtype, scale=10.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch,dim,terms,sms", [(7, 2, 5, 1), (300, 6, 3, 2), (3, 16, 40, 1), (1, 1, 1, 1)])
+def test_jacobian_series_backward_kernel_matches_the_cpu_op(emu, dtype, batch, dim, terms, sms):
+    g = torch.Generator().manual_seed(3)
+    z = (0.3 * torch.randn((2 + dim) * batch, dim, generator=g, dtype=torch.float64)).to(dtype)
+    eps, grad_g = (torch.randn(batch, dim, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    grad_logdet = torch.randn(batch, generator=g, dtype=torch.float64).to(dtype)
+    coeffs = [(-1) ** k / (k + 1) for k in range(terms)]
+    got = emu.jacobian_series_backward(z, eps, coeffs, grad_logdet, grad_g, sms)
+    _dense_close(got, dense_ops.jacobian_series_backward(z, eps, coeffs, grad_logdet, grad_g), dtype, scale=10.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -493,6 +505,11 @@ def _run_jacobian_series(emu):
     emu.jacobian_series(torch.randn(8, 2), None, torch.randn(2, 2), [0.5, -0.25], [0.5, 0.5], 1)
 
 
+def _run_jacobian_series_backward(emu):
+    emu.jacobian_series_backward(torch.randn(8, 2), torch.randn(2, 2), [0.5, -0.25], torch.ones(2), torch.ones(2, 2),
+                                 1)
+
+
 def _run_lipschitz_normalize(emu):
     w, u, v = torch.randn(4, 3), torch.randn(4), torch.randn(3)
     out, sigmas = [torch.empty(4, 3)], torch.empty(1)
@@ -515,6 +532,7 @@ REGISTRY = {
     "jacobian_lipswish_kernel": _run_jacobian_lipswish,
     "jacobian_lipswish_backward_kernel": _run_jacobian_lipswish_backward,
     "jacobian_series_kernel": _run_jacobian_series,
+    "jacobian_series_backward_kernel": _run_jacobian_series_backward,
     "lipschitz_normalize_kernel": _run_lipschitz_normalize,
     "lipschitz_normalize_backward_kernel": _run_lipschitz_normalize,
 }

@@ -463,18 +463,21 @@ def _count_jacobians(monkeypatch):
                                     dict(grad_in_forward=True), dict(n_power_series=4)],
                          ids=["geometric", "poisson-3", "grad-in-forward", "truncated"])
 def test_low_dimensional_basic_estimator_takes_forward_mode(kwargs, monkeypatch):
+    # ELU branches: LipSwish ones take the fused dense block in training (tests/test_dense_block.py)
     calls = _count_jacobians(monkeypatch)
     for dtype in (torch.float64, torch.float32):
-        _compare(_mlp([2, 16, 16, 2]), torch.randn(10, 2, dtype=dtype), neumann_grad=False, seeds=(1, 2, 3),
-                 **kwargs)
+        _compare(_mlp([2, 16, 16, 2], act=nn.ELU), torch.randn(10, 2, dtype=dtype), neumann_grad=False,
+                 seeds=(1, 2, 3), **kwargs)
     assert calls and all(shape == (10, 2) for shape in calls)
 
 
 def test_forward_mode_only_when_cheaper_than_the_series(monkeypatch):
     calls = _count_jacobians(monkeypatch)
-    _compare(_mlp([3, 8, 3]), torch.randn(4, 3, dtype=torch.float64), neumann_grad=False, n_power_series=3)
+    _compare(_mlp([3, 8, 3], act=nn.ELU), torch.randn(4, 3, dtype=torch.float64), neumann_grad=False,
+             n_power_series=3)
     assert not calls  # D = 3 is not fewer than the 3 terms: autograd VJPs
-    _compare(_mlp([3, 8, 3]), torch.randn(4, 3, dtype=torch.float64), neumann_grad=False, n_power_series=4)
+    _compare(_mlp([3, 8, 3], act=nn.ELU), torch.randn(4, 3, dtype=torch.float64), neumann_grad=False,
+             n_power_series=4)
     assert calls
 
 

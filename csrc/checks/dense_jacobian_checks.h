@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <utility>
 
 #include "checks/tensor_checks.h"
 
@@ -75,16 +76,25 @@ inline JacobianLipSwishOperands jacobian_lipswish_operands(const char* op, const
   return o;
 }
 
+// grad: the co-tangents of the primal rows (B) and of the tangent rows (T blocks of B) of a stack; h (B, H)
+// the primal pre-activation; tangent (T B, H) the tangents' pre-activations.
 inline void check_jacobian_lipswish_backward(const char* op, const at::Tensor& grad, const at::Tensor& h,
                                              const at::Tensor& tangent, const at::Tensor& beta) {
   check_matrix(op, "h", h);
-  check_matches(op, "tangent", tangent, "h", h);
+  check_matrix(op, "tangent", tangent);
   check_matrix(op, "grad", grad);
-  check_same_dtype(op, "grad", grad, "h", h);
-  check_same_device(op, "grad", grad, "h", h);
-  TORCH_CHECK(grad.size(0) == 2 * h.size(0) && grad.size(1) == h.size(1), op,
-              ": expected grad of shape [", 2 * h.size(0), ", ", h.size(1), "] (the primal and tangent rows), but got ",
-              grad.sizes());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"tangent", tangent},
+                                std::pair<const char*, const at::Tensor&>{"grad", grad}}) {
+    check_same_dtype(op, name, t, "h", h);
+    check_same_device(op, name, t, "h", h);
+  }
+  const int64_t batch = h.size(0);
+  TORCH_CHECK(tangent.size(1) == h.size(1) && (batch == 0 ? tangent.size(0) == 0 : tangent.size(0) % batch == 0), op,
+              ": expected tangent to have ", h.size(1), " columns and a multiple of h's ", batch,
+              " rows, but got shape ", tangent.sizes());
+  TORCH_CHECK(grad.size(0) == batch + tangent.size(0) && grad.size(1) == h.size(1), op,
+              ": expected grad of shape [", batch + tangent.size(0), ", ", h.size(1),
+              "] (the primal and tangent rows), but got ", grad.sizes());
   check_scalar_param(op, "beta", beta);
   check_same_dtype(op, "beta", beta, "h", h);
   check_same_device(op, "beta", beta, "h", h);
@@ -131,6 +141,15 @@ inline JacobianSeriesOperands jacobian_series_operands(const char* op, const at:
   o.value = at::empty({o.neumann ? o.batch : 0}, acc);
   o.w_tilde = o.neumann ? at::empty({o.batch, o.dim}, eps.options()) : at::empty({0}, eps.options());
   return o;
+}
+
+inline void check_jacobian_series_backward(const char* op, const at::Tensor& z, const at::Tensor& eps,
+                                           const at::Tensor& grad_logdet, const at::Tensor& grad_g) {
+  check_jacobian_series(op, z, std::nullopt, eps, 0, 0);
+  check_matches(op, "grad_g", grad_g, "eps", eps);
+  TORCH_CHECK(grad_logdet.dim() == 1 && grad_logdet.size(0) == eps.size(0), op, ": expected grad_logdet of shape [",
+              eps.size(0), "], but got ", grad_logdet.sizes());
+  check_same_device(op, "grad_logdet", grad_logdet, "eps", eps);
 }
 
 inline void check_normalize_lists(const char* op, at::TensorList weights, at::TensorList us, at::TensorList vs,

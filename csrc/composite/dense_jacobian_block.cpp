@@ -7,10 +7,12 @@
 // g and the Jacobians J (B, D, D), from which jacobian_series takes every term of the series, the
 // Neumann vector w~ and the surrogate s = <w~^T J, eps> in one kernel.
 //
-// Backward: L = <grad_g, g> + sum_b grad_value_b s_b, with w~ held constant, goes back through the
-// primal rows and the eps tangent only: per step the co-tangent stack [dh; dt] (2B rows) gives the
-// weight's gradient (one product), the bias' (one sum), the input's (one product) and the step's
-// activation backward (jacobian_lipswish_backward). Exact for any upstream gradient.
+// Backward: from the co-tangents of the last stack's first blocks (the seed), back through those blocks of
+// every stack: per step the co-tangents give the weight's gradient (one product), the bias' (one sum), the
+// input's (one product) and the step's activation backward (jacobian_lipswish_backward). For the Neumann
+// surrogate (w~ held constant) the seed is [grad_g; grad_value w~] on the primal rows and the eps tangent;
+// for the basic estimator jacobian_series_backward seeds all of them (dL/dJ on the Jacobian's blocks).
+// Exact for any upstream gradient.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -124,44 +126,46 @@ dense_jacobian_forward(const at::Tensor& x, const at::Tensor& eps, at::TensorLis
     z = at::mm(activated[i], weights[i].t());
     bias_in = given(biases, i);
   }
+  stacks.push_back(z);  // the last stack: g (before the bias) and the Jacobians
   auto [g, logdet, value, w_tilde] = jacobian_series(z, bias_in, eps, logdet_coeffs, neumann_coeffs);
   return {g, logdet, value, w_tilde, hs, stacks, activated};
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
-dense_jacobian_backward(const at::Tensor& grad_g, const at::Tensor& grad_value, const at::Tensor& w_tilde,
-                        at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
-                        const c10::List<std::optional<at::Tensor>>& betas, at::TensorList hs,
-                        at::TensorList stacks, at::TensorList activated) {
+dense_jacobian_backward(const at::Tensor& seed, at::TensorList weights,
+                        const c10::List<std::optional<at::Tensor>>& biases,
+                        const c10::List<std::optional<at::Tensor>>& betas, at::TensorList hs, at::TensorList stacks,
+                        at::TensorList activated) {
   constexpr const char* op = "resflow_cuda.dense_jacobian_backward";
-  check_matrix(op, "grad_g", grad_g);
-  check_matches(op, "w_tilde", w_tilde, "grad_g", grad_g);
-  const int64_t batch = grad_g.size(0);
-  TORCH_CHECK(grad_value.dim() == 1 && grad_value.size(0) == batch, op, ": expected grad_value of shape [", batch,
-              "], but got ", grad_value.sizes());
-  check_same_device(op, "grad_value", grad_value, "grad_g", grad_g);
-  check_steps(op, grad_g, weights, biases, betas);
   const size_t steps = weights.size();
-  TORCH_CHECK(hs.size() == steps && stacks.size() == steps && activated.size() == steps, op,
-              ": expected hs, stacks and activated to have one entry per weight (", steps, ")");
-  // The co-tangents of the last stack's primal rows (g) and eps tangent (J eps, seeded by grad_value w~).
-  at::Tensor r = at::cat({grad_g, w_tilde * grad_value.to(w_tilde.scalar_type()).unsqueeze(1)}, 0);
+  TORCH_CHECK(steps >= 1 && hs.size() == steps && activated.size() == steps && stacks.size() == steps + 1, op,
+              ": expected hs and activated to have one entry per weight (", steps, ") and stacks one more, but got ",
+              hs.size(), ", ", activated.size(), " and ", stacks.size());
+  check_matrix(op, "hs[0]", hs[0]);
+  const int64_t batch = hs[0].size(0);
+  check_matrix(op, "seed", seed);
+  TORCH_CHECK(batch > 0 && seed.size(0) % batch == 0 && seed.size(0) >= batch, op,
+              ": expected seed to have a positive multiple of the batch's ", batch, " rows, but got ", seed.sizes());
+  check_steps(op, hs[0], weights, biases, betas);
+  const int64_t rows = seed.size(0);
   std::vector<at::Tensor> grad_weights(steps), grad_biases(steps), grad_betas(steps);
+  at::Tensor r = seed;  // the co-tangents of the first rows / batch blocks of the stack after step i
   for (size_t i = steps; i-- > 0;) {
     for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"activated", activated[i]},
                                   std::pair<const char*, const at::Tensor&>{"stacks", stacks[i]}}) {
-      TORCH_CHECK(t.dim() == 2 && t.size(0) >= 2 * batch && t.size(1) == weights[i].size(1), op, ": expected ", name,
-                  "[", i, "] to have at least ", 2 * batch, " rows of ", weights[i].size(1), ", but got shape ",
+      TORCH_CHECK(t.dim() == 2 && t.size(0) >= rows && t.size(1) == weights[i].size(1), op, ": expected ", name,
+                  "[", i, "] to have at least ", rows, " rows of ", weights[i].size(1), ", but got shape ",
                   t.sizes());
     }
-    grad_weights[i] = at::mm(r.t(), activated[i].narrow(0, 0, 2 * batch));
-    grad_biases[i] = given(biases, i) ? r.narrow(0, 0, batch).sum(0) : at::empty({0}, grad_g.options());
+    grad_weights[i] = at::mm(r.t(), activated[i].narrow(0, 0, rows));
+    grad_biases[i] = given(biases, i) ? r.narrow(0, 0, batch).sum(0) : at::empty({0}, seed.options());
     at::Tensor p = at::mm(r, weights[i]);
     if (const auto beta = given(betas, i)) {
-      std::tie(r, grad_betas[i]) = jacobian_lipswish_backward(p, hs[i], stacks[i].narrow(0, batch, batch), *beta);
+      std::tie(r, grad_betas[i]) =
+          jacobian_lipswish_backward(p, hs[i], stacks[i].narrow(0, batch, rows - batch), *beta);
     } else {
       r = p;
-      grad_betas[i] = at::empty({0}, grad_g.options());
+      grad_betas[i] = at::empty({0}, seed.options());
     }
   }
   return {r.narrow(0, 0, batch), grad_weights, grad_biases, grad_betas};

@@ -11,6 +11,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -72,7 +73,8 @@ std::tuple<at::Tensor, at::Tensor> jacobian_lipswish_cpu(const at::Tensor& z_in,
   return {h, a};
 }
 
-// dh = ga f_x (LipSwish's backward) + t gu f_xx, dt = gu f_x (its double backward with g = t, gg_x = gu).
+// dh = ga f_x (LipSwish's backward) + sum_k t_k gu_k f_xx, dt_k = gu_k f_x (its double backward with g = t_k,
+// gg_x = gu_k), for every tangent block k.
 std::tuple<at::Tensor, at::Tensor> jacobian_lipswish_backward_cpu(const at::Tensor& grad_in, const at::Tensor& h_in,
                                                                   const at::Tensor& t_in, const at::Tensor& beta) {
   constexpr const char* op = "resflow_cuda.jacobian_lipswish_backward";
@@ -91,16 +93,19 @@ std::tuple<at::Tensor, at::Tensor> jacobian_lipswish_backward_cpu(const at::Tens
     const scalar_t* tp = t.const_data_ptr<scalar_t>();
     scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
     const int64_t n = h.numel();
+    const int64_t blocks = n == 0 ? 0 : t.numel() / n;
     std::vector<scalar_t> through_slope(static_cast<size_t>(n));
     const double total = parallel_chunk_sum(n, [&](int64_t begin, int64_t end) {
       const int64_t len = end - begin;
-      const double from_value = static_cast<double>(backward(gp + begin, hp + begin, op_ + begin, len, s));
-      const double from_slope = static_cast<double>(double_backward(
-          tp + begin, gp + n + begin, hp + begin, op_ + n + begin, through_slope.data() + begin, len, s));
-      for (int64_t i = begin; i < end; ++i) {
-        op_[i] += through_slope[i];
+      double acc = static_cast<double>(backward(gp + begin, hp + begin, op_ + begin, len, s));
+      for (int64_t k = 0; k < blocks; ++k) {
+        acc += static_cast<double>(double_backward(tp + k * n + begin, gp + (k + 1) * n + begin, hp + begin,
+                                                   op_ + (k + 1) * n + begin, through_slope.data() + begin, len, s));
+        for (int64_t i = begin; i < end; ++i) {
+          op_[i] += through_slope[i];
+        }
       }
-      return from_value + from_slope;
+      return acc;
     });
     grad_beta = param_filled<scalar_t>(beta, total);
   });
@@ -154,6 +159,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jacobian_series_cpu(
     });
   });
   return {g, logdet, value, w_tilde};
+}
+
+// d(estimate)/dJ(i, d) of one sample, at d * dim + i (the layout of its rows in the seed).
+template <class T>
+struct DenseSeed {
+  T* grad;
+  int64_t dim;
+  void add(int64_t i, int64_t d, T value) const { grad[d * dim + i] += value; }
+};
+
+// The seed of dense_jacobian_backward for the basic estimator: grad_g on the primal rows, 0 on the eps
+// tangent, grad_logdet dL/dJ on the Jacobian's rows.
+at::Tensor jacobian_series_backward_cpu(const at::Tensor& z_in, const at::Tensor& eps_in,
+                                        at::ArrayRef<double> logdet_coeffs, const at::Tensor& grad_logdet_in,
+                                        const at::Tensor& grad_g_in) {
+  check_jacobian_series_backward("resflow_cuda.jacobian_series_backward", z_in, eps_in, grad_logdet_in, grad_g_in);
+  const at::Tensor z = z_in.contiguous();
+  const at::Tensor eps = eps_in.contiguous();
+  const at::Tensor grad_g = grad_g_in.contiguous();
+  const int64_t batch = eps.size(0);
+  const int64_t dim = eps.size(1);
+  at::Tensor seed = at::empty(z.sizes(), z.options());
+  const int64_t terms = static_cast<int64_t>(logdet_coeffs.size());
+  AT_DISPATCH_FLOATING_TYPES(eps.scalar_type(), "jacobian_series_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor grad_logdet = grad_logdet_in.to(eps.scalar_type()).contiguous();
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const scalar_t* ep = eps.const_data_ptr<scalar_t>();
+    const scalar_t* gl = grad_logdet.const_data_ptr<scalar_t>();
+    const scalar_t* gg = grad_g.const_data_ptr<scalar_t>();
+    scalar_t* sp = seed.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, batch, 16, [&](int64_t first, int64_t last) {
+      std::vector<acc_t> w(static_cast<size_t>(terms * dim)), b(w.size()), v(static_cast<size_t>(dim));
+      std::vector<acc_t> grad(static_cast<size_t>(dim * dim));
+      for (int64_t r = first; r < last; ++r) {
+        const math::StackSample<const scalar_t> jac{zp, batch, dim, r};
+        std::fill(grad.begin(), grad.end(), acc_t(0));
+        const DenseSeed<acc_t> out{grad.data(), dim};
+        math::jacobian_series_backward_terms<scalar_t>(dim, jac, ep + r * dim, w.data(), b.data(), v.data(),
+                                                       logdet_coeffs.data(), terms, static_cast<acc_t>(gl[r]), out);
+        for (int64_t i = 0; i < dim; ++i) {
+          sp[r * dim + i] = gg[r * dim + i];
+          sp[(batch + r) * dim + i] = scalar_t(0);
+          for (int64_t d = 0; d < dim; ++d) {
+            sp[((2 + d) * batch + r) * dim + i] = static_cast<scalar_t>(grad[d * dim + i]);
+          }
+        }
+      }
+    });
+  });
+  return seed;
 }
 
 void lipschitz_normalize_cpu(at::TensorList weights, at::TensorList us, at::TensorList vs, at::ArrayRef<double> coeffs,
@@ -240,6 +296,7 @@ TORCH_LIBRARY_IMPL(resflow_cuda, CPU, m) {
   m.impl("jacobian_lipswish", &jacobian_lipswish_cpu);
   m.impl("jacobian_lipswish_backward", &jacobian_lipswish_backward_cpu);
   m.impl("jacobian_series", &jacobian_series_cpu);
+  m.impl("jacobian_series_backward", &jacobian_series_backward_cpu);
   m.impl("lipschitz_normalize_", &lipschitz_normalize_cpu);
   m.impl("lipschitz_normalize_backward", &lipschitz_normalize_backward_cpu);
 }

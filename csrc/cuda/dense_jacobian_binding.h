@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -60,7 +61,8 @@ std::tuple<at::Tensor, at::Tensor> jacobian_lipswish_backward_on(const Backend& 
     launch_jacobian_lipswish_backward<scalar_t>(sms, grad.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
                                                 t.const_data_ptr<scalar_t>(), beta.const_data_ptr<scalar_t>(),
                                                 out.mutable_data_ptr<scalar_t>(), block_sums.mutable_data_ptr<double>(),
-                                                grad_beta.mutable_data_ptr<scalar_t>(), n, backend.stream());
+                                                grad_beta.mutable_data_ptr<scalar_t>(), n, n == 0 ? 0 : t.numel() / n,
+                                                backend.stream());
     backend.check_launch();
   });
   return {out, grad_beta};
@@ -93,6 +95,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jacobian_series_on(
     backend.check_launch();
   });
   return {g, logdet, value, w_tilde};
+}
+
+template <class Backend>
+at::Tensor jacobian_series_backward_on(const Backend& backend, const at::Tensor& z_in, const at::Tensor& eps_in,
+                                       at::ArrayRef<double> logdet_coeffs, const at::Tensor& grad_logdet_in,
+                                       const at::Tensor& grad_g_in) {
+  check_jacobian_series_backward("resflow_cuda.jacobian_series_backward", z_in, eps_in, grad_logdet_in, grad_g_in);
+  const auto guard = backend.guard(eps_in);
+  const at::Tensor z = z_in.contiguous();
+  const at::Tensor eps = eps_in.contiguous();
+  const at::Tensor grad_g = grad_g_in.contiguous();
+  const at::Tensor grad_logdet = grad_logdet_in.to(eps.scalar_type()).contiguous();
+  const int64_t batch = eps.size(0);
+  const int64_t dim = eps.size(1);
+  const int64_t terms = static_cast<int64_t>(logdet_coeffs.size());
+  at::Tensor seed = at::empty(z.sizes(), z.options());
+  if (batch == 0) {
+    return seed;
+  }
+  // The coefficients travel to the device from pinned memory, behind the queued work (no host sync).
+  const auto host = at::TensorOptions().dtype(at::kDouble).pinned_memory(eps.is_cuda());
+  at::Tensor coeffs = at::empty({std::max<int64_t>(terms, 1)}, host);
+  std::copy(logdet_coeffs.begin(), logdet_coeffs.end(), coeffs.mutable_data_ptr<double>());
+  coeffs = coeffs.to(eps.device(), /*non_blocking=*/true);
+  const auto acc_type = eps.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor state = at::empty({(2 * std::max<int64_t>(terms, 1) + 1) * batch * dim}, eps.options().dtype(acc_type));
+  AT_DISPATCH_FLOATING_TYPES(eps.scalar_type(), "jacobian_series_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch_jacobian_series_backward<scalar_t, acc_t>(
+        backend.sm_count(eps), z.const_data_ptr<scalar_t>(), eps.const_data_ptr<scalar_t>(),
+        coeffs.const_data_ptr<double>(), grad_logdet.const_data_ptr<scalar_t>(), grad_g.const_data_ptr<scalar_t>(),
+        seed.mutable_data_ptr<scalar_t>(), state.mutable_data_ptr<acc_t>(), batch, dim, terms, backend.stream());
+    backend.check_launch();
+  });
+  return seed;
 }
 
 // A layer's job of the normalization kernels; keep holds the contiguous operands until the launch.

@@ -26,6 +26,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jacobian_series_cuda(
   return jacobian_series_on(CudaBackend{}, z, bias, eps, logdet_coeffs, neumann_coeffs);
 }
 
+at::Tensor jacobian_series_backward_cuda(const at::Tensor& z, const at::Tensor& eps, at::ArrayRef<double> logdet_coeffs,
+                                         const at::Tensor& grad_logdet, const at::Tensor& grad_g) {
+  return jacobian_series_backward_on(CudaBackend{}, z, eps, logdet_coeffs, grad_logdet, grad_g);
+}
+
 void lipschitz_normalize_cuda(at::TensorList weights, at::TensorList us, at::TensorList vs,
                               at::ArrayRef<double> coeffs, at::TensorList out, const at::Tensor& sigmas,
                               at::TensorList scales) {
@@ -45,6 +50,7 @@ TORCH_LIBRARY_IMPL(resflow_cuda, CUDA, m) {
   m.impl("jacobian_lipswish", &jacobian_lipswish_cuda);
   m.impl("jacobian_lipswish_backward", &jacobian_lipswish_backward_cuda);
   m.impl("jacobian_series", &jacobian_series_cuda);
+  m.impl("jacobian_series_backward", &jacobian_series_backward_cuda);
   m.impl("lipschitz_normalize_", &lipschitz_normalize_cuda);
   m.impl("lipschitz_normalize_backward", &lipschitz_normalize_backward_cuda);
 }

@@ -36,22 +36,35 @@ __global__ void __launch_bounds__(kElementwiseThreads)
   }
 }
 
-// One thread per element of h (B x H): the co-tangents of h and of the eps tangent, and per-block sums
-// of beta's gradient.
+// One thread per element of h (B x H): the co-tangents of h and of each of the `blocks` tangents, and
+// per-block sums of beta's gradient.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kElementwiseThreads)
     jacobian_lipswish_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ h,
                                       const scalar_t* __restrict__ t, const scalar_t* __restrict__ beta,
-                                      scalar_t* __restrict__ out, double* __restrict__ block_sums, int64_t n) {
+                                      scalar_t* __restrict__ out, double* __restrict__ block_sums, int64_t n,
+                                      int64_t blocks) {
   const math::LipSwishParams<scalar_t> p = math::lipswish_params(beta[0]);
   double acc = 0.0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    scalar_t dh, dt, db;
-    math::jacobian_lipswish_backward_element(grad[i], grad[n + i], h[i], t[i], p.beta, p.dbeta, dh, dt, db);
-    out[i] = dh;
-    out[n + i] = dt;
-    acc += static_cast<double>(db);
+    scalar_t dh_total = scalar_t(0);
+    for (int64_t k = 0; k < blocks; ++k) {
+      // the primal co-tangent enters once, with the first tangent block
+      scalar_t dh, dt, db;
+      math::jacobian_lipswish_backward_element(k == 0 ? grad[i] : scalar_t(0), grad[(k + 1) * n + i], h[i],
+                                               t[k * n + i], p.beta, p.dbeta, dh, dt, db);
+      dh_total += dh;
+      out[(k + 1) * n + i] = dt;
+      acc += static_cast<double>(db);
+    }
+    if (blocks == 0) {
+      scalar_t dt, db;
+      math::jacobian_lipswish_backward_element(grad[i], scalar_t(0), h[i], scalar_t(0), p.beta, p.dbeta, dh_total,
+                                               dt, db);
+      acc += static_cast<double>(db);
+    }
+    out[i] = dh_total;
   }
   acc = block_sum<double, kElementwiseThreads>(acc);
   if (threadIdx.x == 0) {
@@ -104,6 +117,35 @@ __global__ void __launch_bounds__(kElementwiseThreads)
       }
       value[r] = v;
     }
+  }
+}
+
+// One thread per sample: the seed of the basic estimator's backward (grad_g, 0 on the eps tangent, dL/dJ).
+// state holds 2 (B, terms, D) + (B, D) values in the accumulation type (the powers and v). Coefficients in
+// device memory (any number of terms).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kElementwiseThreads, 1)
+    jacobian_series_backward_kernel(const scalar_t* __restrict__ z, const scalar_t* __restrict__ eps,
+                                    const double* __restrict__ coeffs, const scalar_t* __restrict__ grad_logdet,
+                                    const scalar_t* __restrict__ grad_g, scalar_t* __restrict__ seed,
+                                    acc_t* __restrict__ state, int64_t batch, int64_t dim, int64_t terms) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < batch; r += stride) {
+    acc_t* w = state + r * terms * dim;
+    acc_t* b = state + (batch + r) * terms * dim;
+    acc_t* v = state + 2 * batch * terms * dim + r * dim;
+    for (int64_t i = 0; i < dim; ++i) {
+      seed[r * dim + i] = grad_g[r * dim + i];
+      seed[(batch + r) * dim + i] = scalar_t(0);
+      for (int64_t d = 0; d < dim; ++d) {
+        seed[((2 + d) * batch + r) * dim + i] = scalar_t(0);
+      }
+    }
+    // the seed accumulates in the output's type; the terms themselves in acc_t
+    const math::StackSample<const scalar_t> jac{z, batch, dim, r};
+    const math::StackSample<scalar_t> out{seed, batch, dim, r};
+    math::jacobian_series_backward_terms<scalar_t>(dim, jac, eps + r * dim, w, b, v, coeffs, terms,
+                                                   static_cast<acc_t>(grad_logdet[r]), out);
   }
 }
 
@@ -190,10 +232,11 @@ inline int jacobian_backward_blocks(int64_t n, int sm_count) { return grid_for(n
 template <typename scalar_t>
 void launch_jacobian_lipswish_backward(int sm_count, const scalar_t* grad, const scalar_t* h, const scalar_t* t,
                                        const scalar_t* beta, scalar_t* out, double* block_sums, scalar_t* grad_beta,
-                                       int64_t n, cudaStream_t stream) {
+                                       int64_t n, int64_t tangent_blocks, cudaStream_t stream) {
   const int blocks = jacobian_backward_blocks(n, sm_count);
   const auto kernel = &jacobian_lipswish_backward_kernel<scalar_t>;
-  RESFLOW_LAUNCH(kernel, blocks, kElementwiseThreads, 0, stream)(grad, h, t, beta, out, block_sums, n);
+  RESFLOW_LAUNCH(kernel, blocks, kElementwiseThreads, 0, stream)(grad, h, t, beta, out, block_sums, n,
+                                                                 tangent_blocks);
   const auto finish = &finish_sum_kernel<scalar_t>;
   RESFLOW_LAUNCH(finish, 1, kElementwiseThreads, 0, stream)(block_sums, blocks, grad_beta);
 }
@@ -220,6 +263,15 @@ void launch_jacobian_series(int sm_count, const scalar_t* z, const scalar_t* bia
         z, bias, eps, g, logdet, value, w_tilde, state, batch, dim, neumann, chunk);
     k += chunk.count;
   } while (k < terms);
+}
+
+template <typename scalar_t, typename acc_t>
+void launch_jacobian_series_backward(int sm_count, const scalar_t* z, const scalar_t* eps, const double* coeffs,
+                                     const scalar_t* grad_logdet, const scalar_t* grad_g, scalar_t* seed,
+                                     acc_t* state, int64_t batch, int64_t dim, int64_t terms, cudaStream_t stream) {
+  const auto kernel = &jacobian_series_backward_kernel<scalar_t, acc_t>;
+  RESFLOW_LAUNCH(kernel, grid_for(batch, sm_count), kElementwiseThreads, 0, stream)(
+      z, eps, coeffs, grad_logdet, grad_g, seed, state, batch, dim, terms);
 }
 
 // jobs[0..count): one launch per kNormalizeJobs layers.

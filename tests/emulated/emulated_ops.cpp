@@ -141,6 +141,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jacobian_series(const
   return cu::jacobian_series_on(backend(sms), z, bias, eps, logdet_coeffs, neumann_coeffs);
 }
 
+at::Tensor jacobian_series_backward(const at::Tensor& z, const at::Tensor& eps, at::ArrayRef<double> logdet_coeffs,
+                                    const at::Tensor& grad_logdet, const at::Tensor& grad_g, int64_t sms) {
+  return cu::jacobian_series_backward_on(backend(sms), z, eps, logdet_coeffs, grad_logdet, grad_g);
+}
+
 void lipschitz_normalize_(at::TensorList weights, at::TensorList us, at::TensorList vs, at::ArrayRef<double> coeffs,
                           at::TensorList out, const at::Tensor& sigmas, at::TensorList scales) {
   cu::lipschitz_normalize_on(backend(1), weights, us, vs, coeffs, out, sigmas, scales);
@@ -325,6 +330,8 @@ TORCH_LIBRARY(resflow_emulated, m) {
         "-> (Tensor, Tensor)");
   m.def("jacobian_series(Tensor z, Tensor? bias, Tensor eps, float[] logdet_coeffs, float[] neumann_coeffs, "
         "int sm_count) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("jacobian_series_backward(Tensor z, Tensor eps, float[] logdet_coeffs, Tensor grad_logdet, Tensor grad_g, "
+        "int sm_count) -> Tensor");
   m.def("lipschitz_normalize_(Tensor[] weights, Tensor[] us, Tensor[] vs, float[] coeffs, Tensor(a!)[] out, "
         "Tensor(b!) sigmas, Tensor(c!)[] scales) -> ()");
   m.def("lipschitz_normalize_backward(Tensor[] grads, Tensor[] weights, Tensor[] us, Tensor[] vs, Tensor sigmas, "
@@ -361,6 +368,7 @@ TORCH_LIBRARY_IMPL(resflow_emulated, CPU, m) {
   m.impl("jacobian_lipswish", &jacobian_lipswish);
   m.impl("jacobian_lipswish_backward", &jacobian_lipswish_backward);
   m.impl("jacobian_series", &jacobian_series);
+  m.impl("jacobian_series_backward", &jacobian_series_backward);
   m.impl("lipschitz_normalize_", &lipschitz_normalize_);
   m.impl("lipschitz_normalize_backward", &lipschitz_normalize_backward);
 }

@@ -62,6 +62,60 @@ RESFLOW_HOST_DEVICE_INLINE void jacobian_series_terms(int64_t dim, const Jac& ja
   }
 }
 
+// The gradient of grad_logdet sum_k c_k e^T J^k e (k = 1..count, c_k = logdet_coeffs[k - 1]) with respect to
+// one sample's Jacobian: dL/dJ = grad_logdet sum_k c_k sum_{j + m = k - 1} ((J^T)^j e) (J^m e)^T, written as
+// adding into out.add(i, d, value) (the seed of J(i, d), zero on entry). w and b hold count * dim values
+// each (the powers), v dim more.
+template <class T, class Acc, class Jac, class Out>
+RESFLOW_HOST_DEVICE_INLINE void jacobian_series_backward_terms(int64_t dim, const Jac& jac, const T* eps, Acc* w,
+                                                               Acc* b, Acc* v, const double* logdet_coeffs,
+                                                               int64_t count, Acc grad_logdet, Out out) {
+  for (int64_t d = 0; d < dim; ++d) {
+    w[d] = static_cast<Acc>(eps[d]);
+    b[d] = w[d];
+  }
+  for (int64_t k = 1; k < count; ++k) {  // w_k = J^T w_{k-1}, b_k = J b_{k-1}
+    for (int64_t d = 0; d < dim; ++d) {
+      Acc sw = Acc(0), sb = Acc(0);
+      for (int64_t e = 0; e < dim; ++e) {
+        sw += w[(k - 1) * dim + e] * static_cast<Acc>(jac(e, d));
+        sb += static_cast<Acc>(jac(d, e)) * b[(k - 1) * dim + e];
+      }
+      w[k * dim + d] = sw;
+      b[k * dim + d] = sb;
+    }
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    // v = sum_m c_{j+m+1} b_m, the partner of w_j
+    for (int64_t d = 0; d < dim; ++d) {
+      Acc s = Acc(0);
+      for (int64_t m = 0; j + m < count; ++m) {
+        s += static_cast<Acc>(logdet_coeffs[j + m]) * b[m * dim + d];
+      }
+      v[d] = s * grad_logdet;
+    }
+    for (int64_t i = 0; i < dim; ++i) {
+      for (int64_t d = 0; d < dim; ++d) {
+        out.add(i, d, w[j * dim + i] * v[d]);
+      }
+    }
+  }
+}
+
+// One sample's view of a stack of 2 + dim blocks of `batch` rows of `dim` values (block 2 + d: the tangent
+// along e_d): J(i, d) and the seed entry of J(i, d).
+template <class T>
+struct StackSample {
+  T* z;
+  int64_t batch, dim, row;
+  RESFLOW_HOST_DEVICE_INLINE T& at(int64_t i, int64_t d) const { return z[((2 + d) * batch + row) * dim + i]; }
+  RESFLOW_HOST_DEVICE_INLINE T operator()(int64_t i, int64_t d) const { return at(i, d); }
+  template <class V>
+  RESFLOW_HOST_DEVICE_INLINE void add(int64_t i, int64_t d, V value) const {
+    at(i, d) += static_cast<T>(value);
+  }
+};
+
 // W / max(1, sigma / coeff) (torch.max: NaN propagates): the factor W is divided by.
 template <class T>
 RESFLOW_HOST_DEVICE_INLINE T normalization_factor(T sigma, T coeff) {
