@@ -88,7 +88,7 @@ TORCH_LIBRARY(resflow_cuda, m) {
 }
 
 namespace {
-// In-place ops without a derivative (logdet_series_accumulate_, lipschitz_normalize_): a tensor argument that requires
+// Ops without a derivative (logdet_series_accumulate_, the fused dense block's): a tensor argument that requires
 // grad under grad mode is refused, instead of the graph being dropped silently.
 void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   if (at::GradMode::is_enabled()) {
@@ -107,7 +107,13 @@ void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch:
 
 TORCH_LIBRARY_IMPL(resflow_cuda, Autograd, m) {
   m.impl("logdet_series_accumulate_", torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
-  m.impl("lipschitz_normalize_", torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
+  // The fused dense block's ops: the block computes their gradients itself; refused here in C++, so that
+  // the block's calls (under no_grad) pay no Python autograd wrapper.
+  for (const char* name : {"lipschitz_normalize_", "lipschitz_normalize_backward", "jacobian_lipswish",
+                           "jacobian_lipswish_backward", "jacobian_series", "jacobian_series_backward",
+                           "dense_jacobian_forward", "dense_jacobian_backward"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
+  }
 }
 
 #if !defined(RESFLOW_WITH_CUDA)

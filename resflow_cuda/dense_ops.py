@@ -1,11 +1,12 @@
-"""The fused dense block's ops (``torch.ops.resflow_cuda``): typed wrappers, fake kernels and autograd,
-as :mod:`resflow_cuda.ops` has them for the other ops (kept apart for its length).
+"""The fused dense block's ops (``torch.ops.resflow_cuda``): typed wrappers and fake kernels, as
+:mod:`resflow_cuda.ops` has them for the other ops (kept apart for its length).
 
 A dense branch's forward-mode Jacobian stack (csrc/composite/dense_jacobian_block.cpp over the kernels of
 csrc/include/resflow/dense_jacobian_math.h), its series and the backward of its Neumann surrogate, and the
 Lipschitz weight normalization of many layers at once; float32 / float64. Not differentiable: the fused
-block of :mod:`resflow_cuda.linearize` computes its gradients with them. Opaque to autocast, like the
-linearized ops (the fused block runs without autocast only).
+block (:mod:`resflow_cuda.dense_block`) computes its gradients with them; with grad mode on, a tensor that
+requires grad is refused in C++ (csrc/registration.cpp), which costs the block's no-grad calls nothing.
+Opaque to autocast, like the linearized ops (the fused block runs without autocast only).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .ops import _OPS, _accumulator_like, _not_differentiable, _without_autocast
+from .ops import _OPS, _accumulator_like, _without_autocast
 
 __all__ = ["dense_jacobian_backward", "dense_jacobian_forward", "jacobian_series_backward", "lipschitz_normalize_",
            "lipschitz_normalize_backward"]
@@ -113,13 +114,6 @@ def _dense_jacobian_backward_fake(seed, weights, biases, betas, hs, stacks, acti
     return (seed.new_empty(hs[0].shape[0], seed.shape[1]), [w.new_empty(w.shape) for w in weights],
             [w.new_empty((w.shape[0],) if b is not None else (0,)) for w, b in zip(weights, biases)],
             [seed.new_empty(b.shape if b is not None else (0,)) for b in betas])
-
-
-for _name in ("jacobian_lipswish", "jacobian_lipswish_backward", "jacobian_series", "jacobian_series_backward",
-              "lipschitz_normalize_backward", "dense_jacobian_forward", "dense_jacobian_backward"):
-    torch.library.register_autograd(f"resflow_cuda::{_name}", _not_differentiable(
-        f"resflow_cuda::{_name}", "it is a step of the fused dense block, which computes its gradients itself "
-        "(resflow_cuda.linearize)."))
 
 
 _AUTOCAST_LIBRARY = torch.library.Library("resflow_cuda", "IMPL")

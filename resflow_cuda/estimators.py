@@ -168,12 +168,14 @@ def roulette_plan(samples: np.ndarray, offset: int, survival) -> SeriesPlan:
     ``survival(j)`` is P(N >= j); the coefficient is evaluated as the reference does,
     ``1 / P * count / S``, so that the floats agree.
     """
-    n_terms = int(max(samples)) + offset
+    drawn = [int(s) for s in samples.tolist()]
+    n_terms = max(drawn) + offset
     coeffs = []
     for k in range(1, n_terms + 1):
         j = k - offset
         tail = 1.0 if j <= 0 else survival(j)
-        coeffs.append(float(1 / tail * np.sum(samples >= j) / len(samples)))
+        # in Python floats, which round as NumPy's float64 does: the reference's value to the bit
+        coeffs.append(1 / tail * sum(1 for s in drawn if s >= j) / len(drawn))
     return SeriesPlan(tuple(coeffs), samples)
 
 
