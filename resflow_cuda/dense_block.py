@@ -21,8 +21,9 @@ The draws, coefficients, values and gradients are the linearized path's (to roun
 from the Jacobian instead of chained vector-Jacobian products). Memory: per layer the stack's rows
 (2 + D times the branch's activations), whatever the number of terms. With backward-in-forward a
 non-uniform upstream gradient of the log-det is refused (the block's documented behaviour), although
-this backward would be exact for it. Under autocast, for other activations or shapes, the linearized
-path runs instead."""
+this backward would be exact for it. Its gradients are not differentiable again: a backward with
+``create_graph=True`` raises (``fast_path=False`` keeps autograd's graph for that). Under autocast, for other
+activations or shapes, the linearized path runs instead."""
 
 from __future__ import annotations
 
@@ -107,6 +108,11 @@ def fused_estimate(branch: LinearizedBranch, x: Tensor, eps: Tensor, plan: Serie
     return g, value, estimate if neumann else value.detach()
 
 
+_NO_DOUBLE_BACKWARD = ("iResBlock: the fused dense block's gradients are not differentiable again (backward with "
+                       "create_graph=True, e.g. a gradient penalty); build the block with fast_path=False to keep "
+                       "autograd's graph through the log-det")
+
+
 class _FusedDenseBlock(torch.autograd.Function):
     """forward(spec, x, eps, *weights, *biases, *betas, *us, *vs) -> (g, value, estimate) (estimate empty
     for the basic estimator, whose value is the estimate); see the module docstring."""
@@ -137,6 +143,8 @@ class _FusedDenseBlock(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_g, grad_value, _grad_estimate):
+        if torch.is_grad_enabled():  # create_graph: refused here, not left without a second derivative
+            raise RuntimeError(_NO_DOUBLE_BACKWARD)
         spec = ctx.spec
         k = len(spec.normalized)
         saved = ctx.saved_tensors

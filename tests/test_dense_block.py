@@ -305,3 +305,16 @@ def test_the_fused_block_agrees_with_the_linearized_path(dtype, neumann_grad, mo
         results.append([y, logp, x_in.grad, *(p.grad for p in net.nnet.parameters()), *net.nnet.buffers()])
     for a, b in zip(*results):
         _close(a.detach(), b.detach(), dtype, scale=10.0)
+
+
+def test_the_fused_blocks_gradients_refuse_a_second_differentiation():
+    # a clear error at the create_graph backward, not a second derivative silently missing the log-det's part
+    block = iResBlock(_mlp(InducedNormLinear), neumann_grad=False, grad_in_forward=False).double()
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    y, logp = block(x, torch.zeros(5, 1, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="create_graph=True.*fast_path=False"):
+        torch.autograd.grad(logp.sum() + y.sum(), x, create_graph=True)
+    plain = iResBlock(_mlp(InducedNormLinear), neumann_grad=False, grad_in_forward=False, fast_path=False).double()
+    y, logp = plain(x, torch.zeros(5, 1, dtype=torch.float64))
+    grad_x, = torch.autograd.grad(logp.sum(), x, create_graph=True)
+    assert grad_x.requires_grad  # fast_path=False: the second derivative is there
