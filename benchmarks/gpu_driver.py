@@ -10,7 +10,8 @@ kernels); power iteration on small matrices (the single-launch kernel), on a mat
 shared memory (ATen products with the grid-wide dual-map and stopping-test kernels) and on
 convolutions, for several p -> q norms with and without a tolerance; the many-matrix update; the
 log-det series with narrow (2 columns) and wide rows; the two linearized ops on a small MLP and a
-small convolutional branch; and one training step of an iResBlock. Each output is checked to be
+small convolutional branch; one training step of an iResBlock; and the fused dense block's ops (both
+estimators, chunked series, more layers than one launch takes). Each output is checked to be
 finite. The first line after CUDA is initialised is ``gpu_driver: start``, the last
 ``gpu_driver: OK``: gpu_check tells a sanitizer that refused the device from a failing kernel by them.
 """
@@ -165,6 +166,44 @@ def linearized_ops(device: str, log) -> None:
     log("iResBlock training step")
 
 
+def dense_block_ops(device: str, log) -> None:
+    """The fused dense block's ops in float32 and float64: its forward with 40 terms (two launches of the
+    chunked series kernel) and both backward seeds (the Neumann surrogate's and the basic estimator's),
+    a 300-sample batch (several blocks of the thread-per-sample kernels), the normalization of 18 layers
+    (two launches of 16) and its backward; then one training step of an iResBlock on the basic
+    estimator."""
+    from resflow_cuda import dense_ops
+    from resflow_cuda.nn import iResBlock
+
+    for dtype in (torch.float32, torch.float64):
+        def randn(*shape):
+            return torch.randn(*shape, device=device, dtype=dtype)
+
+        x, eps = randn(300, 3), randn(300, 3)
+        weights = [0.3 * randn(16, 3), 0.3 * randn(16, 16), 0.3 * randn(3, 16)]
+        biases, betas = [randn(16), None, randn(3)], [randn(1), randn(1), None]
+        coeffs = [(-1) ** k / (k + 1) for k in range(40)]
+        out = dense_ops.dense_jacobian_forward(x, eps, weights, biases, betas, coeffs, coeffs)
+        seed = torch.cat([out[0], out[3]])
+        _finite(out, dense_ops.dense_jacobian_backward(seed, weights, biases, betas, *out[4:]))
+        basic = dense_ops.dense_jacobian_forward(x, eps, weights, biases, betas, coeffs, [])
+        seed = dense_ops.jacobian_series_backward(basic[5][-1], eps, coeffs, randn(300), randn(300, 3))
+        _finite(basic, seed, dense_ops.dense_jacobian_backward(seed, weights, biases, betas, *basic[4:]))
+        layers = [randn(5 + i, 7) for i in range(18)]
+        us, vs = [randn(w.shape[0]) for w in layers], [randn(7) for _ in layers]
+        scales = [torch.zeros((), device=device, dtype=dtype) for _ in layers]
+        normalized, sigmas = dense_ops.lipschitz_normalize_(layers, us, vs, scales, [0.5] * 18)
+        _finite(normalized, sigmas, dense_ops.lipschitz_normalize_backward(
+            [torch.ones_like(w) for w in layers], layers, us, vs, sigmas, [0.5] * 18, [False, True] * 9))
+        log(f"fused dense block ops {dtype}")
+    net, x = _branches(device)["mlp"]
+    block = iResBlock(net, neumann_grad=False, grad_in_forward=False).to(device)
+    y, logp = block(x.requires_grad_(), torch.zeros(x.shape[0], 1, device=device))
+    (-logp.mean() + y.square().mean()).backward()
+    _finite(y, logp, x.grad, [p.grad for p in block.parameters() if p.grad is not None])
+    log("iResBlock training step (basic estimator, fused dense block)")
+
+
 def run(device: str) -> int:
     """Every group of ops once on ``device``; returns the number of groups run."""
     steps = []
@@ -173,7 +212,7 @@ def run(device: str) -> int:
         steps.append(text)
         print(f"  {text}", flush=True)
 
-    for group in (lipswish_ops, power_iteration_ops, series_ops, linearized_ops):
+    for group in (lipswish_ops, power_iteration_ops, series_ops, linearized_ops, dense_block_ops):
         group(device, log)
     if device == "cuda":
         torch.cuda.synchronize()

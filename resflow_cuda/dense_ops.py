@@ -32,7 +32,8 @@ def dense_jacobian_forward(x: Tensor, eps: Tensor, weights: list[Tensor], biases
 
 
 def dense_jacobian_backward(seed: Tensor, weights: list[Tensor], biases: list[Tensor | None],
-                            betas: list[Tensor | None], hs: list[Tensor], stacks: list[Tensor], activated: list[Tensor]):
+                            betas: list[Tensor | None], hs: list[Tensor], stacks: list[Tensor],
+                            activated: list[Tensor]):
     """The gradient with respect to x, every weight, bias and raw beta (empty tensors where a step has none)
     of sum <seed, the first rows of the last stack>, through :func:`dense_jacobian_forward`'s stacks:
     ``seed`` = [grad_g; grad_value w~] for the Neumann surrogate (w~ held constant), or

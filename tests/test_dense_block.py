@@ -232,7 +232,8 @@ def test_bad_input_is_refused_with_the_argument_named():
     with pytest.raises(RuntimeError, match="expected neumann_coeffs to be empty or to have one entry per term"):
         dense_ops._OPS.jacobian_series(torch.zeros(8, 2), None, torch.zeros(2, 2), [1.0], [1.0, 2.0])
     with pytest.raises(RuntimeError, match=r"expected us\[0\] of shape \[3\] and vs\[0\] of shape \[2\]"):
-        dense_ops.lipschitz_normalize_([torch.zeros(3, 2)], [torch.zeros(2)], [torch.zeros(2)], [torch.zeros(())], [1.0])
+        dense_ops.lipschitz_normalize_([torch.zeros(3, 2)], [torch.zeros(2)], [torch.zeros(2)], [torch.zeros(())],
+                                       [1.0])
     x, eps, weights, biases, betas = _block_args(torch.float64)
     with pytest.raises(RuntimeError, match="a residual branch must keep the shape"):
         dense_ops.dense_jacobian_forward(x, eps, weights[:2], biases[:2], betas[:2], [1.0], [1.0])
