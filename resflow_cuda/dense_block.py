@@ -56,9 +56,11 @@ class _Spec:
 
 
 def _eligible(branch: LinearizedBranch, x: Tensor) -> bool:
+    # decided before any layer's forward side effects (a SpectralNorm layer's power iteration in training)
     return (branch.dense and x.dim() == 2 and 1 <= x.shape[1] <= MAX_DIM and x.shape[0] > 0
             and x.dtype in (torch.float32, torch.float64) and not ops.autocast_enabled(x.device.type)
-            and all(step.activation in (IDENTITY, LIPSWISH) for step in branch.steps))
+            and all(step.activation in (IDENTITY, LIPSWISH) and getattr(step.layer, "weight", x).dtype == x.dtype
+                    for step in branch.steps))
 
 
 def fused_estimate(branch: LinearizedBranch, x: Tensor, eps: Tensor, plan: SeriesPlan, neumann: bool,
