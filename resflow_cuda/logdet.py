@@ -50,9 +50,9 @@ def branch_estimate(nnet: nn.Module, x: Tensor, eps: Tensor, plan: est.SeriesPla
     on the linearized fast path when ``fast_path`` and the branch qualifies. ``value`` carries the
     gradient (the Neumann surrogate in training), ``estimate`` is the log-det estimate (no graph)."""
     neumann = training and neumann_grad
+    fast = linearize(nnet) if fast_path else None
 
     def branch(x_in: Tensor, create_graph: bool):
-        fast = linearize(nnet) if fast_path else None
         if fast is not None and (neumann or not create_graph):
             return fast(x_in)
         if fast is not None and fast.dense and x_in.dim() == 2 and x_in.shape[1] < plan.n_terms:
@@ -61,9 +61,8 @@ def branch_estimate(nnet: nn.Module, x: Tensor, eps: Tensor, plan: est.SeriesPla
         g = nnet(x_in)
         return g, est.AutogradVJP(g, x_in)
 
-    if training and fast_path:
-        fast = linearize(nnet)
-        fused = fused_estimate(fast, x, eps, plan, neumann, grad_in_forward) if fast is not None else None
+    if training and fast is not None:
+        fused = fused_estimate(fast, x, eps, plan, neumann, grad_in_forward)
         if fused is not None:
             return fused
     if training and grad_in_forward:

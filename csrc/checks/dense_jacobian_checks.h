@@ -51,9 +51,7 @@ inline void check_jacobian_lipswish(const char* op, const at::Tensor& z, const s
                                     const at::Tensor& beta, int64_t batch) {
   check_stack(op, "z", z, batch);
   check_bias(op, bias, z.size(1), z, "z");
-  check_scalar_param(op, "beta", beta);
-  check_same_dtype(op, "beta", beta, "z", z);
-  check_same_device(op, "beta", beta, "z", z);
+  check_tensor_and_param(op, "z", z, "beta", beta);
 }
 
 // jacobian_lipswish's operands made contiguous and its outputs allocated: h (B, H) and a like z.
@@ -95,9 +93,22 @@ inline void check_jacobian_lipswish_backward(const char* op, const at::Tensor& g
   TORCH_CHECK(grad.size(0) == batch + tangent.size(0) && grad.size(1) == h.size(1), op,
               ": expected grad of shape [", batch + tangent.size(0), ", ", h.size(1),
               "] (the primal and tangent rows), but got ", grad.sizes());
-  check_scalar_param(op, "beta", beta);
-  check_same_dtype(op, "beta", beta, "h", h);
-  check_same_device(op, "beta", beta, "h", h);
+  check_tensor_and_param(op, "h", h, "beta", beta);
+}
+
+// jacobian_lipswish_backward's operands made contiguous and its output allocated (like grad).
+struct JacobianLipSwishBackwardOperands {
+  at::Tensor grad, h, tangent, out;
+};
+
+inline JacobianLipSwishBackwardOperands jacobian_lipswish_backward_operands(const char* op, const at::Tensor& grad,
+                                                                            const at::Tensor& h,
+                                                                            const at::Tensor& tangent,
+                                                                            const at::Tensor& beta) {
+  check_jacobian_lipswish_backward(op, grad, h, tangent, beta);
+  JacobianLipSwishBackwardOperands o{grad.contiguous(), h.contiguous(), tangent.contiguous(), at::Tensor()};
+  o.out = at::empty(grad.sizes(), grad.options());
+  return o;
 }
 
 inline void check_jacobian_series(const char* op, const at::Tensor& z, const std::optional<at::Tensor>& bias,
@@ -152,6 +163,24 @@ inline void check_jacobian_series_backward(const char* op, const at::Tensor& z, 
   check_same_device(op, "grad_logdet", grad_logdet, "eps", eps);
 }
 
+// jacobian_series_backward's operands made contiguous (grad_logdet in eps' dtype) and the seed allocated
+// (like z).
+struct JacobianSeriesBackwardOperands {
+  at::Tensor z, eps, grad_logdet, grad_g, seed;
+  int64_t batch = 0, dim = 0;
+};
+
+inline JacobianSeriesBackwardOperands jacobian_series_backward_operands(const char* op, const at::Tensor& z,
+                                                                        const at::Tensor& eps,
+                                                                        const at::Tensor& grad_logdet,
+                                                                        const at::Tensor& grad_g) {
+  check_jacobian_series_backward(op, z, eps, grad_logdet, grad_g);
+  JacobianSeriesBackwardOperands o{z.contiguous(), eps.contiguous(), grad_logdet.to(eps.scalar_type()).contiguous(),
+                                   grad_g.contiguous(), at::Tensor(), eps.size(0), eps.size(1)};
+  o.seed = at::empty(z.sizes(), z.options());
+  return o;
+}
+
 inline void check_normalize_lists(const char* op, at::TensorList weights, at::TensorList us, at::TensorList vs,
                                   size_t coeffs) {
   const size_t n = weights.size();
@@ -183,8 +212,10 @@ inline void check_normalize_backward(const char* op, at::TensorList grads, at::T
               "], but got ", sigmas.sizes());
   for (size_t i = 0; i < n; ++i) {
     check_matches(op, "grads[i]", grads[i], "weights[i]", weights[i]);
-    check_same_dtype(op, "sigmas", sigmas, "weights[i]", weights[i]);
-    check_same_device(op, "sigmas", sigmas, "weights[i]", weights[i]);
+  }
+  if (n > 0) {  // the weights share one dtype and device (check_normalize_lists)
+    check_same_dtype(op, "sigmas", sigmas, "weights[0]", weights[0]);
+    check_same_device(op, "sigmas", sigmas, "weights[0]", weights[0]);
   }
 }
 
@@ -200,11 +231,11 @@ inline void check_normalize_outputs(const char* op, at::TensorList weights, at::
   for (size_t i = 0; i < n; ++i) {
     check_matches(op, "out[i]", out[i], "weights[i]", weights[i]);
     TORCH_CHECK(out[i].is_contiguous(), op, ": expected out[", i, "] to be contiguous");
-    check_scalar_param(op, "scales[i]", scales[i]);
-    check_same_dtype(op, "scales[i]", scales[i], "weights[i]", weights[i]);
-    check_same_device(op, "scales[i]", scales[i], "weights[i]", weights[i]);
-    check_same_dtype(op, "sigmas", sigmas, "weights[i]", weights[i]);
-    check_same_device(op, "sigmas", sigmas, "weights[i]", weights[i]);
+    check_tensor_and_param(op, "weights[i]", weights[i], "scales[i]", scales[i]);
+  }
+  if (n > 0) {  // the weights share one dtype and device (check_normalize_lists)
+    check_same_dtype(op, "sigmas", sigmas, "weights[0]", weights[0]);
+    check_same_device(op, "sigmas", sigmas, "weights[0]", weights[0]);
   }
 }
 

@@ -81,9 +81,7 @@ void check_steps(const char* op, const at::Tensor& ref, at::TensorList weights,
     width = w.size(0);
     check_bias(op, given(biases, i), width, ref, "x");
     if (const auto beta = given(betas, i)) {
-      check_scalar_param(op, "betas[i]", *beta);
-      check_same_dtype(op, "betas[i]", *beta, "x", ref);
-      check_same_device(op, "betas[i]", *beta, "x", ref);
+      check_tensor_and_param(op, "x", ref, "betas[i]", *beta);
     }
   }
   TORCH_CHECK(width == ref.size(1), op, ": the branch maps ", ref.size(1), " inputs to ", width,

@@ -11,7 +11,6 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -77,12 +76,9 @@ std::tuple<at::Tensor, at::Tensor> jacobian_lipswish_cpu(const at::Tensor& z_in,
 // gg_x = gu_k), for every tangent block k.
 std::tuple<at::Tensor, at::Tensor> jacobian_lipswish_backward_cpu(const at::Tensor& grad_in, const at::Tensor& h_in,
                                                                   const at::Tensor& t_in, const at::Tensor& beta) {
-  constexpr const char* op = "resflow_cuda.jacobian_lipswish_backward";
-  check_jacobian_lipswish_backward(op, grad_in, h_in, t_in, beta);
-  const at::Tensor grad = grad_in.contiguous();
-  const at::Tensor h = h_in.contiguous();
-  const at::Tensor t = t_in.contiguous();
-  at::Tensor out = at::empty(grad.sizes(), grad.options());
+  auto o = jacobian_lipswish_backward_operands("resflow_cuda.jacobian_lipswish_backward", grad_in, h_in, t_in, beta);
+  const at::Tensor &grad = o.grad, &h = o.h, &t = o.tangent;
+  at::Tensor& out = o.out;
   at::Tensor grad_beta;
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "jacobian_lipswish_backward_cpu", [&] {
     const auto s = scalars_of<scalar_t>(beta);
@@ -134,24 +130,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jacobian_series_cpu(
     at::parallel_for(0, batch, 16, [&](int64_t first, int64_t last) {
       std::vector<acc_t> w(dim), scratch(dim), wt(dim);
       for (int64_t r = first; r < last; ++r) {
+        const math::StackSample<const scalar_t> stack{zp, batch, dim, r};
         const scalar_t* e = ep + r * dim;
         for (int64_t d = 0; d < dim; ++d) {
-          gp[r * dim + d] = zp[r * dim + d] + (bp == nullptr ? scalar_t(0) : bp[d]);
+          gp[r * dim + d] = stack.primal(d) + (bp == nullptr ? scalar_t(0) : bp[d]);
           w[d] = static_cast<acc_t>(e[d]);
           wt[d] = w[d];
         }
-        // J(e, d): component e of the tangent along x's direction d (block 2 + d).
-        const auto jac = [&](int64_t i, int64_t d) { return zp[((2 + d) * batch + r) * dim + i]; };
         acc_t ld = acc_t(0);
-        math::jacobian_series_terms<scalar_t>(dim, jac, e, w.data(), scratch.data(), wt.data(), logdet_coeffs.data(),
+        math::jacobian_series_terms<scalar_t>(dim, stack, e, w.data(), scratch.data(), wt.data(), logdet_coeffs.data(),
                                               neumann ? neumann_coeffs.data() : nullptr, terms, neumann, ld);
         lp[r] = ld;
         if (neumann) {
-          // <w~^T J, eps> from the eps tangent (block 1), the row the surrogate's gradient seeds.
+          // <w~^T J, eps> from the eps tangent, the row the surrogate's gradient seeds.
           acc_t v = acc_t(0);
           for (int64_t d = 0; d < dim; ++d) {
             wtp[r * dim + d] = static_cast<scalar_t>(wt[d]);
-            v += static_cast<acc_t>(wtp[r * dim + d]) * static_cast<acc_t>(zp[(batch + r) * dim + d]);
+            v += static_cast<acc_t>(wtp[r * dim + d]) * static_cast<acc_t>(stack.eps_tangent(d));
           }
           vp[r] = v;
         }
@@ -161,55 +156,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jacobian_series_cpu(
   return {g, logdet, value, w_tilde};
 }
 
-// d(estimate)/dJ(i, d) of one sample, at d * dim + i (the layout of its rows in the seed).
-template <class T>
-struct DenseSeed {
-  T* grad;
-  int64_t dim;
-  void add(int64_t i, int64_t d, T value) const { grad[d * dim + i] += value; }
-};
-
 // The seed of dense_jacobian_backward for the basic estimator: grad_g on the primal rows, 0 on the eps
 // tangent, grad_logdet dL/dJ on the Jacobian's rows.
 at::Tensor jacobian_series_backward_cpu(const at::Tensor& z_in, const at::Tensor& eps_in,
                                         at::ArrayRef<double> logdet_coeffs, const at::Tensor& grad_logdet_in,
                                         const at::Tensor& grad_g_in) {
-  check_jacobian_series_backward("resflow_cuda.jacobian_series_backward", z_in, eps_in, grad_logdet_in, grad_g_in);
-  const at::Tensor z = z_in.contiguous();
-  const at::Tensor eps = eps_in.contiguous();
-  const at::Tensor grad_g = grad_g_in.contiguous();
-  const int64_t batch = eps.size(0);
-  const int64_t dim = eps.size(1);
-  at::Tensor seed = at::empty(z.sizes(), z.options());
+  auto o = jacobian_series_backward_operands("resflow_cuda.jacobian_series_backward", z_in, eps_in, grad_logdet_in,
+                                             grad_g_in);
+  const int64_t batch = o.batch, dim = o.dim;
   const int64_t terms = static_cast<int64_t>(logdet_coeffs.size());
-  AT_DISPATCH_FLOATING_TYPES(eps.scalar_type(), "jacobian_series_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(o.eps.scalar_type(), "jacobian_series_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor grad_logdet = grad_logdet_in.to(eps.scalar_type()).contiguous();
-    const scalar_t* zp = z.const_data_ptr<scalar_t>();
-    const scalar_t* ep = eps.const_data_ptr<scalar_t>();
-    const scalar_t* gl = grad_logdet.const_data_ptr<scalar_t>();
-    const scalar_t* gg = grad_g.const_data_ptr<scalar_t>();
-    scalar_t* sp = seed.mutable_data_ptr<scalar_t>();
+    const scalar_t* zp = o.z.const_data_ptr<scalar_t>();
+    const scalar_t* ep = o.eps.const_data_ptr<scalar_t>();
+    const scalar_t* gl = o.grad_logdet.const_data_ptr<scalar_t>();
+    const scalar_t* gg = o.grad_g.const_data_ptr<scalar_t>();
+    scalar_t* sp = o.seed.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, batch, 16, [&](int64_t first, int64_t last) {
       std::vector<acc_t> w(static_cast<size_t>(terms * dim)), b(w.size()), v(static_cast<size_t>(dim));
-      std::vector<acc_t> grad(static_cast<size_t>(dim * dim));
       for (int64_t r = first; r < last; ++r) {
-        const math::StackSample<const scalar_t> jac{zp, batch, dim, r};
-        std::fill(grad.begin(), grad.end(), acc_t(0));
-        const DenseSeed<acc_t> out{grad.data(), dim};
-        math::jacobian_series_backward_terms<scalar_t>(dim, jac, ep + r * dim, w.data(), b.data(), v.data(),
-                                                       logdet_coeffs.data(), terms, static_cast<acc_t>(gl[r]), out);
-        for (int64_t i = 0; i < dim; ++i) {
-          sp[r * dim + i] = gg[r * dim + i];
-          sp[(batch + r) * dim + i] = scalar_t(0);
-          for (int64_t d = 0; d < dim; ++d) {
-            sp[((2 + d) * batch + r) * dim + i] = static_cast<scalar_t>(grad[d * dim + i]);
-          }
-        }
+        math::jacobian_series_seed<scalar_t>(math::StackSample<const scalar_t>{zp, batch, dim, r},
+                                             math::StackSample<scalar_t>{sp, batch, dim, r}, ep + r * dim,
+                                             gg + r * dim, w.data(), b.data(), v.data(), logdet_coeffs.data(), terms,
+                                             static_cast<acc_t>(gl[r]));
       }
     });
   });
-  return seed;
+  return o.seed;
 }
 
 void lipschitz_normalize_cpu(at::TensorList weights, at::TensorList us, at::TensorList vs, at::ArrayRef<double> coeffs,

@@ -47,12 +47,10 @@ template <class Backend>
 std::tuple<at::Tensor, at::Tensor> jacobian_lipswish_backward_on(const Backend& backend, const at::Tensor& grad_in,
                                                                  const at::Tensor& h_in, const at::Tensor& t_in,
                                                                  const at::Tensor& beta) {
-  check_jacobian_lipswish_backward("resflow_cuda.jacobian_lipswish_backward", grad_in, h_in, t_in, beta);
+  auto o = jacobian_lipswish_backward_operands("resflow_cuda.jacobian_lipswish_backward", grad_in, h_in, t_in, beta);
   const auto guard = backend.guard(h_in);
-  const at::Tensor grad = grad_in.contiguous();
-  const at::Tensor h = h_in.contiguous();
-  const at::Tensor t = t_in.contiguous();
-  at::Tensor out = at::empty(grad.sizes(), grad.options());
+  const at::Tensor &grad = o.grad, &h = o.h, &t = o.tangent;
+  at::Tensor& out = o.out;
   at::Tensor grad_beta = at::empty(beta.sizes(), beta.options());
   const int64_t n = h.numel();
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "jacobian_lipswish_backward_cuda", [&] {
@@ -101,16 +99,13 @@ template <class Backend>
 at::Tensor jacobian_series_backward_on(const Backend& backend, const at::Tensor& z_in, const at::Tensor& eps_in,
                                        at::ArrayRef<double> logdet_coeffs, const at::Tensor& grad_logdet_in,
                                        const at::Tensor& grad_g_in) {
-  check_jacobian_series_backward("resflow_cuda.jacobian_series_backward", z_in, eps_in, grad_logdet_in, grad_g_in);
+  auto o = jacobian_series_backward_operands("resflow_cuda.jacobian_series_backward", z_in, eps_in, grad_logdet_in,
+                                             grad_g_in);
   const auto guard = backend.guard(eps_in);
-  const at::Tensor z = z_in.contiguous();
-  const at::Tensor eps = eps_in.contiguous();
-  const at::Tensor grad_g = grad_g_in.contiguous();
-  const at::Tensor grad_logdet = grad_logdet_in.to(eps.scalar_type()).contiguous();
-  const int64_t batch = eps.size(0);
-  const int64_t dim = eps.size(1);
+  const at::Tensor &z = o.z, &eps = o.eps, &grad_g = o.grad_g, &grad_logdet = o.grad_logdet;
+  at::Tensor& seed = o.seed;
+  const int64_t batch = o.batch, dim = o.dim;
   const int64_t terms = static_cast<int64_t>(logdet_coeffs.size());
-  at::Tensor seed = at::empty(z.sizes(), z.options());
   if (batch == 0) {
     return seed;
   }

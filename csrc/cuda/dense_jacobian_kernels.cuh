@@ -95,17 +95,17 @@ __global__ void __launch_bounds__(kElementwiseThreads)
     acc_t* w = state + r * dim;
     acc_t* scratch = state + (batch + r) * dim;
     acc_t* wt = state + (2 * batch + r) * dim;
+    const math::StackSample<const scalar_t> stack{z, batch, dim, r};
     if (chunk.first) {
       for (int64_t d = 0; d < dim; ++d) {
-        g[r * dim + d] = z[r * dim + d] + (bias == nullptr ? scalar_t(0) : bias[d]);
+        g[r * dim + d] = stack.primal(d) + (bias == nullptr ? scalar_t(0) : bias[d]);
         w[d] = static_cast<acc_t>(e[d]);
         wt[d] = w[d];
       }
       logdet[r] = acc_t(0);
     }
-    const auto jac = [&](int64_t i, int64_t d) { return z[((2 + d) * batch + r) * dim + i]; };
     acc_t ld = logdet[r];
-    math::jacobian_series_terms<scalar_t>(dim, jac, e, w, scratch, wt, chunk.logdet, chunk.neumann, chunk.count,
+    math::jacobian_series_terms<scalar_t>(dim, stack, e, w, scratch, wt, chunk.logdet, chunk.neumann, chunk.count,
                                           neumann, ld);
     logdet[r] = ld;
     if (chunk.last && neumann) {
@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
       for (int64_t d = 0; d < dim; ++d) {
         const scalar_t rounded = static_cast<scalar_t>(wt[d]);
         w_tilde[r * dim + d] = rounded;
-        v += static_cast<acc_t>(rounded) * static_cast<acc_t>(z[(batch + r) * dim + d]);
+        v += static_cast<acc_t>(rounded) * static_cast<acc_t>(stack.eps_tangent(d));
       }
       value[r] = v;
     }
@@ -134,18 +134,10 @@ __global__ void __launch_bounds__(kElementwiseThreads, 1)
     acc_t* w = state + r * terms * dim;
     acc_t* b = state + (batch + r) * terms * dim;
     acc_t* v = state + 2 * batch * terms * dim + r * dim;
-    for (int64_t i = 0; i < dim; ++i) {
-      seed[r * dim + i] = grad_g[r * dim + i];
-      seed[(batch + r) * dim + i] = scalar_t(0);
-      for (int64_t d = 0; d < dim; ++d) {
-        seed[((2 + d) * batch + r) * dim + i] = scalar_t(0);
-      }
-    }
     // the seed accumulates in the output's type; the terms themselves in acc_t
-    const math::StackSample<const scalar_t> jac{z, batch, dim, r};
-    const math::StackSample<scalar_t> out{seed, batch, dim, r};
-    math::jacobian_series_backward_terms<scalar_t>(dim, jac, eps + r * dim, w, b, v, coeffs, terms,
-                                                   static_cast<acc_t>(grad_logdet[r]), out);
+    math::jacobian_series_seed<scalar_t>(math::StackSample<const scalar_t>{z, batch, dim, r},
+                                         math::StackSample<scalar_t>{seed, batch, dim, r}, eps + r * dim,
+                                         grad_g + r * dim, w, b, v, coeffs, terms, static_cast<acc_t>(grad_logdet[r]));
   }
 }
 

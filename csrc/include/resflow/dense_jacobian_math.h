@@ -33,10 +33,25 @@ RESFLOW_HOST_DEVICE_INLINE void jacobian_lipswish_backward_element(T ga, T gu, T
   db = (ga * pt.d_beta() + gut * (h * q)) * dbeta;
 }
 
-// One sample's power series from its Jacobian J (D x D, J(e, d) = dg_e / dx_d): the terms
-// w_k = J^T w_{k-1} from w_0 = eps for k = first..last-1 (w holds w_{first-1} on entry and w_{last-1}
-// on exit; scratch is D more values), logdet += logdet_coeffs[k] <w_k, eps> and, with neumann,
-// w_tilde += neumann_coeffs[k] w_k. Coefficient arrays are indexed from `first`.
+// One sample's view of a stack of 2 + dim blocks of `batch` rows of `dim` values: the primal row (block 0),
+// the eps tangent (block 1) and J(i, d), entry i of the tangent along e_d (block 2 + d).
+template <class T>
+struct StackSample {
+  T* z;
+  int64_t batch, dim, row;
+  RESFLOW_HOST_DEVICE_INLINE T& primal(int64_t i) const { return z[row * dim + i]; }
+  RESFLOW_HOST_DEVICE_INLINE T& eps_tangent(int64_t i) const { return z[(batch + row) * dim + i]; }
+  RESFLOW_HOST_DEVICE_INLINE T& at(int64_t i, int64_t d) const { return z[((2 + d) * batch + row) * dim + i]; }
+  RESFLOW_HOST_DEVICE_INLINE T operator()(int64_t i, int64_t d) const { return at(i, d); }
+  template <class V>
+  RESFLOW_HOST_DEVICE_INLINE void add(int64_t i, int64_t d, V value) const {
+    at(i, d) += static_cast<T>(value);
+  }
+};
+
+// One sample's power series from its Jacobian J (D x D, J(e, d) = dg_e / dx_d), `count` more terms: each
+// w <- J^T w (w holds the last term's vector on entry and exit, eps for the first; scratch is D more
+// values), logdet += logdet_coeffs[k] <w, eps> and, with neumann, w_tilde += neumann_coeffs[k] w.
 template <class T, class Acc, class Jac>
 RESFLOW_HOST_DEVICE_INLINE void jacobian_series_terms(int64_t dim, const Jac& jac, const T* eps, Acc* w, Acc* scratch,
                                                       Acc* w_tilde, const double* logdet_coeffs,
@@ -102,19 +117,22 @@ RESFLOW_HOST_DEVICE_INLINE void jacobian_series_backward_terms(int64_t dim, cons
   }
 }
 
-// One sample's view of a stack of 2 + dim blocks of `batch` rows of `dim` values (block 2 + d: the tangent
-// along e_d): J(i, d) and the seed entry of J(i, d).
-template <class T>
-struct StackSample {
-  T* z;
-  int64_t batch, dim, row;
-  RESFLOW_HOST_DEVICE_INLINE T& at(int64_t i, int64_t d) const { return z[((2 + d) * batch + row) * dim + i]; }
-  RESFLOW_HOST_DEVICE_INLINE T operator()(int64_t i, int64_t d) const { return at(i, d); }
-  template <class V>
-  RESFLOW_HOST_DEVICE_INLINE void add(int64_t i, int64_t d, V value) const {
-    at(i, d) += static_cast<T>(value);
+// One sample's seed of the basic estimator's backward, written into its rows of `seed` (a stack like the
+// last one): grad_g on the primal row, 0 on the eps tangent, d(grad_logdet estimate)/dJ on the Jacobian's
+// rows (jacobian_series_backward_terms, with its scratch w, b and v).
+template <class T, class Acc>
+RESFLOW_HOST_DEVICE_INLINE void jacobian_series_seed(const StackSample<const T>& jac, const StackSample<T>& seed,
+                                                     const T* eps, const T* grad_g, Acc* w, Acc* b, Acc* v,
+                                                     const double* logdet_coeffs, int64_t count, Acc grad_logdet) {
+  for (int64_t i = 0; i < jac.dim; ++i) {
+    seed.primal(i) = grad_g[i];
+    seed.eps_tangent(i) = T(0);
+    for (int64_t d = 0; d < jac.dim; ++d) {
+      seed.at(i, d) = T(0);
+    }
   }
-};
+  jacobian_series_backward_terms<T>(jac.dim, jac, eps, w, b, v, logdet_coeffs, count, grad_logdet, seed);
+}
 
 // W / max(1, sigma / coeff) (torch.max: NaN propagates): the factor W is divided by.
 template <class T>
