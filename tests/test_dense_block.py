@@ -31,7 +31,8 @@ def _gen(seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch,width,blocks", [(5, 7, 4), (1, 1, 1), (33, 64, 3), (0, 4, 0)])
+# (700, 7, 4): the CPU kernel's chunks (4096 primal elements at 4 blocks) end in the middle of a row
+@pytest.mark.parametrize("batch,width,blocks", [(5, 7, 4), (1, 1, 1), (33, 64, 3), (0, 4, 0), (700, 7, 4)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_jacobian_lipswish_matches_the_oracle(dtype, batch, width, blocks, with_bias):
     g = _gen()
@@ -45,7 +46,8 @@ def test_jacobian_lipswish_matches_the_oracle(dtype, batch, width, blocks, with_
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch,width,blocks", [(5, 7, 1), (1, 1, 1), (40, 64, 1), (0, 3, 1), (6, 9, 4), (3, 2, 0)])
+@pytest.mark.parametrize("batch,width,blocks", [(5, 7, 1), (1, 1, 1), (40, 64, 1), (0, 3, 1), (6, 9, 4), (3, 2, 0),
+                                                 (700, 7, 3)])  # several CPU chunks, split mid-row
 def test_jacobian_lipswish_backward_matches_the_oracle(dtype, batch, width, blocks):
     g = _gen(1)
     grad, h, t = (torch.randn(rows, width, generator=g, dtype=dtype) * 3

@@ -11,6 +11,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -36,6 +38,13 @@ LipSwishScalars<scalar_t> scalars_of(const at::Tensor& beta) {
   return {p.beta, p.dbeta, p.d2beta, scalar_t(0)};
 }
 
+// Elements of the primal rows per chunk of a stack kernel: each chunk also covers the same range of every
+// tangent block, so the chunk shrinks with the number of blocks (a small batch's stack still spreads over
+// the threads), but not below what amortises the scheduling and the chunk's own loop overhead.
+int64_t stack_chunk(int64_t blocks) {
+  return std::max<int64_t>(4096, kElementwiseChunk / std::max<int64_t>(blocks, 1));
+}
+
 // The primal rows through the vectorized LipSwish forward (value and f'), then f' times each tangent row.
 std::tuple<at::Tensor, at::Tensor> jacobian_lipswish_cpu(const at::Tensor& z_in, const std::optional<at::Tensor>& bias,
                                                          const at::Tensor& beta, int64_t batch) {
@@ -52,13 +61,20 @@ std::tuple<at::Tensor, at::Tensor> jacobian_lipswish_cpu(const at::Tensor& z_in,
     scalar_t* hp = h.mutable_data_ptr<scalar_t>();
     scalar_t* ap = a.mutable_data_ptr<scalar_t>();
     const int64_t n = batch * width;
-    std::vector<scalar_t> slope(static_cast<size_t>(n));
+    std::unique_ptr<scalar_t[]> slope(new scalar_t[static_cast<size_t>(n)]);
     parallel_chunk_sum(n, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin, j = width == 0 ? 0 : begin % width; i < end; ++i) {
-        hp[i] = zp[i] + (bp == nullptr ? scalar_t(0) : bp[j]);
-        j = j + 1 == width ? 0 : j + 1;
+      if (bp == nullptr) {
+        std::copy(zp + begin, zp + end, hp + begin);
+      } else {
+        // row by row from the chunk's first column: the inner loop vectorizes
+        for (int64_t i = begin, j = begin % width; i < end; i += width - j, j = 0) {
+          const int64_t len = std::min(width - j, end - i);
+          for (int64_t k = 0; k < len; ++k) {
+            hp[i + k] = zp[i + k] + bp[j + k];
+          }
+        }
       }
-      forward(hp + begin, ap + begin, slope.data() + begin, end - begin, s);
+      forward(hp + begin, ap + begin, slope.get() + begin, end - begin, s);
       for (int64_t block = 1; block < blocks; ++block) {
         const scalar_t* zb = zp + block * n;
         scalar_t* ab = ap + block * n;
@@ -67,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> jacobian_lipswish_cpu(const at::Tensor& z_in,
         }
       }
       return 0.0;
-    });
+    }, stack_chunk(blocks));
   });
   return {h, a};
 }
@@ -90,19 +106,19 @@ std::tuple<at::Tensor, at::Tensor> jacobian_lipswish_backward_cpu(const at::Tens
     scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
     const int64_t n = h.numel();
     const int64_t blocks = n == 0 ? 0 : t.numel() / n;
-    std::vector<scalar_t> through_slope(static_cast<size_t>(n));
+    std::unique_ptr<scalar_t[]> through_slope(new scalar_t[static_cast<size_t>(n)]);
     const double total = parallel_chunk_sum(n, [&](int64_t begin, int64_t end) {
       const int64_t len = end - begin;
       double acc = static_cast<double>(backward(gp + begin, hp + begin, op_ + begin, len, s));
       for (int64_t k = 0; k < blocks; ++k) {
         acc += static_cast<double>(double_backward(tp + k * n + begin, gp + (k + 1) * n + begin, hp + begin,
-                                                   op_ + (k + 1) * n + begin, through_slope.data() + begin, len, s));
+                                                   op_ + (k + 1) * n + begin, through_slope.get() + begin, len, s));
         for (int64_t i = begin; i < end; ++i) {
           op_[i] += through_slope[i];
         }
       }
       return acc;
-    });
+    }, stack_chunk(blocks + 1));
     grad_beta = param_filled<scalar_t>(beta, total);
   });
   return {out, grad_beta};
