@@ -37,12 +37,14 @@ constexpr const char* kKernelSchemas[] = {
     "logdet_series_accumulate_(Tensor w, Tensor eps, Tensor(a!) logdet, Tensor(b!)? neumann, float logdet_coeff, "
     "float neumann_coeff) -> ()",
     // The fused dense block's kernels (csrc/include/resflow/dense_jacobian_math.h): a LipSwish step of a
-    // forward-mode Jacobian stack (returns h, a) and its backward on the primal and eps-tangent rows
+    // forward-mode Jacobian stack (returns h, a and, with keep, the rows the Neumann backward holds: a's first
+    // two blocks and z's second, written apart) and its backward on the primal and eps-tangent rows
     // (returns the co-tangents and beta's gradient); the power series from the last stack (returns g,
     // logdet, the surrogate and w~) and, for the basic estimator, the seed of the backward from the log-det's
     // gradient (grad_g on the primal rows, dL/dJ on the Jacobian's); W / max(1, sigma / coeff) for many layers into `out`, sigma into
     // `sigmas` and `scales`, and its backward.
-    "jacobian_lipswish(Tensor z, Tensor? bias, Tensor beta, int batch) -> (Tensor, Tensor)",
+    "jacobian_lipswish(Tensor z, Tensor? bias, Tensor beta, int batch, bool keep=False) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
     "jacobian_lipswish_backward(Tensor grad, Tensor h, Tensor tangent, Tensor beta) -> (Tensor, Tensor)",
     "jacobian_series(Tensor z, Tensor? bias, Tensor eps, float[] logdet_coeffs, float[] neumann_coeffs) "
     "-> (Tensor, Tensor, Tensor, Tensor)",

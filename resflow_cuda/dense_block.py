@@ -18,8 +18,10 @@ differentiated through every term, the reference toy model's) runs as:
   two products and one fused kernel per layer; then one op the normalization's backward.
 
 The draws, coefficients, values and gradients are the linearized path's (to rounding: the terms come
-from the Jacobian instead of chained vector-Jacobian products). Memory: per layer the stack's rows
-(2 + D times the branch's activations), whatever the number of terms. With backward-in-forward a
+from the Jacobian instead of chained vector-Jacobian products). Memory held for the backward, whatever the
+number of terms: per layer 4 times the branch's activations for the Neumann estimator (h, the eps tangent
+and two activated blocks; the D direction tangents live only inside the forward op), 2 (2 + D) + 1 times for
+the basic estimator (whose backward runs through every block). With backward-in-forward a
 non-uniform upstream gradient of the log-det is refused (the block's documented behaviour), although
 this backward would be exact for it. Its gradients are not differentiable again: a backward with
 ``create_graph=True`` raises (``fast_path=False`` keeps autograd's graph for that). Under autocast, for other

@@ -27,7 +27,9 @@ def dense_jacobian_forward(x: Tensor, eps: Tensor, weights: list[Tensor], biases
     directions. Returns ``(g, logdet, surrogate, w_tilde, hs, stacks, activated)``: g (B, D); the
     series sum_k logdet_coeffs[k] e^T J^k e and (with ``neumann_coeffs``) <w~^T J, e> per sample in the
     accumulation type; w~ = e + sum_k neumann_coeffs[k] e^T J^k; and, per step, what
-    :func:`dense_jacobian_backward` needs."""
+    :func:`dense_jacobian_backward` needs: with ``neumann_coeffs`` only the rows its seed covers (h, the eps
+    tangent's pre-activation, the first two activated blocks), without them the whole stacks and the last
+    one (the basic estimator's seed reads it)."""
     return _OPS.dense_jacobian_forward(x, eps, weights, biases, betas, logdet_coeffs, neumann_coeffs)
 
 
@@ -35,7 +37,9 @@ def dense_jacobian_backward(seed: Tensor, weights: list[Tensor], biases: list[Te
                             betas: list[Tensor | None], hs: list[Tensor], stacks: list[Tensor],
                             activated: list[Tensor]):
     """The gradient with respect to x, every weight, bias and raw beta (empty tensors where a step has none)
-    of sum <seed, the first rows of the last stack>, through :func:`dense_jacobian_forward`'s stacks:
+    of sum <seed, the first rows of the last stack>, through :func:`dense_jacobian_forward`'s stacks
+    (``stacks[i]`` of an activation step: the whole input stack, or only its tangent rows that the seed
+    covers; ``activated[i]``: at least the seed's rows):
     ``seed`` = [grad_g; grad_value w~] for the Neumann surrogate (w~ held constant), or
     :func:`jacobian_series_backward`'s for the basic estimator. Returns ``(grad_x, grad_weights,
     grad_biases, grad_betas)``."""
@@ -69,8 +73,10 @@ def lipschitz_normalize_backward(grads: list[Tensor], weights: list[Tensor], us:
 
 
 @torch.library.register_fake("resflow_cuda::jacobian_lipswish")
-def _jacobian_lipswish_fake(z, bias, beta, batch):
-    return z.new_empty((batch, z.shape[1])), torch.empty_like(z, memory_format=torch.contiguous_format)
+def _jacobian_lipswish_fake(z, bias, beta, batch, keep=False):
+    kept = keep and batch > 0 and z.shape[0] >= 2 * batch
+    return (z.new_empty((batch, z.shape[1])), torch.empty_like(z, memory_format=torch.contiguous_format),
+            z.new_empty((2 * batch if kept else 0, z.shape[1])), z.new_empty((batch if kept else 0, z.shape[1])))
 
 
 @torch.library.register_fake("resflow_cuda::jacobian_lipswish_backward")
@@ -106,8 +112,14 @@ def _dense_jacobian_forward_fake(x, eps, weights, biases, betas, logdet_coeffs, 
     g, logdet, value, w_tilde = _jacobian_series_fake(x, None, eps, logdet_coeffs, neumann_coeffs)
     widths = [dim] + [w.shape[0] for w in weights[:-1]]
     rows = (2 + dim) * batch
-    return (g, logdet, value, w_tilde, [x.new_empty((batch, n)) for n in widths],
-            [x.new_empty((rows, n)) for n in widths + [dim]], [x.new_empty((rows, n)) for n in widths])
+    hs = [x.new_empty((batch, n)) for n in widths]
+    if not neumann_coeffs:  # the basic estimator's backward reads the whole stacks
+        return (g, logdet, value, w_tilde, hs, [x.new_empty((rows, n)) for n in widths + [dim]],
+                [x.new_empty((rows, n)) for n in widths])
+    # the Neumann surrogate's: per step the eps tangent's pre-activation (activation steps) and two blocks
+    stacks = [x.new_empty((batch if beta is not None else 0, n)) for n, beta in zip(widths, betas)]
+    return (g, logdet, value, w_tilde, hs, stacks + [x.new_empty((0, dim))],
+            [x.new_empty((2 * batch, n)) for n in widths])
 
 
 @torch.library.register_fake("resflow_cuda::dense_jacobian_backward")

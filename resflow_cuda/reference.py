@@ -357,12 +357,16 @@ def logdet_series_accumulate_(w: Tensor, eps: Tensor, logdet: Tensor, neumann: T
 # ---------------------------------------------------------------------------------------------
 
 
-def jacobian_lipswish(z: Tensor, bias: Tensor | None, beta: Tensor, batch: int) -> tuple[Tensor, Tensor]:
-    """(h, a): h = z[:B] + bias; a = f(h) on the first B rows, f'(h) z on every further block of B rows."""
+def jacobian_lipswish(z: Tensor, bias: Tensor | None, beta: Tensor, batch: int,
+                      keep: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(h, a, kept_a, kept_t): h = z[:B] + bias; a = f(h) on the first B rows, f'(h) z on every further block
+    of B rows; with ``keep`` and at least two blocks, a's first two blocks and z's second (else no rows)."""
     h = z[:batch] + (0 if bias is None else bias)
     value, slope = lipswish_with_derivative(h, beta)
     blocks = z.shape[0] // batch if batch else 0
-    return h, torch.cat([value, slope.repeat(max(blocks - 1, 0), 1) * z[batch:]])
+    a = torch.cat([value, slope.repeat(max(blocks - 1, 0), 1) * z[batch:]])
+    kept = keep and blocks >= 2
+    return h, a, a[:2 * batch if kept else 0].clone(), z[batch:2 * batch if kept else batch].clone()
 
 
 def jacobian_lipswish_backward(grad: Tensor, h: Tensor, tangent: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:

@@ -34,15 +34,19 @@ def _gen(seed=0):
 # (700, 7, 4): the CPU kernel's chunks (4096 primal elements at 4 blocks) end in the middle of a row
 @pytest.mark.parametrize("batch,width,blocks", [(5, 7, 4), (1, 1, 1), (33, 64, 3), (0, 4, 0), (700, 7, 4)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_jacobian_lipswish_matches_the_oracle(dtype, batch, width, blocks, with_bias):
+@pytest.mark.parametrize("keep", [False, True])
+def test_jacobian_lipswish_matches_the_oracle(dtype, batch, width, blocks, with_bias, keep):
     g = _gen()
     z = torch.randn(blocks * batch, 2 * width, generator=g, dtype=dtype)[:, ::2]  # not contiguous
     bias = torch.randn(width, generator=g, dtype=dtype) if with_bias else None
     beta = torch.tensor([0.3], dtype=dtype)
-    got = dense_ops._OPS.jacobian_lipswish(z, bias, beta, batch)
-    expected = reference.jacobian_lipswish(z, bias, beta, batch)
+    got = dense_ops._OPS.jacobian_lipswish(z, bias, beta, batch, keep)
+    expected = reference.jacobian_lipswish(z, bias, beta, batch, keep)
+    assert len(got) == len(expected) == 4
     for a, b in zip(got, expected):
         _close(a, b, dtype)
+    kept_rows = 2 * batch if keep and blocks >= 2 else 0
+    assert got[2].shape == (kept_rows, width) and got[3].shape == (kept_rows // 2, width)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -176,6 +180,10 @@ def test_dense_jacobian_forward_and_backward_match_the_autograd_oracle(dtype, id
     if estimator == "neumann":
         _close(value, evalue.detach().to(value.dtype), dtype, scale=10.0)
         _close(w_tilde, ew_tilde.to(w_tilde.dtype), dtype, scale=10.0)
+        # held for the backward: the rows its seed covers, not the D direction tangents
+        batch = x.shape[0]
+        assert all(a.shape[0] == 2 * batch for a in activated)
+        assert [s.shape[0] for s in stacks] == [batch if b is not None else 0 for b in betas] + [0]
     else:
         assert value.numel() == 0 and w_tilde.numel() == 0
     grad_g = torch.randn(g.shape, generator=_gen(8), dtype=dtype)
@@ -205,10 +213,16 @@ def test_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.resflow_cuda.dense_jacobian_forward, (x, eps, weights, biases, betas, lc, nc))
     seed = torch.cat([out[0], out[3]])
     torch.library.opcheck(torch.ops.resflow_cuda.dense_jacobian_backward, (seed, weights, biases, betas, *out[4:]))
+    basic = dense_ops.dense_jacobian_forward(x, eps, weights, biases, betas, lc, [])
+    torch.library.opcheck(torch.ops.resflow_cuda.dense_jacobian_forward, (x, eps, weights, biases, betas, lc, []))
+    seed = dense_ops.jacobian_series_backward(basic[5][-1], eps, lc, torch.ones(x.shape[0], dtype=x.dtype), basic[0])
     torch.library.opcheck(torch.ops.resflow_cuda.jacobian_series_backward,
-                          (out[5][-1], eps, lc, torch.ones(x.shape[0], dtype=x.dtype), out[0]))
+                          (basic[5][-1], eps, lc, torch.ones(x.shape[0], dtype=x.dtype), basic[0]))
+    torch.library.opcheck(torch.ops.resflow_cuda.dense_jacobian_backward, (seed, weights, biases, betas, *basic[4:]))
     z = torch.randn(12, 5, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.resflow_cuda.jacobian_lipswish, (z, None, torch.tensor([0.2], dtype=z.dtype), 3))
+    for keep in (False, True):
+        torch.library.opcheck(torch.ops.resflow_cuda.jacobian_lipswish,
+                              (z, None, torch.tensor([0.2], dtype=z.dtype), 3, keep))
     torch.library.opcheck(torch.ops.resflow_cuda.jacobian_lipswish_backward,
                           (z[:6], z[6:9], z[9:], torch.tensor([0.2], dtype=z.dtype)))
     torch.library.opcheck(torch.ops.resflow_cuda.jacobian_series, (torch.randn(8, 2, dtype=z.dtype), None,
@@ -242,6 +256,13 @@ def test_bad_input_is_refused_with_the_argument_named():
     x, eps, weights, biases, betas = _block_args(torch.float64)
     with pytest.raises(RuntimeError, match="a residual branch must keep the shape"):
         dense_ops.dense_jacobian_forward(x, eps, weights[:2], biases[:2], betas[:2], [1.0], [1.0])
+    out = dense_ops.dense_jacobian_forward(x, eps, weights, biases, betas, [1.0], [1.0])
+    stacks = list(out[5])
+    step = next(i for i, beta in enumerate(betas) if beta is not None)
+    stacks[step] = stacks[step][:-1]
+    with pytest.raises(RuntimeError, match=rf"dense_jacobian_backward: expected stacks\[{step}\] to have at least "
+                                           rf"{2 * x.shape[0]} rows \(the whole stack\) or exactly {x.shape[0]}"):
+        dense_ops.dense_jacobian_backward(torch.cat([out[0], out[3]]), weights, biases, betas, out[4], stacks, out[6])
 
 
 def _mlp(layer, dims=(3, 24, 24, 3)):

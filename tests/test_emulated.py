@@ -421,14 +421,17 @@ def _dense_close(got, expected, dtype, scale=1.0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("batch,width,blocks,sms", [(5, 7, 4, 1), (300, 64, 3, 2), (1, 1, 2, 4), (0, 3, 0, 1)])
-def test_jacobian_lipswish_kernels_match_the_cpu_ops(emu, dtype, batch, width, blocks, sms):
+@pytest.mark.parametrize("batch,width,blocks,sms,keep", [(5, 7, 4, 1, True), (300, 64, 3, 2, False),
+                                                      (300, 64, 3, 2, True), (1, 1, 2, 4, True), (0, 3, 0, 1, True)])
+def test_jacobian_lipswish_kernels_match_the_cpu_ops(emu, dtype, batch, width, blocks, sms, keep):
     g = torch.Generator().manual_seed(0)
     z = (2 * torch.randn(blocks * batch, width, generator=g, dtype=torch.float64)).to(dtype)
     bias = torch.randn(width, generator=g, dtype=torch.float64).to(dtype)
     beta = torch.tensor([0.7], dtype=dtype)
-    for a, b in zip(emu.jacobian_lipswish(z, bias, beta, batch, sms), dense_ops._OPS.jacobian_lipswish(z, bias, beta,
-                                                                                                       batch)):
+    got = emu.jacobian_lipswish(z, bias, beta, batch, keep, sms)
+    expected = dense_ops._OPS.jacobian_lipswish(z, bias, beta, batch, keep)
+    for a, b in zip(got, expected):
+        assert a.shape == b.shape
         _dense_close(a, b, dtype)
     grad = torch.randn(blocks * batch, width, generator=g, dtype=torch.float64).to(dtype)
     h, t = z[:batch], z[batch:]  # every further block is a tangent
@@ -496,7 +499,7 @@ def test_lipschitz_normalize_kernels_match_the_cpu_ops(emu, dtype, layers):
 
 
 def _run_jacobian_lipswish(emu):
-    emu.jacobian_lipswish(torch.randn(12, 5), None, torch.tensor([0.5]), 3, 2)
+    emu.jacobian_lipswish(torch.randn(12, 5), None, torch.tensor([0.5]), 3, True, 2)
 
 
 def _run_jacobian_lipswish_backward(emu):

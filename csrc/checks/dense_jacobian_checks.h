@@ -54,23 +54,28 @@ inline void check_jacobian_lipswish(const char* op, const at::Tensor& z, const s
   check_tensor_and_param(op, "z", z, "beta", beta);
 }
 
-// jacobian_lipswish's operands made contiguous and its outputs allocated: h (B, H) and a like z.
+// jacobian_lipswish's operands made contiguous and its outputs allocated: h (B, H), a like z and, with keep
+// (and at least two blocks), kept_a (2 B, H) and kept_t (B, H), else both with no rows.
 struct JacobianLipSwishOperands {
-  at::Tensor z, bias, h, a;
+  at::Tensor z, bias, h, a, kept_a, kept_t;
   int64_t width = 0, blocks = 0;
+  bool keep = false;
 };
 
 inline JacobianLipSwishOperands jacobian_lipswish_operands(const char* op, const at::Tensor& z,
                                                             const std::optional<at::Tensor>& bias,
-                                                            const at::Tensor& beta, int64_t batch) {
+                                                            const at::Tensor& beta, int64_t batch, bool keep) {
   check_jacobian_lipswish(op, z, bias, beta, batch);
   JacobianLipSwishOperands o;
   o.z = z.contiguous();
   o.bias = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   o.width = z.size(1);
   o.blocks = batch == 0 ? 0 : z.size(0) / batch;
+  o.keep = keep && o.blocks >= 2;
   o.h = at::empty({batch, o.width}, z.options());
   o.a = at::empty(z.sizes(), z.options());
+  o.kept_a = at::empty({o.keep ? 2 * batch : 0, o.width}, z.options());
+  o.kept_t = at::empty({o.keep ? batch : 0, o.width}, z.options());
   return o;
 }
 

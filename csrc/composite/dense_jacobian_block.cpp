@@ -12,7 +12,9 @@
 // input's (one product) and the step's activation backward (jacobian_lipswish_backward). For the Neumann
 // surrogate (w~ held constant) the seed is [grad_g; grad_value w~] on the primal rows and the eps tangent;
 // for the basic estimator jacobian_series_backward seeds all of them (dL/dJ on the Jacobian's blocks).
-// Exact for any upstream gradient.
+// Exact for any upstream gradient. What the forward keeps for it is what its seed covers: for the Neumann
+// surrogate per step h, the eps tangent's pre-activation and the first two activated blocks (4 B rows of
+// the step's width), for the basic estimator the whole stacks (2 S + 1 blocks).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -26,14 +28,16 @@
 namespace resflow_cuda {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> jacobian_lipswish(const at::Tensor& z, const std::optional<at::Tensor>& bias,
-                                                     const at::Tensor& beta, int64_t batch) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("resflow_cuda::jacobian_lipswish", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&,
-                                                                       const std::optional<at::Tensor>&,
-                                                                       const at::Tensor&, int64_t)>();
-  return op.call(z, bias, beta, batch);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jacobian_lipswish(const at::Tensor& z,
+                                                                             const std::optional<at::Tensor>& bias,
+                                                                             const at::Tensor& beta, int64_t batch,
+                                                                             bool keep) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("resflow_cuda::jacobian_lipswish", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, int64_t, bool)>();
+  return op.call(z, bias, beta, batch, keep);
 }
 
 std::tuple<at::Tensor, at::Tensor> jacobian_lipswish_backward(const at::Tensor& grad, const at::Tensor& h,
@@ -104,28 +108,38 @@ dense_jacobian_forward(const at::Tensor& x, const at::Tensor& eps, at::TensorLis
   // [x; eps; e_1 ... e_D], each block B rows.
   const at::Tensor basis = at::eye(dim, x.options()).unsqueeze(1).expand({dim, batch, dim});
   at::Tensor z = at::cat({x.unsqueeze(0), eps.unsqueeze(0), basis}, 0).view({(2 + dim) * batch, dim});
-  // Kept per step (whole tensors, not views: the op's outputs alias nothing): h, the input stack z (its
-  // second block is the eps tangent t) and the activated stack a (its first two blocks feed the weight's
-  // gradient).
+  // Kept per step for the backward (whole tensors, not views: the op's outputs alias nothing): h, the input
+  // stack z (its second block is the eps tangent t) and the activated stack a (its first two blocks feed the
+  // weight's gradient). The Neumann surrogate's backward reads only the primal rows and the eps tangent, so
+  // for it the activation kernel writes those rows apart (a's first two blocks, z's second) and the D
+  // direction tangents are freed with this op instead of being held until the backward.
+  const bool neumann = !neumann_coeffs.empty();
   std::vector<at::Tensor> hs(steps), stacks(steps), activated(steps);
   std::optional<at::Tensor> bias_in;
   for (size_t i = 0; i < steps; ++i) {
-    stacks[i] = z;
+    at::Tensor a;
     if (const auto beta = given(betas, i)) {
-      std::tie(hs[i], activated[i]) = jacobian_lipswish(z, bias_in, *beta, batch);
+      auto [h, full, kept_a, kept_t] = jacobian_lipswish(z, bias_in, *beta, batch, neumann);
+      hs[i] = h;
+      a = full;
+      activated[i] = neumann ? kept_a : full;
+      stacks[i] = neumann ? kept_t : z;
     } else {
-      // No activation: a = z with the bias on the primal rows.
-      activated[i] = z.clone();
+      // No activation: a = z with the bias on the primal rows; the backward reads no tangent of this step.
+      a = neumann && !bias_in.has_value() ? z : z.clone();
       if (bias_in.has_value()) {
-        activated[i].narrow(0, 0, batch).add_(*bias_in);
+        a.narrow(0, 0, batch).add_(*bias_in);
       }
-      hs[i] = activated[i].narrow(0, 0, batch).clone();
+      hs[i] = a.narrow(0, 0, batch).clone();
+      activated[i] = neumann ? a.narrow(0, 0, 2 * batch).clone() : a;
+      stacks[i] = neumann ? at::empty({0, a.size(1)}, a.options()) : z;
     }
-    z = at::mm(activated[i], weights[i].t());
+    z = at::mm(a, weights[i].t());
     bias_in = given(biases, i);
   }
-  stacks.push_back(z);  // the last stack: g (before the bias) and the Jacobians
+  // the last stack (g before the bias, and the Jacobians): the basic estimator's seed reads it
   auto [g, logdet, value, w_tilde] = jacobian_series(z, bias_in, eps, logdet_coeffs, neumann_coeffs);
+  stacks.push_back(neumann ? at::empty({0, dim}, x.options()) : z);
   return {g, logdet, value, w_tilde, hs, stacks, activated};
 }
 
@@ -149,18 +163,21 @@ dense_jacobian_backward(const at::Tensor& seed, at::TensorList weights,
   std::vector<at::Tensor> grad_weights(steps), grad_biases(steps), grad_betas(steps);
   at::Tensor r = seed;  // the co-tangents of the first rows / batch blocks of the stack after step i
   for (size_t i = steps; i-- > 0;) {
-    for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"activated", activated[i]},
-                                  std::pair<const char*, const at::Tensor&>{"stacks", stacks[i]}}) {
-      TORCH_CHECK(t.dim() == 2 && t.size(0) >= rows && t.size(1) == weights[i].size(1), op, ": expected ", name,
-                  "[", i, "] to have at least ", rows, " rows of ", weights[i].size(1), ", but got shape ",
-                  t.sizes());
-    }
-    grad_weights[i] = at::mm(r.t(), activated[i].narrow(0, 0, rows));
+    const int64_t width = weights[i].size(1);
+    const at::Tensor& a = activated[i];
+    TORCH_CHECK(a.dim() == 2 && a.size(0) >= rows && a.size(1) == width, op, ": expected activated[", i,
+                "] to have at least ", rows, " rows of ", width, ", but got shape ", a.sizes());
+    grad_weights[i] = at::mm(r.t(), a.narrow(0, 0, rows));
     grad_biases[i] = given(biases, i) ? r.narrow(0, 0, batch).sum(0) : at::empty({0}, seed.options());
     at::Tensor p = at::mm(r, weights[i]);
     if (const auto beta = given(betas, i)) {
-      std::tie(r, grad_betas[i]) =
-          jacobian_lipswish_backward(p, hs[i], stacks[i].narrow(0, batch, rows - batch), *beta);
+      // the tangent pre-activations the seed covers: rows [B, rows) of the whole stack, or those rows alone
+      const at::Tensor& s = stacks[i];
+      TORCH_CHECK(s.dim() == 2 && (s.size(0) >= rows || s.size(0) == rows - batch) && s.size(1) == width, op,
+                  ": expected stacks[", i, "] to have at least ", rows, " rows (the whole stack) or exactly ",
+                  rows - batch, " (its tangent rows) of ", width, ", but got shape ", s.sizes());
+      const at::Tensor tangent = s.size(0) >= rows ? s.narrow(0, batch, rows - batch) : s;
+      std::tie(r, grad_betas[i]) = jacobian_lipswish_backward(p, hs[i], tangent, *beta);
     } else {
       r = p;
       grad_betas[i] = at::empty({0}, seed.options());

@@ -45,10 +45,13 @@ int64_t stack_chunk(int64_t blocks) {
   return std::max<int64_t>(4096, kElementwiseChunk / std::max<int64_t>(blocks, 1));
 }
 
-// The primal rows through the vectorized LipSwish forward (value and f'), then f' times each tangent row.
-std::tuple<at::Tensor, at::Tensor> jacobian_lipswish_cpu(const at::Tensor& z_in, const std::optional<at::Tensor>& bias,
-                                                         const at::Tensor& beta, int64_t batch) {
-  auto o = jacobian_lipswish_operands("resflow_cuda.jacobian_lipswish", z_in, bias, beta, batch);
+// The primal rows through the vectorized LipSwish forward (value and f'), then f' times each tangent row;
+// with keep, the first two blocks of a and the second of z also into kept_a and kept_t.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jacobian_lipswish_cpu(const at::Tensor& z_in,
+                                                                                 const std::optional<at::Tensor>& bias,
+                                                                                 const at::Tensor& beta, int64_t batch,
+                                                                                 bool keep) {
+  auto o = jacobian_lipswish_operands("resflow_cuda.jacobian_lipswish", z_in, bias, beta, batch, keep);
   const at::Tensor &z = o.z, &b = o.bias;
   at::Tensor &h = o.h, &a = o.a;
   const int64_t width = o.width, blocks = o.blocks;
@@ -60,6 +63,8 @@ std::tuple<at::Tensor, at::Tensor> jacobian_lipswish_cpu(const at::Tensor& z_in,
     const scalar_t* bp = with_bias ? b.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* hp = h.mutable_data_ptr<scalar_t>();
     scalar_t* ap = a.mutable_data_ptr<scalar_t>();
+    scalar_t* kap = o.keep ? o.kept_a.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* ktp = o.keep ? o.kept_t.mutable_data_ptr<scalar_t>() : nullptr;
     const int64_t n = batch * width;
     std::unique_ptr<scalar_t[]> slope(new scalar_t[static_cast<size_t>(n)]);
     parallel_chunk_sum(n, [&](int64_t begin, int64_t end) {
@@ -82,10 +87,15 @@ std::tuple<at::Tensor, at::Tensor> jacobian_lipswish_cpu(const at::Tensor& z_in,
           ab[i] = slope[i] * zb[i];
         }
       }
+      if (kap != nullptr) {
+        std::copy(ap + begin, ap + end, kap + begin);
+        std::copy(ap + n + begin, ap + n + end, kap + n + begin);
+        std::copy(zp + n + begin, zp + n + end, ktp + begin);
+      }
       return 0.0;
     }, stack_chunk(blocks));
   });
-  return {h, a};
+  return {h, a, o.kept_a, o.kept_t};
 }
 
 // dh = ga f_x (LipSwish's backward) + sum_k t_k gu_k f_xx, dt_k = gu_k f_x (its double backward with g = t_k,

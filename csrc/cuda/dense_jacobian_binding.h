@@ -21,26 +21,31 @@
 namespace resflow_cuda::cuda {
 
 template <class Backend>
-std::tuple<at::Tensor, at::Tensor> jacobian_lipswish_on(const Backend& backend, const at::Tensor& z_in,
-                                                        const std::optional<at::Tensor>& bias, const at::Tensor& beta,
-                                                        int64_t batch) {
-  auto o = jacobian_lipswish_operands("resflow_cuda.jacobian_lipswish", z_in, bias, beta, batch);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jacobian_lipswish_on(const Backend& backend,
+                                                                                const at::Tensor& z_in,
+                                                                                const std::optional<at::Tensor>& bias,
+                                                                                const at::Tensor& beta, int64_t batch,
+                                                                                bool keep) {
+  auto o = jacobian_lipswish_operands("resflow_cuda.jacobian_lipswish", z_in, bias, beta, batch, keep);
   const auto guard = backend.guard(z_in);
   const at::Tensor &z = o.z, &b = o.bias;
   at::Tensor &h = o.h, &a = o.a;
   const int64_t width = o.width, blocks = o.blocks;
   const bool with_bias = b.defined();
   if (batch * width == 0) {
-    return {h, a};
+    return {h, a, o.kept_a, o.kept_t};
   }
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "jacobian_lipswish_cuda", [&] {
     launch_jacobian_lipswish<scalar_t>(backend.sm_count(z), z.const_data_ptr<scalar_t>(),
                                        with_bias ? b.const_data_ptr<scalar_t>() : nullptr,
                                        beta.const_data_ptr<scalar_t>(), h.mutable_data_ptr<scalar_t>(),
-                                       a.mutable_data_ptr<scalar_t>(), batch, width, blocks, backend.stream());
+                                       a.mutable_data_ptr<scalar_t>(),
+                                       o.keep ? o.kept_a.mutable_data_ptr<scalar_t>() : nullptr,
+                                       o.keep ? o.kept_t.mutable_data_ptr<scalar_t>() : nullptr, batch, width, blocks,
+                                       backend.stream());
     backend.check_launch();
   });
-  return {h, a};
+  return {h, a, o.kept_a, o.kept_t};
 }
 
 template <class Backend>

@@ -10,9 +10,11 @@
 namespace resflow_cuda::cuda {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> jacobian_lipswish_cuda(const at::Tensor& z, const std::optional<at::Tensor>& bias,
-                                                          const at::Tensor& beta, int64_t batch) {
-  return jacobian_lipswish_on(CudaBackend{}, z, bias, beta, batch);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jacobian_lipswish_cuda(const at::Tensor& z,
+                                                                                  const std::optional<at::Tensor>& bias,
+                                                                                  const at::Tensor& beta, int64_t batch,
+                                                                                  bool keep) {
+  return jacobian_lipswish_on(CudaBackend{}, z, bias, beta, batch, keep);
 }
 
 std::tuple<at::Tensor, at::Tensor> jacobian_lipswish_backward_cuda(const at::Tensor& grad, const at::Tensor& h,

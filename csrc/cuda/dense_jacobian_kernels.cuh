@@ -15,12 +15,14 @@
 
 namespace resflow_cuda::cuda {
 
-// One thread per element of the primal rows (B x H): h, f(h), and f'(h) times each tangent row.
+// One thread per element of the primal rows (B x H): h, f(h), and f'(h) times each tangent row; when
+// kept_a is not null, also the first two blocks of a into kept_a and the second of z into kept_t.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kElementwiseThreads)
     jacobian_lipswish_kernel(const scalar_t* __restrict__ z, const scalar_t* __restrict__ bias,
                              const scalar_t* __restrict__ beta, scalar_t* __restrict__ h, scalar_t* __restrict__ a,
-                             int64_t batch, int64_t width, int64_t blocks) {
+                             scalar_t* __restrict__ kept_a, scalar_t* __restrict__ kept_t, int64_t batch,
+                             int64_t width, int64_t blocks) {
   const scalar_t b = math::lipswish_params(beta[0]).beta;
   const int64_t n = batch * width;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -32,6 +34,11 @@ __global__ void __launch_bounds__(kElementwiseThreads)
     const scalar_t slope = pt.d_x();
     for (int64_t s = 1; s < blocks; ++s) {
       a[s * n + i] = slope * z[s * n + i];
+    }
+    if (kept_a != nullptr) {
+      kept_a[i] = a[i];
+      kept_a[n + i] = a[n + i];
+      kept_t[i] = z[n + i];
     }
   }
 }
@@ -212,10 +219,11 @@ inline int grid_for(int64_t n, int sm_count) {
 
 template <typename scalar_t>
 void launch_jacobian_lipswish(int sm_count, const scalar_t* z, const scalar_t* bias, const scalar_t* beta, scalar_t* h,
-                              scalar_t* a, int64_t batch, int64_t width, int64_t blocks, cudaStream_t stream) {
+                              scalar_t* a, scalar_t* kept_a, scalar_t* kept_t, int64_t batch, int64_t width,
+                              int64_t blocks, cudaStream_t stream) {
   const auto kernel = &jacobian_lipswish_kernel<scalar_t>;
-  RESFLOW_LAUNCH(kernel, grid_for(batch * width, sm_count), kElementwiseThreads, 0, stream)(z, bias, beta, h, a, batch,
-                                                                                            width, blocks);
+  RESFLOW_LAUNCH(kernel, grid_for(batch * width, sm_count), kElementwiseThreads, 0, stream)(
+      z, bias, beta, h, a, kept_a, kept_t, batch, width, blocks);
 }
 
 // block_sums holds jacobian_backward_blocks(n, sm_count) doubles.

@@ -121,9 +121,11 @@ void logdet_series_accumulate_(const at::Tensor& w, const at::Tensor& eps, const
 }
 
 // The fused dense block's kernels.
-std::tuple<at::Tensor, at::Tensor> jacobian_lipswish(const at::Tensor& z, const std::optional<at::Tensor>& bias,
-                                                     const at::Tensor& beta, int64_t batch, int64_t sms) {
-  return cu::jacobian_lipswish_on(backend(sms), z, bias, beta, batch);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jacobian_lipswish(const at::Tensor& z,
+                                                                             const std::optional<at::Tensor>& bias,
+                                                                             const at::Tensor& beta, int64_t batch,
+                                                                             bool keep, int64_t sms) {
+  return cu::jacobian_lipswish_on(backend(sms), z, bias, beta, batch, keep);
 }
 
 std::tuple<at::Tensor, at::Tensor> jacobian_lipswish_backward(const at::Tensor& grad, const at::Tensor& h,
@@ -325,7 +327,8 @@ TORCH_LIBRARY(resflow_emulated, m) {
   m.def("series_plan(int rows, int cols, int sm_count, bool aligned, int element_size) -> int[]", &series_plan);
   m.def("logdet_series_accumulate_(Tensor w, Tensor eps, Tensor(a!) logdet, Tensor(b!)? neumann, float logdet_coeff, "
         "float neumann_coeff, int sm_count) -> ()");
-  m.def("jacobian_lipswish(Tensor z, Tensor? bias, Tensor beta, int batch, int sm_count) -> (Tensor, Tensor)");
+  m.def("jacobian_lipswish(Tensor z, Tensor? bias, Tensor beta, int batch, bool keep, int sm_count) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("jacobian_lipswish_backward(Tensor grad, Tensor h, Tensor tangent, Tensor beta, int sm_count) "
         "-> (Tensor, Tensor)");
   m.def("jacobian_series(Tensor z, Tensor? bias, Tensor eps, float[] logdet_coeffs, float[] neumann_coeffs, "
