@@ -179,6 +179,24 @@ def roulette_plan(samples: np.ndarray, offset: int, survival) -> SeriesPlan:
     return SeriesPlan(tuple(coeffs), samples)
 
 
+def record_statistics(samples: Tensor, firmom: Tensor, secmom: Tensor, plan: SeriesPlan, value: Tensor) -> None:
+    """The reference's training statistics of a block, written into its buffers: the roulette's draws
+    (``last_n_samples``) and the mean of the log-det value and of its square over the batch
+    (``last_firmom``, ``last_secmom``), as ``torch.mean`` computes them. Where a buffer has the value's
+    dtype and device the mean is written into it directly, without a temporary and a copy."""
+    drawn = plan.samples.tolist()
+    if len(drawn) == 1:
+        samples.fill_(drawn[0])
+    else:
+        samples.copy_(torch.as_tensor(drawn).to(samples))
+    detached = value.detach().reshape(-1)
+    for buffer, data in ((firmom, detached), (secmom, detached ** 2)):
+        if buffer.shape == (1,) and buffer.dtype == data.dtype and buffer.device == data.device:
+            torch.mean(data, 0, keepdim=True, out=buffer)
+        else:
+            buffer.copy_(torch.mean(data).to(buffer))
+
+
 def truncated_plan(n_terms: int) -> SeriesPlan:
     """The biased i-ResNet series: the first n terms, c_k = 1."""
     return SeriesPlan((1.0,) * n_terms)

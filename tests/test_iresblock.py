@@ -482,3 +482,17 @@ def test_exported_names():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         repr(iResBlock(_mlp([2, 4, 2])))
+
+
+@pytest.mark.parametrize("samples", [[3], [2, 5, 1]])
+@pytest.mark.parametrize("value_dtype", [torch.float32, torch.float64])
+def test_training_statistics_are_the_means_of_the_value(samples, value_dtype):
+    # float32 buffers: a float32 value is averaged into them directly, a float64 one through a copy
+    buffers = [torch.full((len(samples),), -1.0), torch.full((1,), -1.0), torch.full((1,), -1.0)]
+    value = torch.randn(37, generator=torch.Generator().manual_seed(0), dtype=value_dtype) * 3 + 1
+    est.record_statistics(*buffers, est.SeriesPlan((1.0,), np.array(samples)), value.requires_grad_(True))
+    assert buffers[0].tolist() == samples
+    # exact: the same torch.mean of the same values, rounded once to the buffer's dtype
+    assert buffers[1].item() == torch.mean(value.detach()).float().item()
+    assert buffers[2].item() == torch.mean(value.detach() ** 2).float().item()
+    assert not any(b.requires_grad for b in buffers)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..estimators import HostCopies, check_block_input, check_estimator_args, series_plan
+from ..estimators import HostCopies, check_block_input, check_estimator_args, record_statistics, series_plan
 from ..linearize import fast_path_repr
 from ..logdet import branch_estimate, branch_jacobian, exact_trace_logdet
 from ..ops import autocast_disabled
@@ -217,10 +217,7 @@ class ImplicitBlock(nn.Module):
                 value, estimate = value_x - value_z, estimate_x - estimate_z
             self.last_logdet_estimate = estimate.detach().view(-1, 1)
             if self.training and self.n_power_series is None:
-                self.last_n_samples.copy_(torch.as_tensor(plan.samples).to(self.last_n_samples))
-                detached = value.detach()
-                self.last_firmom.copy_(torch.mean(detached).to(self.last_firmom))
-                self.last_secmom.copy_(torch.mean(detached ** 2).to(self.last_secmom))
+                record_statistics(self.last_n_samples, self.last_firmom, self.last_secmom, plan, value)
             return value.view(-1, 1)
 
     def _probe(self, like: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import estimators as est
-from ..estimators import HostCopies, check_block_input, check_estimator_args, series_plan
+from ..estimators import HostCopies, check_block_input, check_estimator_args, record_statistics, series_plan
 from ..linearize import fast_path_repr
 from ..logdet import branch_estimate, branch_jacobian, exact_trace_logdet
 from ..ops import autocast_disabled
@@ -230,10 +230,7 @@ class iResBlock(nn.Module):  # noqa: N801 (the reference's name)
                 value = estimate.detach() + (value - value.detach())
 
             if self.training and self.n_power_series is None:
-                self.last_n_samples.copy_(torch.as_tensor(plan.samples).to(self.last_n_samples))
-                detached = value.detach()
-                self.last_firmom.copy_(torch.mean(detached).to(self.last_firmom))
-                self.last_secmom.copy_(torch.mean(detached ** 2).to(self.last_secmom))
+                record_statistics(self.last_n_samples, self.last_firmom, self.last_secmom, plan, value)
             return g, value.view(-1, 1)
 
     def _plan(self, x: Tensor) -> est.SeriesPlan:
