@@ -134,7 +134,7 @@ def test_lipschitz_normalize_backward_splits_the_gradient_at_a_tie_as_torch_max(
     assert got[0, 0].item() == -0.5
 
 
-def _block_args(dtype, dims=(3, 16, 9, 3), batch=11, identity_first=False, seed=6):
+def _block_args(dtype, dims=(3, 16, 9, 3), batch=11, identity=None, seed=6):
     weights, _, _ = _layers(dtype, dims, seed)
     g = _gen(seed + 1)
     x = torch.randn(batch, dims[0], generator=g, dtype=dtype)
@@ -142,8 +142,8 @@ def _block_args(dtype, dims=(3, 16, 9, 3), batch=11, identity_first=False, seed=
     biases = [torch.randn(w.shape[0], generator=g, dtype=dtype) * 0.1 for w in weights]
     biases[1] = None
     betas = [torch.randn(1, generator=g, dtype=dtype) for _ in weights]
-    if identity_first:
-        betas[0] = None
+    if identity is not None:  # a step without activation: the first, or one after a bias (step 1)
+        betas[identity] = None
     return x, eps, weights, biases, betas
 
 
@@ -162,10 +162,10 @@ def test_jacobian_series_backward_matches_the_oracle(dtype, batch, dim, terms):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("identity_first", [False, True])
+@pytest.mark.parametrize("identity", [None, 0, 1])
 @pytest.mark.parametrize("estimator", ["neumann", "basic"])
-def test_dense_jacobian_forward_and_backward_match_the_autograd_oracle(dtype, identity_first, estimator):
-    x, eps, weights, biases, betas = _block_args(dtype, identity_first=identity_first)
+def test_dense_jacobian_forward_and_backward_match_the_autograd_oracle(dtype, identity, estimator):
+    x, eps, weights, biases, betas = _block_args(dtype, identity=identity)
     logdet_coeffs, neumann_coeffs = _coeffs(5)
     neumann_coeffs = neumann_coeffs if estimator == "neumann" else []
     g, logdet, value, w_tilde, hs, stacks, activated = dense_ops.dense_jacobian_forward(
@@ -203,11 +203,12 @@ def test_dense_jacobian_forward_and_backward_match_the_autograd_oracle(dtype, id
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         _close(a, b.reshape(a.shape), dtype, scale=100.0)  # sums over the batch of O(10) terms
-    assert grad_biases[1].numel() == 0 and (not identity_first or grad_betas[0].numel() == 0)
+    assert grad_biases[1].numel() == 0 and (identity is None or grad_betas[identity].numel() == 0)
 
 
-def test_ops_pass_opcheck():
-    x, eps, weights, biases, betas = _block_args(torch.float64)
+@pytest.mark.parametrize("identity", [None, 1])
+def test_composite_ops_pass_opcheck(identity):
+    x, eps, weights, biases, betas = _block_args(torch.float64, identity=identity)
     lc, nc = _coeffs(3)
     out = dense_ops.dense_jacobian_forward(x, eps, weights, biases, betas, lc, nc)
     torch.library.opcheck(torch.ops.resflow_cuda.dense_jacobian_forward, (x, eps, weights, biases, betas, lc, nc))
@@ -219,6 +220,10 @@ def test_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.resflow_cuda.jacobian_series_backward,
                           (basic[5][-1], eps, lc, torch.ones(x.shape[0], dtype=x.dtype), basic[0]))
     torch.library.opcheck(torch.ops.resflow_cuda.dense_jacobian_backward, (seed, weights, biases, betas, *basic[4:]))
+
+
+def test_ops_pass_opcheck():
+    lc, nc = _coeffs(3)
     z = torch.randn(12, 5, dtype=torch.float64)
     for keep in (False, True):
         torch.library.opcheck(torch.ops.resflow_cuda.jacobian_lipswish,

@@ -14,7 +14,8 @@
 // for the basic estimator jacobian_series_backward seeds all of them (dL/dJ on the Jacobian's blocks).
 // Exact for any upstream gradient. What the forward keeps for it is what its seed covers: for the Neumann
 // surrogate per step h, the eps tangent's pre-activation and the first two activated blocks (4 B rows of
-// the step's width), for the basic estimator the whole stacks (2 S + 1 blocks).
+// the step's width; 3 for a step without activation), for the basic estimator the whole stacks (2 S + 1
+// blocks).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -126,7 +127,9 @@ dense_jacobian_forward(const at::Tensor& x, const at::Tensor& eps, at::TensorLis
       stacks[i] = neumann ? kept_t : z;
     } else {
       // No activation: a = z with the bias on the primal rows; the backward reads no tangent of this step.
-      a = neumann && !bias_in.has_value() ? z : z.clone();
+      // For the Neumann surrogate nothing this op returns is z (every kept row is a copy), so z itself
+      // takes the bias.
+      a = neumann ? z : z.clone();
       if (bias_in.has_value()) {
         a.narrow(0, 0, batch).add_(*bias_in);
       }
