@@ -21,8 +21,8 @@ The draws, coefficients, values and gradients are the linearized path's (to roun
 from the Jacobian instead of chained vector-Jacobian products). Memory held for the backward, whatever the
 number of terms: per layer 4 times the branch's activations for the Neumann estimator (h, the eps tangent
 and two activated blocks; 3 for a layer without activation; the D direction tangents live only inside the
-forward op), 2 (2 + D) + 1 times for
-the basic estimator (whose backward runs through every block). With backward-in-forward a
+forward op), 2 (2 + D) + 1 times for the basic estimator (whose backward runs through every block). With
+backward-in-forward a
 non-uniform upstream gradient of the log-det is refused (the block's documented behaviour), although
 this backward would be exact for it. Its gradients are not differentiable again: a backward with
 ``create_graph=True`` raises (``fast_path=False`` keeps autograd's graph for that). Under autocast, for other

@@ -188,13 +188,13 @@ def record_statistics(samples: Tensor, firmom: Tensor, secmom: Tensor, plan: Ser
     if len(drawn) == 1:
         samples.fill_(drawn[0])
     else:
-        samples.copy_(torch.as_tensor(drawn).to(samples))
+        samples.copy_(torch.as_tensor(drawn))  # copy_ converts to the buffer's dtype and device
     detached = value.detach().reshape(-1)
     for buffer, data in ((firmom, detached), (secmom, detached ** 2)):
         if buffer.shape == (1,) and buffer.dtype == data.dtype and buffer.device == data.device:
             torch.mean(data, 0, keepdim=True, out=buffer)
         else:
-            buffer.copy_(torch.mean(data).to(buffer))
+            buffer.copy_(torch.mean(data))
 
 
 def truncated_plan(n_terms: int) -> SeriesPlan:
