@@ -24,6 +24,34 @@ CUDA_UNUSABLE = _cuda_unusable()
 CUDA = pytest.param("cuda", marks=pytest.mark.cuda)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--shard", default=None, metavar="I/N",
+                     help="run only every N-th collected test, starting at the I-th (0 <= I < N): CI runs the "
+                          "N shards of a long step as N processes side by side")
+
+
+def _shard(value: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in value.split("/"))
+    except ValueError:
+        raise pytest.UsageError(f"--shard: expected I/N with integers I and N, got {value!r}") from None
+    if not 0 <= index < count:
+        raise pytest.UsageError(f"--shard: expected 0 <= I < N, got I={index}, N={count}")
+    return index, count
+
+
+def pytest_collection_modifyitems(config, items):
+    value = config.getoption("--shard")
+    if value is None:
+        return
+    index, count = _shard(value)
+    # By position in the collection order (stable across processes): neighbouring parametrizations of a
+    # test go to different shards, so the shards' lengths stay close.
+    deselected = [item for i, item in enumerate(items) if i % count != index]
+    items[:] = [item for i, item in enumerate(items) if i % count == index]
+    config.hook.pytest_deselected(items=deselected)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     # Skipped here, before any fixture, rather than in the device fixtures: pytest reports a skip raised
