@@ -9,7 +9,9 @@ no dilation or groups). That covers the reference's pre-activation MLPs and its 
 
 :func:`linearize` returns a :class:`LinearizedBranch` (or None: use autograd). Calling it on x
 runs the same forward as the branch (same layer side effects, an ordinary autograd graph for g)
-and keeps, per step, the normalized weight, the activation's input and output and phi'. The log-det
+and keeps, per step, the normalized weight, the activation's input and output and phi'. A layer that
+registers its normalization (our Lipschitz layers) gets its weight from one op, with a one-op backward,
+instead of the layer's autograd graph of about a dozen ops each way. The log-det
 series then runs in one op call (``ops.linearized_logdet_series``) and the Neumann gradient in
 another (``ops.linearized_neumann_gradient``) instead of one autograd pass per term. For dense
 branches on inputs (B, D) with small D, :meth:`LinearizedBranch.jacobian` builds the full Jacobians
@@ -44,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import dense_ops, ops
 
 __all__ = ["LinearizedBranch", "fallback_reason", "fast_path_repr", "linearize", "register_linear", "register_lipswish",
            "register_on_import", "register_wrapper"]
@@ -77,8 +79,10 @@ def register_linear(cls: type, conv: bool, weight: Callable[[nn.Module, Tensor],
     ``conv``, ``F.conv2d(a, W, bias, stride, padding)`` (zero padding), where ``weight(layer, a)``
     returns W with the side effects of the layer's forward on a (default ``layer.forward_weight(a)``).
     ``normalization(layer, a)``, where given, returns ``(weight, u, v, coeff, detach_sigma, scale)`` such
-    that W = weight / max(1, u^T weight v / coeff), with the same side effects but for writing sigma
-    into ``scale``: the fused dense block then normalizes (and differentiates) all weights in one op."""
+    that W = weight / max(1, u^T A v / coeff), with the same side effects but for writing sigma into
+    ``scale``; A is the weight as a matrix (u, v vectors) or, for a convolution, the convolution on
+    images u (1, C_out, H', W') and v (1, C_in, H, W). The fast paths then normalize (and differentiate)
+    the weights in one op instead of the layer's autograd graph."""
     _LINEAR_TYPES[cls] = (conv, weight, normalization)
 
 
@@ -149,12 +153,61 @@ class _Step:
             return a, torch.where(z > threshold, torch.ones_like(h), torch.sigmoid(z))
 
     def weight(self, a: Tensor) -> Tensor:
-        return self.weight_of(self.layer, a)
+        """The layer's weight for input a, with its side effects; a registered normalization (float32 /
+        float64 weights, at most ``_NORMALIZED_CUDA_MAX`` elements on CUDA) in one op
+        (:class:`_NormalizedWeight`) instead of the layer's autograd graph."""
+        raw = getattr(self.layer, "weight", a)
+        if (self.normalization_of is None or raw.dtype not in _NORMALIZED_DTYPES
+                or (raw.is_cuda and raw.numel() > _NORMALIZED_CUDA_MAX)):
+            return self.weight_of(self.layer, a)
+        weight, u, v, coeff, detach_sigma, scale = self.normalization_of(self.layer, a)
+        with ops.autocast_disabled(weight):  # sigma in the weight's dtype, as the layers compute it
+            if u.dim() == 4:  # a convolution's images: sigma = u^T conv(v, W) = <W, G>, G its weight gradient
+                grad = torch.ops.aten.convolution_backward(u, v, weight.detach(), None, self.stride, self.padding,
+                                                           (1, 1), False, (0, 0), 1, (False, True, False))[1]
+                u, v = weight.new_ones(1), grad.reshape(-1)
+            return _NormalizedWeight.apply(weight, u, v, float(coeff), bool(detach_sigma), scale)
 
     def apply(self, a: Tensor, weight: Tensor) -> Tensor:
         if self.conv:
             return F.conv2d(a, weight, self.layer.bias, self.stride, self.padding)
         return F.linear(a, weight, self.layer.bias)
+
+
+_NORMALIZED_DTYPES = (torch.float32, torch.float64)  # those of lipschitz_normalize_
+# lipschitz_normalize_'s CUDA kernel gives each layer one thread block: a larger weight keeps the layer's own
+# ops, which spread over the whole GPU.
+_NORMALIZED_CUDA_MAX = 1 << 16
+
+
+class _NormalizedWeight(torch.autograd.Function):
+    """forward(weight, u, v, coeff, detach_sigma, scale) -> weight / max(1, u^T W v / coeff) with W the
+    weight as a (len(u), len(v)) matrix, in one op (``lipschitz_normalize_``, which writes sigma into
+    ``scale``), as the layers' own normalization computes it; backward: one op, or autograd's formula
+    under ``create_graph`` (differentiable again)."""
+
+    @staticmethod
+    def forward(ctx, weight, u, v, coeff, detach_sigma, scale):
+        (out,), sigmas = dense_ops.lipschitz_normalize_([weight.reshape(u.numel(), v.numel())], [u], [v], [scale],
+                                                        [coeff])
+        ctx.save_for_backward(weight, u, v, sigmas)
+        ctx.coeff, ctx.detach_sigma = coeff, detach_sigma
+        return out.view(weight.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, u, v, sigmas = ctx.saved_tensors
+        matrix = weight.reshape(u.numel(), v.numel())
+        if torch.is_grad_enabled():
+            sigma = torch.dot(u, torch.mv(matrix, v))
+            if ctx.detach_sigma:
+                sigma = sigma.detach()
+            out = matrix / torch.max(sigma.new_ones(1), sigma / ctx.coeff)
+            (grad_weight,) = torch.autograd.grad(out, matrix, grad.reshape(matrix.shape), create_graph=True)
+        else:
+            (grad_weight,) = dense_ops.lipschitz_normalize_backward(
+                [grad.reshape(matrix.shape)], [matrix], [u], [v], sigmas, [ctx.coeff], [ctx.detach_sigma])
+        return grad_weight.view(weight.shape), None, None, None, None, None
 
 
 def _activation(module: nn.Module):

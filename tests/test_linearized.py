@@ -17,7 +17,7 @@ from jacobians import brute_logdet
 from resflow_cuda import ops
 from resflow_cuda.linearize import fallback_reason, linearize
 from resflow_cuda.nn import (FullSort, ImplicitBlock, InducedNormConv2d, InducedNormLinear, LipSwish, MaxMin, Sin,
-                             SpectralNormLinear, iResBlock)
+                             SpectralNormConv2d, SpectralNormLinear, iResBlock)
 
 # float64: our C++ chains vs autograd (or the twins) add the same products in another order: <= ~30 terms * 3 layers *
 # 72-term dots * 2^-53 ~ 1e-12 relative; 1e-10 keeps 100x and fails on float32 rounding (2^-24 ~ 6e-8).
@@ -140,6 +140,57 @@ def test_spectral_norm_layers_keep_their_training_side_effects(device):
     _run(slow, torch.randn(5, 3, dtype=torch.float64).to(device), 1)
     # the same power-iteration steps on the same float64 weight: equal (a missed or extra step moves u by far more)
     torch.testing.assert_close(fast.nnet[1].u, slow.nnet[1].u)
+
+
+NORMALIZED_LAYERS = {
+    "spectral-conv-stride2": lambda **k: SpectralNormConv2d(3, 5, 3, (2, 1), 1, n_iterations=2, **k),
+    "induced-conv3x3": lambda **k: InducedNormConv2d(3, 4, 3, 1, 1, n_iterations=3, **k),
+    "induced-conv1x1": lambda **k: InducedNormConv2d(4, 3, 1, 1, 0, n_iterations=3, **k),
+    # over linearize._NORMALIZED_CUDA_MAX elements: on CUDA the layer's own ops, on the CPU the fused op
+    "induced-conv-large": lambda **k: InducedNormConv2d(64, 128, 3, 1, 1, n_iterations=3, **k),
+    "induced-linear": lambda **k: InducedNormLinear(5, 7, n_iterations=3, **k),
+    "spectral-linear": lambda **k: SpectralNormLinear(5, 7, n_iterations=2, **k),
+}
+
+
+@pytest.mark.parametrize("detach_sigma", [False, True], ids=["sigma", "detach"])
+@pytest.mark.parametrize("coeff", [0.5, 50.0], ids=["scaled", "unscaled"])
+@pytest.mark.parametrize("name", sorted(NORMALIZED_LAYERS))
+def test_fused_weight_normalization_equals_the_layers(name, coeff, detach_sigma, device):
+    """The fast path's weight (one op, sigma = <W, G> for convolutions) against the layer's own
+    forward_weight: value, scale buffer, power-iteration side effects, gradient and second derivative."""
+    torch.manual_seed(0)
+    layer = NORMALIZED_LAYERS[name](coeff=coeff, detach_sigma=detach_sigma).double().to(device)
+    conv = isinstance(layer, (SpectralNormConv2d, InducedNormConv2d))
+    a = torch.randn((2, layer.in_channels, 7, 5) if conv else (4, layer.in_features), dtype=torch.float64,
+                    device=device)
+    layer(a)  # the first forward fixes a convolution's input size
+    ours = copy.deepcopy(layer)
+    step = linearize(nn.Sequential(ours)).steps[0]
+    got, expected = step.weight(a), layer.forward_weight(a)
+    # float64, the same products summed in another order (<= 100-term dots and sigma): far below 1e-12 relative
+    tol = dict(atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got, expected, **tol)
+    torch.testing.assert_close(ours.scale, layer.scale, **tol)
+    torch.testing.assert_close((ours.u, ours.v), (layer.u, layer.v), **tol)  # SpectralNorm* iterate in training
+    assert (layer.scale > coeff).item() == (coeff == 0.5)  # the normalization is active exactly when meant to be
+    r1, r2 = torch.randn_like(got), torch.randn_like(got)
+    for w, param, out in ((got, ours.weight, []), (expected, layer.weight, [])):
+        (g,) = torch.autograd.grad((w * r1).sum(), param, create_graph=True)
+        out.append(g)
+        # with detach_sigma the gradient r1 / factor is constant in the weight: no second derivative
+        out.append(torch.autograd.grad((g * r2).sum(), param)[0] if g.requires_grad else None)
+        (w_again,) = (step.weight(a),) if param is ours.weight else (layer.forward_weight(a),)
+        out.append(torch.autograd.grad((w_again * r1).sum(), param)[0])  # without create_graph: the op's backward
+        if param is ours.weight:
+            mine = out
+        else:
+            theirs = out
+    for i, (x, y) in enumerate(zip(mine, theirs)):
+        if y is None:
+            assert_none_or_zero(x, f"output {i}")
+        else:
+            torch.testing.assert_close(x, y, **tol, msg=lambda m: f"output {i}: {m}")
 
 
 def test_normflows_lipschitz_networks_take_the_fast_path(device):

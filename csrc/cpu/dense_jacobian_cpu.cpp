@@ -32,6 +32,28 @@ at::Tensor param_filled(const at::Tensor& like, double value) {
   return out;
 }
 
+// sum_k a[k] b[k] over n elements in acc_t, as 8 interleaved partial sums added at the end: the loop
+// vectorizes, and the order is fixed (independent of the threads and of the vector width).
+template <class acc_t, class scalar_t>
+acc_t dot_lanes(const scalar_t* a, const scalar_t* b, int64_t n) {
+  constexpr int64_t kLanes = 8;
+  acc_t part[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      part[j] += static_cast<acc_t>(a[k + j]) * static_cast<acc_t>(b[k + j]);
+    }
+  }
+  acc_t total = acc_t(0);
+  for (; k < n; ++k) {
+    total += static_cast<acc_t>(a[k]) * static_cast<acc_t>(b[k]);
+  }
+  for (int64_t j = 0; j < kLanes; ++j) {
+    total += part[j];
+  }
+  return total;
+}
+
 template <class scalar_t>
 LipSwishScalars<scalar_t> scalars_of(const at::Tensor& beta) {
   const auto p = math::lipswish_params(*beta.const_data_ptr<scalar_t>());
@@ -228,11 +250,7 @@ void lipschitz_normalize_cpu(at::TensorList weights, at::TensorList us, at::Tens
       const int64_t rows = w.size(0), cols = w.size(1);
       acc_t sigma = acc_t(0);
       for (int64_t r = 0; r < rows; ++r) {
-        acc_t row = acc_t(0);
-        for (int64_t c = 0; c < cols; ++c) {
-          row += static_cast<acc_t>(wp[r * cols + c]) * static_cast<acc_t>(vp[c]);
-        }
-        sigma += static_cast<acc_t>(up[r]) * row;
+        sigma += static_cast<acc_t>(up[r]) * dot_lanes<acc_t>(wp + r * cols, vp, cols);
       }
       const scalar_t s = static_cast<scalar_t>(sigma);
       const scalar_t factor = math::normalization_factor(s, static_cast<scalar_t>(coeffs[i]));
@@ -273,10 +291,7 @@ std::vector<at::Tensor> lipschitz_normalize_backward_cpu(at::TensorList grads, a
       const scalar_t coeff = static_cast<scalar_t>(coeffs[i]);
       const scalar_t factor = math::normalization_factor(sigma, coeff);
       // dL/dW = G / factor + c u v^T with c = -<G, W> / factor^2 * dfactor/dsigma (0 with detach_sigma).
-      acc_t gw = acc_t(0);
-      for (int64_t k = 0; k < w.numel(); ++k) {
-        gw += static_cast<acc_t>(gp[k]) * static_cast<acc_t>(wp[k]);
-      }
+      const acc_t gw = dot_lanes<acc_t>(gp, wp, w.numel());
       const scalar_t slope = detach_sigma.get(i) ? scalar_t(0) : math::normalization_slope(sigma, coeff);
       const scalar_t c = -static_cast<scalar_t>(gw) / (factor * factor) * slope;
       for (int64_t r = 0; r < rows; ++r) {

@@ -5,7 +5,6 @@ residual-flows' layers; parity with the reference: docs/parity.md#lipschitz-laye
 
 from __future__ import annotations
 
-import collections.abc
 import math
 
 import torch
@@ -15,14 +14,10 @@ from torch import Tensor, nn
 from .. import ops
 from ..functional import conv_operator, eager_power_iteration, normalize_u, normalize_v
 from ..linearize import register_linear
-from .lipschitz_base import (INF, _check_common, _check_norm, _InducedNormsMixin, _LipschitzMixin,
+from .lipschitz_base import (INF, _check_common, _check_norm, _InducedNormsMixin, _LipschitzConv2d, _LipschitzMixin,
                              _load_conv_geometry, _reset_parameters)
 
 __all__ = ["SpectralNormLinear", "SpectralNormConv2d", "InducedNormLinear", "InducedNormConv2d"]
-
-
-def _pair(x):
-    return tuple(x) if isinstance(x, collections.abc.Iterable) else (x, x)
 
 
 class SpectralNormLinear(_LipschitzMixin, nn.Module):
@@ -213,70 +208,6 @@ class InducedNormLinear(_InducedNormsMixin, _LipschitzMixin, nn.Module):
                 f"learnable_ord={torch.is_tensor(self.domain)}")
 
 
-class _LipschitzConv2d(_LipschitzMixin, nn.Module):
-    """What the Lipschitz convolutions share: parameters, the recorded input size (kept in Python
-    as well, so forward reads no buffer), the power iteration of the operator, sigma = u^T A v."""
-
-    def _setup(self, in_channels, out_channels, kernel_size, stride, padding, bias, coeff, n_iterations, atol, rtol,
-               detach_sigma, reference_rtol_quirk):
-        _check_common(coeff, n_iterations, atol, rtol)
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding = _pair(kernel_size), _pair(stride), _pair(padding)
-        self.coeff, self.n_iterations, self.atol, self.rtol = coeff, n_iterations, atol, rtol
-        self.detach_sigma, self.reference_rtol_quirk = detach_sigma, reference_rtol_quirk
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size))
-        self.register_parameter("bias", nn.Parameter(torch.empty(out_channels)) if bias else None)
-        self._input_hw = (1, 1)  # mirrors the spatial_dims buffer
-
-    @property
-    def _pointwise(self) -> bool:
-        return self.kernel_size == (1, 1)
-
-    def _output_shape(self):
-        h, w = self._input_hw
-        return (1, self.out_channels, (h + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1,
-                (w + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1)
-
-    def _record_input_size(self, input: Tensor) -> None:
-        self._input_hw = tuple(int(d) for d in input.shape[2:4])
-        self.spatial_dims.copy_(torch.tensor(input.shape[2:4]).to(self.spatial_dims))
-
-    def _matrix(self, weight: Tensor) -> Tensor:
-        return weight.view(self.out_channels, self.in_channels)
-
-    def _power_iterate(self, weight, u, v, max_iterations, atol, rtol, domain, codomain, u_first):
-        """The op for this layer's operator: a matrix for 1x1 kernels, else the convolution."""
-        if self._pointwise:
-            return ops.power_iteration(self._matrix(weight), u, v, max_iterations, atol, rtol, domain, codomain,
-                                       u_first)
-        return ops.conv_power_iteration(weight, u, v, self._input_hw, self.stride, self.padding, max_iterations, atol,
-                                        rtol, domain, codomain, u_first)
-
-    def _sigma(self, u: Tensor, v: Tensor) -> Tensor:
-        if self._pointwise:
-            return torch.dot(u, torch.mv(self._matrix(self.weight), v))
-        weight_v = F.conv2d(v.view(1, self.in_channels, *self._input_hw), self.weight, stride=self.stride,
-                            padding=self.padding)
-        return torch.dot(u.view(-1), weight_v.view(-1))
-
-    def forward_weight(self, input: Tensor) -> Tensor:
-        """The weight forward applies to ``input`` (recording its size on the first call)."""
-        if not self._is_initialized():
-            self._record_input_size(input)
-        return self.compute_weight(update=self._update_in_forward())
-
-    def forward(self, input: Tensor) -> Tensor:
-        return F.conv2d(input, self.forward_weight(input), self.bias, self.stride, self.padding, 1, 1)
-
-    def extra_repr(self):
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}")
-        if self.padding != (0, 0):
-            s += f", padding={self.padding}"
-        if self.bias is None:
-            s += ", bias=False"
-        return s
-
-
 class SpectralNormConv2d(_LipschitzConv2d):
     """Convolution whose operator norm ||conv||_2 is at most coeff (W / max(1, ||conv||_2 / coeff)).
 
@@ -324,6 +255,10 @@ class SpectralNormConv2d(_LipschitzConv2d):
         self.register_buffer("v", v)
 
     def compute_weight(self, update=True, n_iterations=None):
+        return self._normalized(self.weight, *self._vectors(update, n_iterations))
+
+    def _vectors(self, update, n_iterations=None):
+        """(u, v) of sigma = u^T A v, after the power iteration when ``update``."""
         if not self.initialized:
             self._initialize_u_v()
             self.initialized = True
@@ -336,7 +271,7 @@ class SpectralNormConv2d(_LipschitzConv2d):
                                                  rtol if tol else None, 2.0, 2.0, False)
                 self.u.copy_(u)
                 self.v.copy_(v)
-        return self._normalized(self.weight, u, v)
+        return u, v
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if prefix + "u" in state_dict or prefix + "v" in state_dict:
@@ -435,6 +370,10 @@ class InducedNormConv2d(_InducedNormsMixin, _LipschitzConv2d):
             self.v.copy_(best_v)
 
     def compute_weight(self, update=True, n_iterations=None, atol=None, rtol=None):
+        return self._normalized(self.weight, *self._vectors(update, n_iterations, atol, rtol))
+
+    def _vectors(self, update, n_iterations=None, atol=None, rtol=None):
+        """(u, v) of sigma = u^T A v, after the power iteration when ``update``."""
         if not self._initialized:
             self._initialize_u_v()
         u, v = self.u, self.v
@@ -461,7 +400,7 @@ class InducedNormConv2d(_InducedNormsMixin, _LipschitzConv2d):
                     self.v.copy_(v)
                 if not self._pointwise or codomain != INF:
                     self.u.copy_(u)
-        return self._normalized(self.weight, u, v)
+        return u, v
 
     def compute_one_iter(self):
         """One iteration from the current u, v, differentiable in the learnable norm orders only."""
@@ -496,4 +435,4 @@ class InducedNormConv2d(_InducedNormsMixin, _LipschitzConv2d):
 
 for _layer, _conv in ((SpectralNormLinear, False), (InducedNormLinear, False), (SpectralNormConv2d, True),
                      (InducedNormConv2d, True)):
-    register_linear(_layer, conv=_conv, normalization=None if _conv else _LipschitzMixin.normalization_inputs)
+    register_linear(_layer, conv=_conv, normalization=_layer.normalization_inputs)

@@ -1,15 +1,16 @@
 """What the SpectralNorm* and InducedNorm* layers share: argument checks, the reference's
-initialisation, W / max(1, sigma / coeff) with the reference's iteration settings, and learnable
-norm orders (see :mod:`resflow_cuda.nn.lipschitz`)."""
+initialisation, W / max(1, sigma / coeff) with the reference's iteration settings, learnable norm
+orders, and the convolutions' operator (see :mod:`resflow_cuda.nn.lipschitz`)."""
 
 from __future__ import annotations
 
+import collections.abc
 import math
 
 import torch
 import torch.nn.functional as F
 import torch.nn.init as init
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import ops
 
@@ -108,8 +109,8 @@ class _LipschitzMixin:
 
     def normalization_inputs(self, input: Tensor) -> tuple:
         """(weight, u, v, coeff, detach_sigma, scale) of the weight that ``forward_weight(input)`` returns,
-        with its side effects but for the scale buffer: the fused block of :mod:`resflow_cuda.linearize`
-        normalizes the weights of a dense branch in one op, which writes the scales."""
+        with its side effects but for the scale buffer: the fast paths (:mod:`resflow_cuda.linearize`,
+        :mod:`resflow_cuda.dense_block`) normalize the weights in one op, which writes the scales."""
         u, v = self.forward_vectors(input)
         return self.weight, u, v, self.coeff, self.detach_sigma, self.scale
 
@@ -135,3 +136,84 @@ class _InducedNormsMixin:
 
     def _learnable_norms(self) -> bool:
         return torch.is_tensor(self.domain) or torch.is_tensor(self.codomain)
+
+
+def _pair(x):
+    return tuple(x) if isinstance(x, collections.abc.Iterable) else (x, x)
+
+
+class _LipschitzConv2d(_LipschitzMixin, nn.Module):
+    """What the Lipschitz convolutions share: parameters, the recorded input size (kept in Python
+    as well, so forward reads no buffer), the power iteration of the operator, sigma = u^T A v."""
+
+    def _setup(self, in_channels, out_channels, kernel_size, stride, padding, bias, coeff, n_iterations, atol, rtol,
+               detach_sigma, reference_rtol_quirk):
+        _check_common(coeff, n_iterations, atol, rtol)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = _pair(kernel_size), _pair(stride), _pair(padding)
+        self.coeff, self.n_iterations, self.atol, self.rtol = coeff, n_iterations, atol, rtol
+        self.detach_sigma, self.reference_rtol_quirk = detach_sigma, reference_rtol_quirk
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size))
+        self.register_parameter("bias", nn.Parameter(torch.empty(out_channels)) if bias else None)
+        self._input_hw = (1, 1)  # mirrors the spatial_dims buffer
+
+    @property
+    def _pointwise(self) -> bool:
+        return self.kernel_size == (1, 1)
+
+    def _output_shape(self):
+        h, w = self._input_hw
+        return (1, self.out_channels, (h + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1,
+                (w + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1)
+
+    def _record_input_size(self, input: Tensor) -> None:
+        self._input_hw = tuple(int(d) for d in input.shape[2:4])
+        self.spatial_dims.copy_(torch.tensor(input.shape[2:4]).to(self.spatial_dims))
+
+    def _matrix(self, weight: Tensor) -> Tensor:
+        return weight.view(self.out_channels, self.in_channels)
+
+    def _power_iterate(self, weight, u, v, max_iterations, atol, rtol, domain, codomain, u_first):
+        """The op for this layer's operator: a matrix for 1x1 kernels, else the convolution."""
+        if self._pointwise:
+            return ops.power_iteration(self._matrix(weight), u, v, max_iterations, atol, rtol, domain, codomain,
+                                       u_first)
+        return ops.conv_power_iteration(weight, u, v, self._input_hw, self.stride, self.padding, max_iterations, atol,
+                                        rtol, domain, codomain, u_first)
+
+    def _sigma(self, u: Tensor, v: Tensor) -> Tensor:
+        if self._pointwise:
+            return torch.dot(u, torch.mv(self._matrix(self.weight), v))
+        weight_v = F.conv2d(v.view(1, self.in_channels, *self._input_hw), self.weight, stride=self.stride,
+                            padding=self.padding)
+        return torch.dot(u.view(-1), weight_v.view(-1))
+
+    def forward_weight(self, input: Tensor) -> Tensor:
+        """The weight forward applies to ``input`` (recording its size on the first call)."""
+        return self._normalized(self.weight, *self.forward_vectors(input))
+
+    def forward_vectors(self, input: Tensor) -> tuple[Tensor, Tensor]:
+        """(u, v) that :meth:`forward_weight` normalizes with, with its side effects but for the scale buffer."""
+        if not self._is_initialized():
+            self._record_input_size(input)
+        return self._vectors(self._update_in_forward())
+
+    def normalization_inputs(self, input: Tensor) -> tuple:
+        """As the matrix layers' (:meth:`_LipschitzMixin.normalization_inputs`), with u and v as the
+        convolution's output and input images (1, C, H, W) (vectors for 1x1 kernels, whose operator is
+        the matrix)."""
+        weight, u, v, coeff, detach_sigma, scale = super().normalization_inputs(input)
+        if not self._pointwise:
+            u, v = u.view(self._output_shape()), v.view(1, self.in_channels, *self._input_hw)
+        return weight, u, v, coeff, detach_sigma, scale
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.conv2d(input, self.forward_weight(input), self.bias, self.stride, self.padding, 1, 1)
+
+    def extra_repr(self):
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}")
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.bias is None:
+            s += ", bias=False"
+        return s
