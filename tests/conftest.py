@@ -45,11 +45,16 @@ def pytest_collection_modifyitems(config, items):
     if value is None:
         return
     index, count = _shard(value)
-    # By position in the collection order (stable across processes): neighbouring parametrizations of a
-    # test go to different shards, so the shards' lengths stay close.
-    deselected = [item for i, item in enumerate(items) if i % count != index]
-    items[:] = [item for i, item in enumerate(items) if i % count == index]
-    config.hook.pytest_deselected(items=deselected)
+    # Tests marked same_process all go to shard 0 (they rely on one another's effects within a process); the
+    # others by position in the collection order (stable across processes): neighbouring parametrizations of
+    # a test go to different shards, so the shards' lengths stay close.
+    pinned = [item for item in items if item.get_closest_marker("same_process") is not None]
+    free = [item for item in items if item.get_closest_marker("same_process") is None]
+    mine = {id(item) for i, item in enumerate(free) if i % count == index}
+    if index == 0:
+        mine.update(id(item) for item in pinned)
+    config.hook.pytest_deselected(items=[item for item in items if id(item) not in mine])
+    items[:] = [item for item in items if id(item) in mine]
 
 
 @pytest.hookimpl(tryfirst=True)
