@@ -401,25 +401,25 @@ class MemoryEfficientLogDet(torch.autograd.Function):
         with torch.enable_grad():
             grads = iter(torch.autograd.grad(ctx.g, [ctx.x, *trainable], grad_g, allow_unused=True))
         dg = [next(grads)] + [next(grads) if p.requires_grad else None for p in params]
+        # each gradient in one op: g's part plus the value's part times the upstream gradient (addcmul)
         scale = grad_value.reshape((-1,) + (1,) * (grad_x.dim() - 1))
-        out_x = grad_x * scale
-        if dg[0] is not None:
-            out_x = out_x + dg[0]
-        param_grads = ctx.param_grads
+        out_x = grad_x * scale if dg[0] is None else torch.addcmul(dg[0], grad_x, scale)
+        param_grads, first = ctx.param_grads, None
         if any(gp is not None for gp in param_grads) and grad_value.numel() > 0:
             first = grad_value.reshape(-1)[0]
             require_uniform_upstream(grad_value, first)
-            param_grads = [None if gp is None else gp * first for gp in param_grads]
-        out_params = []
-        for gp, dp in zip(param_grads, dg[1:]):
-            if gp is None:
-                out_params.append(dp)
-            elif dp is None:
-                out_params.append(gp)
-            else:
-                out_params.append(gp + dp)
+        out_params = [_add_scaled(dp, gp, first) for gp, dp in zip(param_grads, dg[1:])]
         ctx.g = ctx.x = ctx.param_grads = None
         return (None, out_x, *out_params)
+
+
+def _add_scaled(dp: Tensor | None, gp: Tensor | None, first: Tensor | None) -> Tensor | None:
+    """dp + gp * first in one op, where a missing term (None) drops out (first None: unscaled)."""
+    if gp is None:
+        return dp
+    if first is None:
+        return gp if dp is None else gp + dp
+    return gp * first if dp is None else torch.addcmul(dp, gp, first)
 
 
 _NON_UNIFORM = ("iResBlock(grad_in_forward=True): the upstream gradient of the per-sample log-det is not the same "

@@ -162,6 +162,12 @@ def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
+def _save_inputs_unmaterialized(ctx, inputs, output):
+    # an output without upstream gradient arrives as None, not as a tensor of zeros
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*inputs)
+
+
 def _lipswish_autograd(ctx, grad):
     x, beta = ctx.saved_tensors
     return lipswish_backward(grad, x, beta)
@@ -169,14 +175,15 @@ def _lipswish_autograd(ctx, grad):
 
 def _lipswish_with_derivative_autograd(ctx, grad_y, grad_dydx):
     x, beta = ctx.saved_tensors
-    grad_x, grad_beta = lipswish_backward(_or_zeros(grad_y, x), x, beta)
-    if grad_dydx is not None:
-        # d(dy/dx)/dx = y'' and d(dy/dx)/dbeta are what the double backward multiplies by
-        # grad when gg_x = 1 and gg_beta = 0.
-        _, gx2, gb2 = lipswish_double_backward(grad_dydx, torch.ones_like(x), torch.zeros_like(beta), x, beta)
-        grad_x = grad_x + gx2
-        grad_beta = grad_beta + gb2
-    return grad_x, grad_beta
+    if grad_dydx is None:
+        return lipswish_backward(_or_zeros(grad_y, x), x, beta)
+    # d(dy/dx)/dx = y'' and d(dy/dx)/dbeta are what the double backward multiplies by grad when
+    # gg_x = 1 and gg_beta = 0; without an upstream gradient of y that is all (no backward of zeros).
+    _, grad_x, grad_beta = lipswish_double_backward(grad_dydx, torch.ones_like(x), torch.zeros_like(beta), x, beta)
+    if grad_y is None:
+        return grad_x, grad_beta
+    grad_x_y, grad_beta_y = lipswish_backward(grad_y, x, beta)
+    return grad_x_y + grad_x, grad_beta_y + grad_beta
 
 
 def _lipswish_backward_autograd(ctx, gg_x, gg_beta):
@@ -193,7 +200,7 @@ def _lipswish_double_backward_autograd(ctx, *grads):
 
 torch.library.register_autograd("resflow_cuda::lipswish", _lipswish_autograd, setup_context=_save_inputs)
 torch.library.register_autograd("resflow_cuda::lipswish_with_derivative", _lipswish_with_derivative_autograd,
-                                setup_context=_save_inputs)
+                                setup_context=_save_inputs_unmaterialized)
 torch.library.register_autograd("resflow_cuda::lipswish_backward", _lipswish_backward_autograd,
                                 setup_context=_save_inputs)
 torch.library.register_autograd("resflow_cuda::lipswish_double_backward", _lipswish_double_backward_autograd)

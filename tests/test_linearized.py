@@ -437,6 +437,43 @@ def test_ops_match_the_reference_twins(name, dtype, device):
             torch.testing.assert_close(a.reshape(b.shape), b, **tol)
 
 
+@pytest.mark.parametrize("name", ["mlp-lipswish", "conv-preact"])
+def test_neumann_gradient_op_in_bfloat16_matches_the_float64_twin(name):
+    """The half types take LipSwish's own backward ops in linearized_neumann_gradient (the float32 /
+    float64 path a fused kernel): bfloat16 arguments against the float64 twin on the same values."""
+    from resflow_cuda import reference
+
+    net = _randomize_betas(BRANCHES[name]()).to(torch.bfloat16)
+    first = next(m for m in net.modules() if isinstance(m, (InducedNormLinear, InducedNormConv2d)))
+    shape = (5, first.weight.shape[1]) if first.weight.dim() == 2 else (3, first.weight.shape[1], 6, 6)
+    x = torch.randn(shape).to(torch.bfloat16)
+    source = _chain_args(net, x)
+    eps, w_tilde = (torch.randn(shape).to(torch.bfloat16) for _ in range(2))
+    args = (w_tilde, eps, *source._gradient_args())
+    got = ops.linearized_neumann_gradient(*args)
+    expected = reference.linearized_neumann_gradient(*_wider(args))
+    # bfloat16 keeps 8 significant bits (one rounding: 2^-8 relative); a chain of 3 layers and their sums
+    # rounds a few dozen times per element, so 16 roundings' worth (2^-4) relative to the largest entry
+    for a, b in zip(_flat(got), _flat(expected)):
+        assert a.dtype == torch.bfloat16
+        scale = b.abs().max().item() if b.numel() else 1.0
+        torch.testing.assert_close(a.double().reshape(b.shape), b, atol=2.0**-4 * scale, rtol=0)
+
+
+def _wider(args):
+    """bfloat16 tensors (in lists too) as float64."""
+    if isinstance(args, torch.Tensor):
+        return args.double() if args.dtype == torch.bfloat16 else args
+    if isinstance(args, (list, tuple)):
+        return type(args)(_wider(a) for a in args)
+    return args
+
+
+def _flat(results):
+    for r in results:
+        yield from (r if isinstance(r, (list, tuple)) else [r])
+
+
 @pytest.mark.parametrize("name", ["mlp-lipswish", "conv-preact", "mlp-softplus"])
 def test_neumann_surrogate_gradcheck(name, device):
     """The surrogate <w~^T J(x), eps> with w~ and eps fixed, as a function of x, against finite differences."""

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "checks/dense_jacobian_checks.h"
+#include "op_calls.h"
 
 namespace resflow_cuda {
 namespace {
@@ -39,15 +40,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jacobian_lipswish(con
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, int64_t, bool)>();
   return op.call(z, bias, beta, batch, keep);
-}
-
-std::tuple<at::Tensor, at::Tensor> jacobian_lipswish_backward(const at::Tensor& grad, const at::Tensor& h,
-                                                              const at::Tensor& t, const at::Tensor& beta) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("resflow_cuda::jacobian_lipswish_backward", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                       const at::Tensor&, const at::Tensor&)>();
-  return op.call(grad, h, t, beta);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jacobian_series(const at::Tensor& z,

@@ -8,8 +8,10 @@
 //   ds/dh_{i-1} (through D_i) = p_i t_{i-1} phi_i''(h_{i-1})   (and the beta partials of phi_i')
 // which then flows back through the primal network h_i = W_i phi_i(h_{i-1}) + b_i as an ordinary
 // gradient G: G_{i-1} = (G_i^T W_i) phi_i' + p_i t_{i-1} phi_i'', ds/dW_i += sum_b G_i a_i^T,
-// ds/db_i = sum G_i, ds/dx = G_0. LipSwish's phi'' and beta partials come from its fused
-// backward / double-backward ops; ELU's and softplus' are below.
+// ds/db_i = sum G_i, ds/dx = G_0. For a LipSwish step (float32 / float64) r_{i-1}, G_{i-1} and beta's
+// partials come from one pass of the fused dense block's stack kernel over [G_i^T W_i; p_i] with the
+// tangent t_{i-1} (jacobian_lipswish_backward); the half types use its backward / double-backward ops;
+// ELU's and softplus' phi'' are below.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -19,6 +21,7 @@
 #include <vector>
 
 #include "linearized_chain.h"
+#include "op_calls.h"
 
 namespace resflow_cuda {
 namespace {
@@ -44,6 +47,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lipswish_double_backward(const at
                                                                 const at::Tensor&, const at::Tensor&,
                                                                 const at::Tensor&)>();
   return op.call(grad, gg_x, gg_beta, x, beta);
+}
+
+// The dtypes of jacobian_lipswish_backward (the half types take LipSwish's own backward ops).
+bool stack_kernel_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
 }
 
 // phi''(h): ELU(alpha) is alpha e^h for h <= 0 (0 above); softplus(beta, threshold) is
@@ -131,18 +139,33 @@ linearized_neumann_gradient(const at::Tensor& w_tilde, const at::Tensor& eps, at
       continue;
     }
     const at::Tensor h = *deriv_at(act_inputs, i);
-    r = p * *d;
     if (kinds[i] == ActivationKind::kLipSwish) {
       const at::Tensor beta = *deriv_at(betas, i);
-      const auto through_slope = lipswish_double_backward(p, tangents[i], at::zeros_like(beta), h, beta);
-      grad = std::get<1>(through_slope);
-      grad_betas[i] = std::get<2>(through_slope);
-      if (upstream.defined()) {
+      if (!upstream.defined()) {
+        // The double backward with grad = t_{i-1} and gg_x = p (it is symmetric in the two): its gradient
+        // of grad is p phi' = r_{i-1}, of h p t_{i-1} phi'', of beta the slope's beta partial.
+        std::tie(r, grad, grad_betas[i]) = lipswish_double_backward(tangents[i], p, at::zeros_like(beta), h, beta);
+      } else if (stack_kernel_dtype(h)) {
+        // One pass over [upstream; p] with the tangent t_{i-1} (the fused block's kernel, rows of the
+        // flattened shape): G = upstream phi' + p t_{i-1} phi'', r = p phi', beta's partials of both.
+        const int64_t rows = h.size(0);
+        const int64_t width = c10::multiply_integers(h.sizes().slice(1));
+        auto [out, grad_beta] = jacobian_lipswish_backward(
+            at::cat({upstream.reshape({rows, width}), p.reshape({rows, width})}), h.reshape({rows, width}),
+            tangents[i].reshape({rows, width}), beta);
+        grad = out.narrow(0, 0, rows).view(h.sizes());
+        r = out.narrow(0, rows, rows).view(h.sizes());
+        grad_betas[i] = grad_beta;
+      } else {
+        r = p * *d;
+        std::tie(std::ignore, grad, grad_betas[i]) =
+            lipswish_double_backward(p, tangents[i], at::zeros_like(beta), h, beta);
         auto [through, beta_from_value] = lipswish_backward(upstream, h, beta);
         grad.add_(through);
         grad_betas[i] = grad_betas[i] + beta_from_value;
       }
     } else {
+      r = p * *d;
       grad = p * tangents[i] * second_derivative(kinds[i], h, act_params[2 * i], act_params[2 * i + 1]);
       if (upstream.defined()) {
         grad.add_(upstream * *d);
