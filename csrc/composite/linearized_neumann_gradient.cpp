@@ -107,74 +107,82 @@ linearized_neumann_gradient(const at::Tensor& w_tilde, const at::Tensor& eps, at
                 i, "] to be given exactly for LipSwish steps");
   }
 
-  // Tangents: t_{i-1} entering step i, and u_i = phi_i' t_{i-1}.
-  std::vector<at::Tensor> tangents(steps), activated(steps);
+  // Below the first activation from the top the co-tangents are two, G_i and r_i, and every product of a
+  // step takes them stacked [G_i; r_i] (2B samples) in one call: the weight's gradient against the stacked
+  // inputs [a_i; u_i], the transposed map giving [G_i^T W_i; p_i]. stacked[i]: G_i is not zero.
+  std::vector<bool> stacked(steps);
+  bool seen = false;
+  for (size_t i = steps; i-- > 0;) {
+    stacked[i] = seen;
+    seen = seen || deriv_at(derivs, i).has_value();
+  }
+  // Tangents: t_{i-1} entering step i, u_i = phi_i' t_{i-1}; inputs[i] what step i's weight gradient reads.
+  std::vector<at::Tensor> tangents(steps), inputs(steps);
   at::Tensor t = eps;
   for (size_t i = 0; i < steps; ++i) {
     tangents[i] = t;
     const auto d = deriv_at(derivs, i);
-    activated[i] = d ? t * *d : t;
-    t = chain[i].jvp(activated[i]);
+    const at::Tensor u = d ? t * *d : t;
+    inputs[i] = stacked[i] ? at::cat({layer_inputs[i], u}) : u;
+    t = chain[i].jvp(u);
   }
 
+  const int64_t batch = eps.size(0);
   std::vector<at::Tensor> grad_weights(steps), grad_biases(steps), grad_betas(steps);
-  at::Tensor r = w_tilde;
-  at::Tensor grad;  // G_i: undefined while zero (above the last step)
+  at::Tensor cot = w_tilde;  // r_i, or [G_i; r_i] where stacked[i]
   for (size_t i = steps; i-- > 0;) {
     const ChainStep& step = chain[i];
-    grad_weights[i] = step.weight_grad(r, activated[i]);
-    if (grad.defined()) {
-      grad_weights[i].add_(step.weight_grad(grad, layer_inputs[i]));
-    }
+    grad_weights[i] = step.weight_grad(cot, inputs[i]);
     grad_biases[i] = !has_bias.get(i) ? at::empty({0}, eps.options())
-                     : grad.defined() ? sum_except_channels(grad)
+                     : stacked[i]     ? sum_except_channels(cot.narrow(0, 0, batch))
                                       : at::zeros({step.weight.size(0)}, eps.options());
-    const at::Tensor p = step.vjp(r);
-    const at::Tensor upstream = grad.defined() ? step.vjp(grad) : at::Tensor();
+    const at::Tensor q = step.vjp(cot);  // p_i, or [G_i^T W_i; p_i]
     const auto d = deriv_at(derivs, i);
     if (!d) {
-      r = p;
-      grad = upstream;
+      cot = q;
       grad_betas[i] = at::empty({0}, eps.options());
       continue;
     }
     const at::Tensor h = *deriv_at(act_inputs, i);
-    if (kinds[i] == ActivationKind::kLipSwish) {
-      const at::Tensor beta = *deriv_at(betas, i);
-      if (!upstream.defined()) {
-        // The double backward with grad = t_{i-1} and gg_x = p (it is symmetric in the two): its gradient
-        // of grad is p phi' = r_{i-1}, of h p t_{i-1} phi'', of beta the slope's beta partial.
-        std::tie(r, grad, grad_betas[i]) = lipswish_double_backward(tangents[i], p, at::zeros_like(beta), h, beta);
-      } else if (stack_kernel_dtype(h)) {
-        // One pass over [upstream; p] with the tangent t_{i-1} (the fused block's kernel, rows of the
-        // flattened shape): G = upstream phi' + p t_{i-1} phi'', r = p phi', beta's partials of both.
-        const int64_t rows = h.size(0);
-        const int64_t width = c10::multiply_integers(h.sizes().slice(1));
-        auto [out, grad_beta] = jacobian_lipswish_backward(
-            at::cat({upstream.reshape({rows, width}), p.reshape({rows, width})}), h.reshape({rows, width}),
-            tangents[i].reshape({rows, width}), beta);
-        grad = out.narrow(0, 0, rows).view(h.sizes());
-        r = out.narrow(0, rows, rows).view(h.sizes());
-        grad_betas[i] = grad_beta;
-      } else {
-        r = p * *d;
-        std::tie(std::ignore, grad, grad_betas[i]) =
-            lipswish_double_backward(p, tangents[i], at::zeros_like(beta), h, beta);
-        auto [through, beta_from_value] = lipswish_backward(upstream, h, beta);
-        grad.add_(through);
-        grad_betas[i] = grad_betas[i] + beta_from_value;
-      }
+    const at::Tensor& tangent = tangents[i];
+    const bool lipswish = kinds[i] == ActivationKind::kLipSwish;
+    const at::Tensor beta = lipswish ? *deriv_at(betas, i) : at::Tensor();
+    grad_betas[i] = at::empty({0}, eps.options());
+    if (lipswish && stacked[i] && stack_kernel_dtype(h)) {
+      // One pass over [G_i^T W_i; p_i] with the tangent t_{i-1} (the fused block's kernel, rows of the
+      // flattened shape): G = (G_i^T W_i) phi' + p t_{i-1} phi'', r = p phi', beta's partials of both.
+      const int64_t width = c10::multiply_integers(h.sizes().slice(1));
+      auto [out, grad_beta] = jacobian_lipswish_backward(q.reshape({2 * batch, width}), h.reshape({batch, width}),
+                                                         tangent.reshape({batch, width}), beta);
+      cot = out.view(q.sizes());
+      grad_betas[i] = grad_beta;
+      continue;
+    }
+    const at::Tensor p = stacked[i] ? q.narrow(0, batch, batch) : q;
+    at::Tensor r, grad;
+    if (lipswish && !stacked[i]) {
+      // The double backward with grad = t_{i-1} and gg_x = p (it is symmetric in the two): its gradient
+      // of grad is p phi' = r_{i-1}, of h p t_{i-1} phi'', of beta the slope's beta partial.
+      std::tie(r, grad, grad_betas[i]) = lipswish_double_backward(tangent, p, at::zeros_like(beta), h, beta);
+    } else if (lipswish) {  // the half types
+      r = p * *d;
+      std::tie(std::ignore, grad, grad_betas[i]) = lipswish_double_backward(p, tangent, at::zeros_like(beta), h, beta);
+      auto [through, beta_from_value] = lipswish_backward(q.narrow(0, 0, batch), h, beta);
+      grad.add_(through);
+      grad_betas[i] = grad_betas[i] + beta_from_value;
     } else {
       r = p * *d;
-      grad = p * tangents[i] * second_derivative(kinds[i], h, act_params[2 * i], act_params[2 * i + 1]);
-      if (upstream.defined()) {
-        grad.add_(upstream * *d);
+      grad = p * tangent * second_derivative(kinds[i], h, act_params[2 * i], act_params[2 * i + 1]);
+      if (stacked[i]) {
+        grad.add_(q.narrow(0, 0, batch) * *d);
       }
-      grad_betas[i] = at::empty({0}, eps.options());
     }
+    cot = at::cat({grad, r});
   }
-  const at::Tensor surrogate = (r * eps).reshape({eps.size(0), c10::multiply_integers(eps.sizes().slice(1))}).sum(1);
-  const at::Tensor grad_x = grad.defined() ? grad : at::zeros_like(eps);
+  // seen: the last co-tangents are stacked [G_0; r_0] (some step has an activation)
+  const at::Tensor r = seen ? cot.narrow(0, batch, batch) : cot;
+  const at::Tensor surrogate = (r * eps).reshape({batch, c10::multiply_integers(eps.sizes().slice(1))}).sum(1);
+  const at::Tensor grad_x = seen ? cot.narrow(0, 0, batch) : at::zeros_like(eps);
   return {surrogate, grad_x, grad_weights, grad_biases, grad_betas};
 }
 
