@@ -225,7 +225,7 @@ BUDGETS = (
            lambda k: 128 in k["global_load_bits"]),
     Budget("128-bit global stores of the output vectors",
            lambda k: _wide(k) and (_base(k) in _ELEMENTWISE or
-                                   (_base(k) == "logdet_series_kernel" and _template_args(k)[3] == "true")),
+                                   (_base(k) == "logdet_series_kernel" and "true" in _template_args(k)[3:5])),
            lambda k: 128 in k["global_store_bits"]),
     Budget(">= 75% theoretical occupancy at the launch block size (float32)",
            lambda k: _base(k) in _ELEMENTWISE and _template_args(k)[0] == "float",

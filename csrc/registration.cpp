@@ -33,9 +33,10 @@ constexpr const char* kKernelSchemas[] = {
     "power_iteration_update_(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, Tensor(c!)[] sigmas, "
     "int max_iterations, float? atol, float? rtol, float domain, float codomain, bool u_first) -> ()",
     // One term of the log-det power series (csrc/include/resflow/series_math.h): per sample
-    // logdet += logdet_coeff <w, eps>, and neumann += neumann_coeff w, in place.
-    "logdet_series_accumulate_(Tensor w, Tensor eps, Tensor(a!) logdet, Tensor(b!)? neumann, float logdet_coeff, "
-    "float neumann_coeff) -> ()",
+    // logdet += logdet_coeff <w, eps>, and neumann += neumann_coeff w, in place; with scale, w *= scale
+    // (in place) first (the last elementwise product of a vector-Jacobian chain).
+    "logdet_series_accumulate_(Tensor(c!) w, Tensor eps, Tensor(a!) logdet, Tensor(b!)? neumann, "
+    "float logdet_coeff, float neumann_coeff, Tensor? scale=None) -> ()",
     // The fused dense block's kernels (csrc/include/resflow/dense_jacobian_math.h): a LipSwish step of a
     // forward-mode Jacobian stack (returns h, a and, with keep, the rows the Neumann backward holds: a's first
     // two blocks and z's second, written apart) and its backward on the primal and eps-tangent rows

@@ -36,9 +36,9 @@ def lipswish(x: Tensor, beta: Tensor) -> Tensor:
 
 
 def logdet_series_accumulate_(w: Tensor, eps: Tensor, logdet: Tensor, neumann: Tensor | None = None,
-                              logdet_coeff: float = 1.0, neumann_coeff: float = 0.0) -> None:
+                              logdet_coeff: float = 1.0, neumann_coeff: float = 0.0, scale: Tensor | None = None) -> None:
     """One term of the log-det power series, in place: ``logdet[b] += logdet_coeff * <w_b, eps_b>``
-    per sample and ``neumann += neumann_coeff * w``.
+    per sample and ``neumann += neumann_coeff * w``; with ``scale``, ``w *= scale`` first.
 
     Args:
         w: the term's vector w_k = eps^T J^k.
@@ -47,13 +47,15 @@ def logdet_series_accumulate_(w: Tensor, eps: Tensor, logdet: Tensor, neumann: T
         neumann: the Neumann-vector accumulator, or None.
         logdet_coeff: the weight of <w, eps>.
         neumann_coeff: the weight of w in ``neumann``.
+        scale: multiplies w elementwise, in place, before the term reads it (the last elementwise
+            product of the term's vector-Jacobian chain, fused into the same pass), or None.
 
     Shapes:
-        w, eps, neumann: (B, ...); logdet: (B,). See :func:`resflow_cuda.ops.logdet_series_accumulate_`.
+        w, eps, neumann, scale: (B, ...); logdet: (B,). See :func:`resflow_cuda.ops.logdet_series_accumulate_`.
 
     Autograd: none; call it under ``torch.no_grad()``.
     """
-    ops.logdet_series_accumulate_(w, eps, logdet, neumann, float(logdet_coeff), float(neumann_coeff))
+    ops.logdet_series_accumulate_(w, eps, logdet, neumann, float(logdet_coeff), float(neumann_coeff), scale)
 
 
 # ---------------------------------------------------------------------------------------------

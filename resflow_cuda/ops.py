@@ -388,23 +388,25 @@ for _name in ("linearized_logdet_series", "linearized_neumann_gradient"):
 
 
 def logdet_series_accumulate_(w: Tensor, eps: Tensor, logdet: Tensor, neumann: Tensor | None, logdet_coeff: float,
-                              neumann_coeff: float) -> None:
+                              neumann_coeff: float, scale: Tensor | None = None) -> None:
     """For every sample b (dim 0): ``logdet[b] += logdet_coeff * <w_b, eps_b>`` and, when given,
-    ``neumann += neumann_coeff * w``, in one pass over w and eps.
+    ``neumann += neumann_coeff * w``, in one pass over w and eps; with ``scale``, first ``w *= scale``
+    in place (the sums read the product before it is rounded to w's dtype: the same values for
+    float32 / float64).
 
-    Shapes: w, eps, neumann (B, ...) of one float dtype and device, any strides; logdet (B,) in
-    float32 (float64 for float64 w), the accumulation type. Half types compute in float32; each
+    Shapes: w, eps, neumann, scale (B, ...) of one float dtype and device, any strides; logdet (B,)
+    in float32 (float64 for float64 w), the accumulation type. Half types compute in float32; each
     sum has a fixed order (independent of the thread count). Not differentiable: the estimators
     call it under ``torch.no_grad()``; with tensors that require grad it raises.
     """
-    _OPS.logdet_series_accumulate_(w, eps, logdet, neumann, logdet_coeff, neumann_coeff)
+    _OPS.logdet_series_accumulate_(w, eps, logdet, neumann, logdet_coeff, neumann_coeff, scale)
 
 
 _SERIES = "resflow_cuda.logdet_series_accumulate_"
 
 
 @torch.library.register_fake("resflow_cuda::logdet_series_accumulate_")
-def _logdet_series_accumulate_fake(w, eps, logdet, neumann, logdet_coeff, neumann_coeff):
+def _logdet_series_accumulate_fake(w, eps, logdet, neumann, logdet_coeff, neumann_coeff, scale=None):
     _check_float(_SERIES, "w", w)
     torch._check(w.dim() >= 1, lambda: f"{_SERIES}: expected w to have a batch dimension, but got a 0-dimensional tensor")
     _check_matches(_SERIES, "eps", eps, "w", w)
@@ -414,6 +416,8 @@ def _logdet_series_accumulate_fake(w, eps, logdet, neumann, logdet_coeff, neuman
                  lambda: f"{_SERIES}: expected logdet to have shape [{w.shape[0]}], but got {list(logdet.shape)}")
     if neumann is not None:
         _check_matches(_SERIES, "neumann", neumann, "w", w)
+    if scale is not None:
+        _check_matches(_SERIES, "scale", scale, "w", w)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -342,14 +342,19 @@ class SpectralNormConv2d(torch.nn.Module):
 
 
 def logdet_series_accumulate_(w: Tensor, eps: Tensor, logdet: Tensor, neumann: Tensor | None, logdet_coeff: float,
-                              neumann_coeff: float) -> None:
-    """In place: ``logdet[b] += logdet_coeff * <w_b, eps_b>`` (in logdet's dtype) and
-    ``neumann += neumann_coeff * w`` (computed in logdet's dtype, rounded once)."""
+                              neumann_coeff: float, scale: Tensor | None = None) -> None:
+    """In place: with ``scale``, ``w *= scale`` first (the product in logdet's dtype, which the sums
+    below read, rounded once into w); then ``logdet[b] += logdet_coeff * <w_b, eps_b>`` (in logdet's
+    dtype) and ``neumann += neumann_coeff * w`` (computed in logdet's dtype, rounded once)."""
     acc = logdet.dtype
+    wide = w.to(acc)
+    if scale is not None:
+        wide = wide * scale.to(acc)
+        w.copy_(wide)
     flat = (w.shape[0], w[0].numel() if w.shape[0] else 0)
-    logdet.add_(logdet_coeff * (w.reshape(flat).to(acc) * eps.reshape(flat).to(acc)).sum(1))
+    logdet.add_(logdet_coeff * (wide.reshape(flat) * eps.reshape(flat).to(acc)).sum(1))
     if neumann is not None:
-        neumann.copy_(neumann.to(acc) + neumann_coeff * w.to(acc))
+        neumann.copy_(neumann.to(acc) + neumann_coeff * wide)
 
 
 # ---------------------------------------------------------------------------------------------

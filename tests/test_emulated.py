@@ -329,6 +329,25 @@ def test_logdet_series_kernel_matches_the_cpu_op(emu, name, rows, cols, sms, off
         assert_close(outs[1][1], outs[0][1], **TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=[_SHORT[d] for d in (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("name,rows,cols,sms,offset", SERIES_CONFIGS, ids=[c[0] for c in SERIES_CONFIGS])
+def test_logdet_series_kernel_with_scale_matches_the_cpu_op(emu, name, rows, cols, sms, offset, dtype):
+    # the instantiations that scale w in place (with the Neumann vector; the scale's loads are the same packs)
+    w, eps, neumann = _series_inputs(rows, cols, offset, dtype, 20)
+    scale = _series_inputs(rows, cols, offset, dtype, 30)[0]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    outs = []
+    for run in (cpu_ops.logdet_series_accumulate_, lambda *a: emu.logdet_series_accumulate_(*a[:6], sms, a[6])):
+        scaled, l, n = w.clone(), torch.linspace(-1, 1, rows, dtype=acc), neumann.clone()
+        run(scaled, eps, l, n, 0.75, -1.25, scale)
+        outs.append((scaled, l, n))
+    # the product w * scale: one rounding on both sides (equal up to the host compiler's contraction of the
+    # multiply-add that follows); the sums as in the test above
+    assert_close(outs[1][0], outs[0][0], **TOLERANCES[dtype])
+    assert_close(outs[1][1], outs[0][1], atol=1e-4, rtol=1e-5)
+    assert_close(outs[1][2], outs[0][2], **TOLERANCES[dtype])
+
+
 def test_elementwise_plan_fills_the_blocks_the_kernels_are_compiled_for(emu):
     # __launch_bounds__(256, elementwise_min_blocks): 6 resident blocks per SM for float32, 4 for
     # double and the half types; a large input gets exactly that many per SM.
@@ -360,6 +379,12 @@ def test_logdet_series_layouts_follow_the_cpu_op(emu):
         assert_close(n, before + 2 * w.transpose(1, 2))
         outs.append(l)
     assert_close(outs[1], outs[0])
+    # a scaled w of another layout: updated through a contiguous copy, written back
+    scale = eps.abs()
+    for run in (cpu_ops.logdet_series_accumulate_, lambda *a: emu.logdet_series_accumulate_(*a[:6], 2, a[6])):
+        scaled = w.clone().transpose(1, 2)
+        run(scaled, eps.transpose(1, 2), torch.zeros(2), None, 1.0, 0.0, scale.transpose(1, 2))
+        assert_close(scaled, (w * scale).transpose(1, 2))
 
 
 def test_logdet_series_emulated_refuses_what_the_op_refuses(emu):

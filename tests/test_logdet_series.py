@@ -72,6 +72,31 @@ def test_matches_reference(shape, dtype, with_neumann, device):
 
 
 @pytest.mark.parity
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 5), (4, 3, 5, 5), (5000, 2), (600, 131)], ids=str)
+@pytest.mark.parametrize("with_neumann", [True, False])
+def test_scale_multiplies_w_in_place_first(shape, dtype, with_neumann, device):
+    w, eps, logdet, neumann = _on(device, *_inputs(shape, dtype))
+    scale = torch.rand(shape, generator=torch.Generator().manual_seed(7)).to(dtype).to(device)
+    neumann = neumann if with_neumann else None
+    got_w, expected_w = w.clone(), w.cpu().clone()
+    got = (logdet.clone(), None if neumann is None else neumann.clone())
+    expected = tuple(None if t is None else t.cpu().clone() for t in (logdet, neumann))
+    ops.logdet_series_accumulate_(got_w, eps, got[0], got[1], -0.5, 1.5, scale)
+    reference.logdet_series_accumulate_(expected_w, eps.cpu(), expected[0], expected[1], -0.5, 1.5, scale.cpu())
+    # w * scale once rounded into w's dtype, here and in the twin
+    torch.testing.assert_close(got_w.cpu(), expected_w, **TOLERANCES[dtype])
+    _assert_close(_on("cpu", *got), expected, dtype, _sum_rounding(expected_w, eps, -0.5))
+    if dtype not in (torch.float32, torch.float64):
+        return  # the half types' sums read the product before its rounding into w (the twin does the same)
+    # the same as multiplying first and accumulating the product (the composite's old two ops)
+    w2, l2, n2 = w.clone(), logdet.clone(), None if neumann is None else neumann.clone()
+    w2.mul_(scale)
+    ops.logdet_series_accumulate_(w2, eps, l2, n2, -0.5, 1.5)
+    _assert_close(_on("cpu", got[0], got[1]), _on("cpu", l2, n2), dtype, _sum_rounding(expected_w, eps, -0.5))
+
+
+@pytest.mark.parity
 def test_a_long_sample_crosses_chunks(device):
     w, eps, logdet, neumann = _on(device, *_inputs((2, (1 << 14) * 3 + 17), torch.float64))
     got, expected = _run_both(w, eps, logdet, neumann, 0.25, -2.0)
@@ -99,6 +124,23 @@ def test_layouts(layout, device):
     before = neumann.clone()
     ops.logdet_series_accumulate_(w, eps, logdet, neumann, 1.0, -1.0)
     torch.testing.assert_close(neumann, before - w)  # the caller's tensor is the one updated
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("layout", ["transposed", "channels_last_scale"])
+def test_scale_layouts_update_the_callers_w(layout, device):
+    w, eps, logdet, neumann = _on(device, *_inputs((3, 4, 5, 6), torch.float32))
+    scale = torch.rand(3, 4, 5, 6).to(device)
+    if layout == "transposed":  # w through a contiguous copy, written back
+        w, eps, scale = (t.transpose(1, 3) for t in (w, eps, scale))
+        neumann = neumann.transpose(1, 3)
+    else:
+        scale = scale.contiguous(memory_format=torch.channels_last)
+    before, expected_logdet = w.clone(), logdet.cpu().clone()
+    ops.logdet_series_accumulate_(w, eps, logdet, neumann, 1.0, -1.0, scale)
+    torch.testing.assert_close(w, before * scale)  # elementwise, one rounding each: equal in float32
+    reference.logdet_series_accumulate_(before.cpu(), eps.cpu(), expected_logdet, None, 1.0, 0.0, scale.cpu())
+    _assert_close((logdet.cpu(), None), (expected_logdet, None), torch.float32)
 
 
 @pytest.mark.parametrize("shape", [(0, 4), (3, 0), (0,)])
@@ -161,6 +203,22 @@ def test_errors_name_the_argument(args, match):
         ops.logdet_series_accumulate_(*args(w, eps, logdet, neumann), 1.0, 1.0)
 
 
+@pytest.mark.parametrize("args,match", [
+    (lambda w, e, l, n: (w, e, l, n, w[:, :2]), r"expected scale to have the shape of w \[3, 4\], but got \[3, 2\]"),
+    (lambda w, e, l, n: (w, e, l, n, w.double()), r"expected scale to have the dtype of w \(Float\)"),
+    # w is written when scaled: it must share memory with no other argument
+    (lambda w, e, l, n: (w, e, l, n, w), "expected w not to share memory with scale"),
+    (lambda w, e, l, n: (w, w, l, n, e), "expected w not to share memory with eps"),
+    (lambda w, e, l, n: (w, e, l, w, e), r"expected w not to share memory with neumann \(both are written"),
+])
+def test_scale_errors_name_the_argument(args, match):
+    w, eps, logdet, neumann = _inputs((3, 4), torch.float32)
+    before = w.clone()
+    with pytest.raises(RuntimeError, match=match):
+        ops.logdet_series_accumulate_(*args(w, eps, logdet, neumann)[:4], 1.0, 1.0, args(w, eps, logdet, neumann)[4])
+    assert torch.equal(w, before)
+
+
 def test_refused_overlap_writes_nothing():
     w, eps, logdet, neumann = _inputs((3, 4), torch.float32)
     before = (w.clone(), eps.clone(), neumann.clone())
@@ -206,14 +264,22 @@ def test_opcheck(shape, dtype):
     w, eps, logdet, neumann = _inputs(shape, dtype)
     torch.library.opcheck(torch.ops.resflow_cuda.logdet_series_accumulate_, (w, eps, logdet, neumann, 0.5, -1.0))
     torch.library.opcheck(torch.ops.resflow_cuda.logdet_series_accumulate_, (w, eps, logdet, None, 0.5, 0.0))
+    scale = torch.rand(shape).to(dtype)
+    torch.library.opcheck(torch.ops.resflow_cuda.logdet_series_accumulate_,
+                          (w, eps, logdet, neumann, 0.5, -1.0, scale))
 
 
-def test_torch_compile():
+@pytest.mark.parametrize("scaled", [False, True])
+def test_torch_compile(scaled):
+    scale = torch.rand(4, 6) if scaled else None
+
     def step(w, eps, logdet, neumann):
-        functional.logdet_series_accumulate_(w, eps, logdet, neumann, 0.5, -1.0)
-        return logdet * 2, neumann + 1
+        functional.logdet_series_accumulate_(w, eps, logdet, neumann, 0.5, -1.0, scale)
+        return logdet * 2, neumann + 1, w * 3
 
     w, eps, logdet, neumann = _inputs((4, 6), torch.float32)
-    expected = step(w, eps, logdet.clone(), neumann.clone())
-    got = torch.compile(step, fullgraph=True, backend="aot_eager")(w, eps, logdet.clone(), neumann.clone())
+    expected = step(w.clone(), eps, logdet.clone(), neumann.clone())
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(w.clone(), eps, logdet.clone(), neumann.clone())
     torch.testing.assert_close(got, expected)
+    # the compiled step reads the scaled w after the op (the mutation is in the graph)
+    torch.testing.assert_close(got[2], 3 * (w * scale if scaled else w))

@@ -4,8 +4,9 @@
 // Layout: the kernels see every sample as one run of `cols` consecutive elements at
 // base + row * cols. That holds for w, eps and neumann as given when all three are dense with the
 // same strides and the batch dimension outermost (contiguous or channels_last alike: the sum and
-// the update do not care about the order inside a sample); otherwise w and eps are copied to
-// contiguous memory and neumann is updated through a contiguous copy written back at the end.
+// the update do not care about the order inside a sample); otherwise w, eps and scale are copied to
+// contiguous memory and neumann (and w, when scaled) updated through a contiguous copy written back at
+// the end.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -22,8 +23,12 @@ inline at::ScalarType series_accumulator_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+inline bool series_given(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined();
+}
+
 inline void check_logdet_series(const at::Tensor& w, const at::Tensor& eps, const at::Tensor& logdet,
-                                const std::optional<at::Tensor>& neumann) {
+                                const std::optional<at::Tensor>& neumann, const std::optional<at::Tensor>& scale) {
   check_float_tensor(kSeriesOp, "w", w);
   TORCH_CHECK(w.dim() >= 1, kSeriesOp, ": expected w to have a batch dimension, but got a 0-dimensional tensor");
   check_matches(kSeriesOp, "eps", eps, "w", w);
@@ -34,19 +39,26 @@ inline void check_logdet_series(const at::Tensor& w, const at::Tensor& eps, cons
   check_same_device(kSeriesOp, "logdet", logdet, "w", w);
   TORCH_CHECK(logdet.dim() == 1 && logdet.size(0) == w.size(0), kSeriesOp, ": expected logdet to have shape [",
               w.size(0), "] (one entry per sample of w), but got ", logdet.sizes());
-  const bool with_neumann = neumann.has_value() && neumann->defined();
-  if (with_neumann) {
+  if (series_given(neumann)) {
     check_matches(kSeriesOp, "neumann", *neumann, "w", w);
   }
-  check_no_overlap(kSeriesOp, {{"logdet", -1, &logdet}, {"neumann", -1, with_neumann ? &*neumann : nullptr}},
-                   {{"w", -1, &w}, {"eps", -1, &eps}});
+  if (series_given(scale)) {
+    check_matches(kSeriesOp, "scale", *scale, "w", w);
+  }
+  // w is written only when scaled
+  check_no_overlap(kSeriesOp,
+                   {{"logdet", -1, &logdet},
+                    {"neumann", -1, series_given(neumann) ? &*neumann : nullptr},
+                    {"w", -1, series_given(scale) ? &w : nullptr}},
+                   {{"w", -1, series_given(scale) ? nullptr : &w}, {"eps", -1, &eps}, {"scale", -1, series_given(scale) ? &*scale : nullptr}});
 }
 
 struct SeriesOperands {
-  at::Tensor w, eps, neumann;  // neumann: undefined when not given; else the memory the kernel updates
+  at::Tensor w, eps, neumann, scale;  // neumann, scale: undefined when not given; w and neumann the memory updated
   int64_t rows = 0;
   int64_t cols = 0;
-  bool copy_back = false;  // neumann is a contiguous copy of the caller's tensor
+  bool copy_back = false;    // neumann is a contiguous copy of the caller's tensor
+  bool copy_back_w = false;  // w (scaled) is a contiguous copy of the caller's tensor
 };
 
 inline bool rows_in_place(const at::Tensor& t, int64_t cols) {
@@ -54,34 +66,43 @@ inline bool rows_in_place(const at::Tensor& t, int64_t cols) {
 }
 
 inline SeriesOperands series_operands(const at::Tensor& w, const at::Tensor& eps,
-                                      const std::optional<at::Tensor>& neumann) {
+                                      const std::optional<at::Tensor>& neumann,
+                                      const std::optional<at::Tensor>& scale) {
   SeriesOperands out;
   out.rows = w.size(0);
   out.cols = out.rows == 0 ? 0 : w.numel() / out.rows;
-  const bool with_neumann = neumann.has_value() && neumann->defined();
-  bool direct = rows_in_place(w, out.cols) && eps.strides() == w.strides() && rows_in_place(eps, out.cols);
-  if (with_neumann) {
-    direct = direct && neumann->strides() == w.strides() && rows_in_place(*neumann, out.cols);
+  bool direct = rows_in_place(w, out.cols);
+  for (const auto* t : {&eps, series_given(neumann) ? &*neumann : nullptr, series_given(scale) ? &*scale : nullptr}) {
+    direct = direct && (t == nullptr || (t->strides() == w.strides() && rows_in_place(*t, out.cols)));
   }
   if (direct) {
     out.w = w;
     out.eps = eps;
-    out.neumann = with_neumann ? *neumann : at::Tensor();
+    out.neumann = series_given(neumann) ? *neumann : at::Tensor();
+    out.scale = series_given(scale) ? *scale : at::Tensor();
     return out;
   }
   out.w = w.contiguous();
+  out.copy_back_w = series_given(scale) && !w.is_contiguous();
   out.eps = eps.contiguous();
-  if (with_neumann) {
+  if (series_given(neumann)) {
     out.copy_back = !neumann->is_contiguous();
     out.neumann = neumann->contiguous();
+  }
+  if (series_given(scale)) {
+    out.scale = scale->contiguous();
   }
   return out;
 }
 
-// After the kernel: the caller's neumann receives the update made in a contiguous copy.
-inline void finish_series(const SeriesOperands& operands, const std::optional<at::Tensor>& neumann) {
+// After the kernel: the caller's neumann (and scaled w) receive the update made in a contiguous copy.
+inline void finish_series(const SeriesOperands& operands, const at::Tensor& w,
+                          const std::optional<at::Tensor>& neumann) {
   if (operands.copy_back) {
     neumann->copy_(operands.neumann);
+  }
+  if (operands.copy_back_w) {
+    w.copy_(operands.w);
   }
 }
 

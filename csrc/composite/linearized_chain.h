@@ -138,12 +138,13 @@ inline std::optional<at::Tensor> deriv_at(const c10::List<std::optional<at::Tens
   return d.has_value() && d->defined() ? d : std::nullopt;
 }
 
-// w -> w^T J: the transposed chain from the last step to the first.
-inline at::Tensor chain_vjp(const std::vector<ChainStep>& chain, const c10::List<std::optional<at::Tensor>>& derivs,
-                            at::Tensor w) {
+// w -> w^T J: the transposed chain from the last step to the first; but for the first step's phi'
+// (derivs[0], when given), which the caller multiplies by (the series step fuses it into its pass).
+inline at::Tensor chain_vjp_but_first_deriv(const std::vector<ChainStep>& chain,
+                                            const c10::List<std::optional<at::Tensor>>& derivs, at::Tensor w) {
   for (size_t i = chain.size(); i-- > 0;) {
     w = chain[i].vjp(w);
-    if (const auto d = deriv_at(derivs, i)) {
+    if (const auto d = deriv_at(derivs, i); d && i > 0) {
       w.mul_(*d);
     }
   }

@@ -1,6 +1,7 @@
 // linearized_logdet_series: all n terms of the log-det power series of a linearized branch
 // (csrc/composite/linearized_chain.h) in one call. w_k = w_{k-1}^T J from w_0 = eps; each term goes through
-// the fused accumulation op (logdet_series_accumulate_):
+// the fused accumulation op (logdet_series_accumulate_, which also takes the chain's last product, by
+// the first step's phi'):
 //   logdet   = sum_k logdet_coeffs[k] <w_k, eps>          per sample
 //   neumann  = eps + sum_k neumann_coeffs[k] w_k          (when neumann_coeffs is not empty)
 //   surrogate = <neumann^T J, eps>                        per sample (when also `surrogate`)
@@ -21,12 +22,14 @@ namespace {
 constexpr const char* kOp = "linearized_logdet_series";
 
 void accumulate(const at::Tensor& w, const at::Tensor& eps, const at::Tensor& logdet,
-                const std::optional<at::Tensor>& neumann, double logdet_coeff, double neumann_coeff) {
+                const std::optional<at::Tensor>& neumann, double logdet_coeff, double neumann_coeff,
+                const std::optional<at::Tensor>& scale) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("resflow_cuda::logdet_series_accumulate_", "")
                              .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const std::optional<at::Tensor>&, double, double)>();
-  op.call(w, eps, logdet, neumann, logdet_coeff, neumann_coeff);
+                                         const std::optional<at::Tensor>&, double, double,
+                                         const std::optional<at::Tensor>&)>();
+  op.call(w, eps, logdet, neumann, logdet_coeff, neumann_coeff, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linearized_logdet_series(
@@ -48,13 +51,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linearized_logdet_series(
     return {logdet, neumann, surrogate};
   }
   const std::optional<at::Tensor> neumann_arg = with_neumann ? std::optional<at::Tensor>(neumann) : std::nullopt;
+  // the first step's phi' multiplies each term's vector inside the series step (in place, before it is read)
+  const std::optional<at::Tensor> first_deriv = deriv_at(derivs, 0);
   at::Tensor w = eps;
   for (size_t k = 0; k < logdet_coeffs.size(); ++k) {
-    w = chain_vjp(chain, derivs, w);
-    accumulate(w, eps, logdet, neumann_arg, logdet_coeffs[k], with_neumann ? neumann_coeffs[k] : 0.0);
+    w = chain_vjp_but_first_deriv(chain, derivs, w);
+    accumulate(w, eps, logdet, neumann_arg, logdet_coeffs[k], with_neumann ? neumann_coeffs[k] : 0.0, first_deriv);
   }
   if (with_surrogate) {
-    accumulate(chain_vjp(chain, derivs, neumann), eps, surrogate, std::nullopt, 1.0, 0.0);
+    accumulate(chain_vjp_but_first_deriv(chain, derivs, neumann), eps, surrogate, std::nullopt, 1.0, 0.0,
+               first_deriv);
   }
   return {logdet, neumann, surrogate};
 }

@@ -1,5 +1,5 @@
 // logdet_series_accumulate_ on the CPU: for every sample b, logdet[b] += logdet_coeff·<w_b, eps_b>
-// and neumann += neumann_coeff·w, in one pass over w and eps (the step of the log-det power series
+// and neumann += neumann_coeff·w (with scale: w *= scale first, in place), in one pass over w and eps (the step of the log-det power series
 // of Residual Flows; resflow/series_math.h, kernels in vec/logdet_series_vec.cpp).
 // Bindings only: checks and layout (checks/logdet_series_checks.h), dtype dispatch and the parallel
 // loop. Each sample is split into fixed chunks of kElementwiseChunk elements; the chunks of all
@@ -23,10 +23,10 @@ namespace {
 
 void logdet_series_accumulate_cpu(const at::Tensor& w_in, const at::Tensor& eps_in, const at::Tensor& logdet,
                                   const std::optional<at::Tensor>& neumann_in, double logdet_coeff,
-                                  double neumann_coeff) {
-  check_logdet_series(w_in, eps_in, logdet, neumann_in);
+                                  double neumann_coeff, const std::optional<at::Tensor>& scale_in) {
+  check_logdet_series(w_in, eps_in, logdet, neumann_in, scale_in);
   TORCH_CHECK(w_in.device().is_cpu(), kSeriesOp, ": expected CPU tensors, but got w on ", w_in.device());
-  const SeriesOperands ops = series_operands(w_in, eps_in, neumann_in);
+  const SeriesOperands ops = series_operands(w_in, eps_in, neumann_in, scale_in);
   if (ops.rows == 0 || ops.cols == 0) {
     return;
   }
@@ -35,8 +35,9 @@ void logdet_series_accumulate_cpu(const at::Tensor& w_in, const at::Tensor& eps_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ops.w.scalar_type(), "logdet_series_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto kernel = RESFLOW_CPU_PICK(logdet_series_vec<scalar_t>);
-    const scalar_t* w = ops.w.const_data_ptr<scalar_t>();
+    scalar_t* w = ops.w.mutable_data_ptr<scalar_t>();  // written only when scaled (the schema marks it mutable)
     const scalar_t* eps = ops.eps.const_data_ptr<scalar_t>();
+    const scalar_t* scale = ops.scale.defined() ? ops.scale.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* neumann = ops.neumann.defined() ? ops.neumann.mutable_data_ptr<scalar_t>() : nullptr;
     const auto coeff = static_cast<acc_t>(neumann_coeff);
     at::parallel_for(0, ops.rows * chunks_per_row, 1, [&](int64_t first, int64_t last) {
@@ -44,7 +45,8 @@ void logdet_series_accumulate_cpu(const at::Tensor& w_in, const at::Tensor& eps_
         const int64_t begin = (u / chunks_per_row) * ops.cols + (u % chunks_per_row) * kElementwiseChunk;
         const int64_t len = std::min(kElementwiseChunk, ops.cols - (u % chunks_per_row) * kElementwiseChunk);
         partial[u] = static_cast<double>(
-            kernel(w + begin, eps + begin, neumann == nullptr ? nullptr : neumann + begin, len, coeff));
+            kernel(w + begin, eps + begin, scale == nullptr ? nullptr : scale + begin,
+                   neumann == nullptr ? nullptr : neumann + begin, len, coeff));
       }
     });
   });
@@ -59,7 +61,7 @@ void logdet_series_accumulate_cpu(const at::Tensor& w_in, const at::Tensor& eps_
       out[r * stride] += static_cast<scalar_t>(logdet_coeff * sum);
     }
   });
-  finish_series(ops, neumann_in);
+  finish_series(ops, w_in, neumann_in);
 }
 
 }  // namespace

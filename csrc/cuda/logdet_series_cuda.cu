@@ -11,8 +11,8 @@ namespace {
 
 void logdet_series_accumulate_cuda(const at::Tensor& w, const at::Tensor& eps, const at::Tensor& logdet,
                                    const std::optional<at::Tensor>& neumann, double logdet_coeff,
-                                   double neumann_coeff) {
-  logdet_series_accumulate_on(CudaBackend{}, w, eps, logdet, neumann, logdet_coeff, neumann_coeff);
+                                   double neumann_coeff, const std::optional<at::Tensor>& scale) {
+  logdet_series_accumulate_on(CudaBackend{}, w, eps, logdet, neumann, logdet_coeff, neumann_coeff, scale);
 }
 
 }  // namespace

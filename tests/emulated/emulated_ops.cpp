@@ -116,8 +116,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lipswish_double_backward(const at
 
 void logdet_series_accumulate_(const at::Tensor& w, const at::Tensor& eps, const at::Tensor& logdet,
                                const std::optional<at::Tensor>& neumann, double logdet_coeff, double neumann_coeff,
-                               int64_t sms) {
-  cu::logdet_series_accumulate_on(backend(sms), w, eps, logdet, neumann, logdet_coeff, neumann_coeff);
+                               int64_t sms, const std::optional<at::Tensor>& scale) {
+  cu::logdet_series_accumulate_on(backend(sms), w, eps, logdet, neumann, logdet_coeff, neumann_coeff, scale);
 }
 
 // The fused dense block's kernels.
@@ -325,8 +325,8 @@ TORCH_LIBRARY(resflow_emulated, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("elementwise_plan(int n, int sm_count, bool aligned, int element_size) -> int[]", &elementwise_plan);
   m.def("series_plan(int rows, int cols, int sm_count, bool aligned, int element_size) -> int[]", &series_plan);
-  m.def("logdet_series_accumulate_(Tensor w, Tensor eps, Tensor(a!) logdet, Tensor(b!)? neumann, float logdet_coeff, "
-        "float neumann_coeff, int sm_count) -> ()");
+  m.def("logdet_series_accumulate_(Tensor(c!) w, Tensor eps, Tensor(a!) logdet, Tensor(b!)? neumann, "
+        "float logdet_coeff, float neumann_coeff, int sm_count, Tensor? scale=None) -> ()");
   m.def("jacobian_lipswish(Tensor z, Tensor? bias, Tensor beta, int batch, bool keep, int sm_count) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("jacobian_lipswish_backward(Tensor grad, Tensor h, Tensor tangent, Tensor beta, int sm_count) "

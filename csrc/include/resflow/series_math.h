@@ -14,6 +14,13 @@ RESFLOW_HOST_DEVICE_INLINE V series_product(const V& w, const V& eps) {
   return w * eps;
 }
 
+// w·s: the last elementwise product of the term's vector-Jacobian chain (phi' of the branch's first
+// step), when the series step takes it over.
+template <class V>
+RESFLOW_HOST_DEVICE_INLINE V scaled(const V& w, const V& s) {
+  return w * s;
+}
+
 // neumann + coeff·w: the Neumann vector after term k (coeff = (-1)^k c_k).
 template <class V>
 RESFLOW_HOST_DEVICE_INLINE V neumann_update(const V& neumann, const V& w, const V& coeff) {
