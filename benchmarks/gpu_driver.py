@@ -106,9 +106,9 @@ def power_iteration_ops(device: str, log) -> None:
 
 
 def series_ops(device: str, log) -> None:
-    """logdet_series_accumulate_ in every dtype, with and without the Neumann accumulator: narrow
-    rows (2 columns), wide rows (vector loads) and a channels_last batch of 75 elements per sample
-    (rows no vector width divides: the scalar kernels)."""
+    """logdet_series_accumulate_ in every dtype, with and without the Neumann accumulator, and with a
+    scale (w scaled in place): narrow rows (2 columns), wide rows (vector loads) and a channels_last
+    batch of 75 elements per sample (rows no vector width divides: the scalar kernels)."""
     for dtype in DTYPES:
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         cases = {"narrow": torch.randn(64, 2, device=device).to(dtype),
@@ -121,6 +121,9 @@ def series_ops(device: str, log) -> None:
             ops.logdet_series_accumulate_(w, eps, logdet, None, 0.5, 0.0)
             neumann = torch.zeros_like(w)
             ops.logdet_series_accumulate_(w, eps, logdet, neumann, -0.25, 1.0)
+            scaled = w.clone()
+            ops.logdet_series_accumulate_(scaled, eps, logdet, neumann, 0.5, -1.0, eps)
+            torch.testing.assert_close(scaled, w * eps)  # one rounding of the same product
             _finite(logdet, neumann)
             log(f"logdet_series_accumulate_ {dtype} {layout}")
 
