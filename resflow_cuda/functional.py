@@ -36,7 +36,8 @@ def lipswish(x: Tensor, beta: Tensor) -> Tensor:
 
 
 def logdet_series_accumulate_(w: Tensor, eps: Tensor, logdet: Tensor, neumann: Tensor | None = None,
-                              logdet_coeff: float = 1.0, neumann_coeff: float = 0.0, scale: Tensor | None = None) -> None:
+                              logdet_coeff: float = 1.0, neumann_coeff: float = 0.0,
+                              scale: Tensor | None = None) -> None:
     """One term of the log-det power series, in place: ``logdet[b] += logdet_coeff * <w_b, eps_b>``
     per sample and ``neumann += neumann_coeff * w``; with ``scale``, ``w *= scale`` first.
 

@@ -9,9 +9,9 @@ no dilation or groups). That covers the reference's pre-activation MLPs and its 
 
 :func:`linearize` returns a :class:`LinearizedBranch` (or None: use autograd). Calling it on x
 runs the same forward as the branch (same layer side effects, an ordinary autograd graph for g)
-and keeps, per step, the normalized weight, the activation's input and output and phi'. A layer that
-registers its normalization (our Lipschitz layers) gets its weight from one op, with a one-op backward,
-instead of the layer's autograd graph of about a dozen ops each way. The log-det
+and keeps, per step, the normalized weight, the activation's input and output and phi'. The layers that
+register their normalization (our Lipschitz layers) get their weights from one op (all of a branch's
+together once they are ready), with a one-op backward, instead of their autograd graphs. The log-det
 series then runs in one op call (``ops.linearized_logdet_series``) and the Neumann gradient in
 another (``ops.linearized_neumann_gradient``) instead of one autograd pass per term. For dense
 branches on inputs (B, D) with small D, :meth:`LinearizedBranch.jacobian` builds the full Jacobians
@@ -74,7 +74,8 @@ def register_lipswish(cls: type) -> None:
 
 
 def register_linear(cls: type, conv: bool, weight: Callable[[nn.Module, Tensor], Tensor] = _forward_weight,
-                    normalization: Callable[[nn.Module, Tensor], tuple] | None = None) -> None:
+                    normalization: Callable[[nn.Module, Tensor | None], tuple] | None = None,
+                    normalization_ready: Callable[[nn.Module], bool] | None = None) -> None:
     """Layers of type ``cls`` (or a subclass) are linear maps ``F.linear(a, W, bias)`` or, with
     ``conv``, ``F.conv2d(a, W, bias, stride, padding)`` (zero padding), where ``weight(layer, a)``
     returns W with the side effects of the layer's forward on a (default ``layer.forward_weight(a)``).
@@ -82,8 +83,11 @@ def register_linear(cls: type, conv: bool, weight: Callable[[nn.Module, Tensor],
     that W = weight / max(1, u^T A v / coeff), with the same side effects but for writing sigma into
     ``scale``; A is the weight as a matrix (u, v vectors) or, for a convolution, the convolution on
     images u (1, C_out, H', W') and v (1, C_in, H, W). The fast paths then normalize (and differentiate)
-    the weights in one op instead of the layer's autograd graph."""
-    _LINEAR_TYPES[cls] = (conv, weight, normalization)
+    the weights in one op instead of the layer's autograd graph. Where ``normalization_ready(layer)`` is
+    true, ``normalization(layer, None)`` may run before the layer's input exists (e.g. once a layer that
+    records its input size has seen one): a branch whose registered layers are all ready normalizes them
+    together, in one op each way."""
+    _LINEAR_TYPES[cls] = (conv, weight, normalization, normalization_ready)
 
 
 def register_wrapper(cls: type, inner: Callable[[nn.Module], nn.Module]) -> None:
@@ -131,7 +135,8 @@ class _Step:
     stride: tuple[int, int]
     padding: tuple[int, int]
     weight_of: Callable[[nn.Module, Tensor], Tensor]
-    normalization_of: Callable[[nn.Module, Tensor], tuple] | None = None
+    normalization_of: Callable[[nn.Module, Tensor | None], tuple] | None = None
+    normalization_ready: Callable[[nn.Module], bool] | None = None
 
     def activate(self, h: Tensor, slope_graph: bool = False) -> tuple[Tensor, Tensor | None]:
         """phi(h) with its autograd graph, and phi'(h) (with a graph only if ``slope_graph``)."""
@@ -155,18 +160,26 @@ class _Step:
     def weight(self, a: Tensor) -> Tensor:
         """The layer's weight for input a, with its side effects; a registered normalization (float32 /
         float64 weights, at most ``_NORMALIZED_CUDA_MAX`` elements on CUDA) in one op
-        (:class:`_NormalizedWeight`) instead of the layer's autograd graph."""
-        raw = getattr(self.layer, "weight", a)
-        if (self.normalization_of is None or raw.dtype not in _NORMALIZED_DTYPES
-                or (raw.is_cuda and raw.numel() > _NORMALIZED_CUDA_MAX)):
-            return self.weight_of(self.layer, a)
+        (:class:`_NormalizedWeights`) instead of the layer's autograd graph."""
+        return _normalized_weights([self.normalization(a)])[0] if self.normalizes() else self.weight_of(self.layer, a)
+
+    def normalizes(self) -> bool:
+        """Whether the layer's weight comes from :meth:`normalization` (decided before any side effect)."""
+        raw = getattr(self.layer, "weight", None)
+        return (self.normalization_of is not None and isinstance(raw, Tensor) and raw.dtype in _NORMALIZED_DTYPES
+                and not (raw.is_cuda and raw.numel() > _NORMALIZED_CUDA_MAX))
+
+    def normalization(self, a: Tensor | None) -> tuple:
+        """(weight, u, v, coeff, detach_sigma, scale) of the layer's normalization for input a (None: a
+        ready layer's, before its input exists), with its side effects; a convolution's as the 1 x K
+        matrix W with u = [1] and v = G (sigma = <W, G>)."""
         weight, u, v, coeff, detach_sigma, scale = self.normalization_of(self.layer, a)
-        with ops.autocast_disabled(weight):  # sigma in the weight's dtype, as the layers compute it
-            if u.dim() == 4:  # a convolution's images: sigma = u^T conv(v, W) = <W, G>, G its weight gradient
-                grad = torch.ops.aten.convolution_backward(u, v, weight.detach(), None, self.stride, self.padding,
-                                                           (1, 1), False, (0, 0), 1, (False, True, False))[1]
-                u, v = weight.new_ones(1), grad.reshape(-1)
-            return _NormalizedWeight.apply(weight, u, v, float(coeff), bool(detach_sigma), scale)
+        if u.dim() == 4:  # a convolution's images: sigma = u^T conv(v, W) = <W, G>, G its weight gradient
+            with ops.autocast_disabled(weight):  # in the weight's dtype, as the layers compute sigma
+                u, v = weight.new_ones(1), torch.ops.aten.convolution_backward(
+                    u, v, weight.detach(), None, self.stride, self.padding, (1, 1), False, (0, 0), 1,
+                    (False, True, False))[1].reshape(-1)
+        return weight, u, v, float(coeff), bool(detach_sigma), scale
 
     def apply(self, a: Tensor, weight: Tensor) -> Tensor:
         if self.conv:
@@ -180,34 +193,48 @@ _NORMALIZED_DTYPES = (torch.float32, torch.float64)  # those of lipschitz_normal
 _NORMALIZED_CUDA_MAX = 1 << 16
 
 
-class _NormalizedWeight(torch.autograd.Function):
-    """forward(weight, u, v, coeff, detach_sigma, scale) -> weight / max(1, u^T W v / coeff) with W the
-    weight as a (len(u), len(v)) matrix, in one op (``lipschitz_normalize_``, which writes sigma into
-    ``scale``), as the layers' own normalization computes it; backward: one op, or autograd's formula
-    under ``create_graph`` (differentiable again)."""
+def _normalized_weights(normalizations: list[tuple]) -> tuple[Tensor, ...]:
+    """The normalized weights of :meth:`_Step.normalization`'s tuples, all in one op each way."""
+    weights, us, vs, coeffs, detach, scales = (list(t) for t in zip(*normalizations))
+    with ops.autocast_disabled(weights[0]):  # sigma in the weights' dtype, as the layers compute it
+        return _NormalizedWeights.apply(coeffs, detach, scales, *weights, *us, *vs)
+
+
+def _unpack(n: int, tensors) -> tuple:
+    """(weights, us, vs, the weights as len(u) x len(v) matrices) of n layers' (*weights, *us, *vs)."""
+    weights, us, vs = tensors[:n], list(tensors[n:2 * n]), list(tensors[2 * n:])
+    return weights, us, vs, [w.reshape(u.numel(), v.numel()) for w, u, v in zip(weights, us, vs)]
+
+
+class _NormalizedWeights(torch.autograd.Function):
+    """forward(coeffs, detach_sigma, scales, *weights, *us, *vs) -> every weight / max(1, u^T W v / coeff)
+    with W the weight as a (len(u), len(v)) matrix, in one op (``lipschitz_normalize_``, which writes
+    sigma into ``scale``), as the layers' own normalization computes it; backward: one op, or autograd's
+    formula under ``create_graph`` (differentiable again)."""
 
     @staticmethod
-    def forward(ctx, weight, u, v, coeff, detach_sigma, scale):
-        (out,), sigmas = dense_ops.lipschitz_normalize_([weight.reshape(u.numel(), v.numel())], [u], [v], [scale],
-                                                        [coeff])
-        ctx.save_for_backward(weight, u, v, sigmas)
-        ctx.coeff, ctx.detach_sigma = coeff, detach_sigma
-        return out.view(weight.shape)
+    def forward(ctx, coeffs, detach_sigma, scales, *tensors):
+        weights, us, vs, matrices = _unpack(len(coeffs), tensors)
+        out, sigmas = dense_ops.lipschitz_normalize_(matrices, us, vs, scales, coeffs)
+        ctx.save_for_backward(*tensors, sigmas)
+        ctx.coeffs, ctx.detach_sigma = coeffs, detach_sigma
+        return tuple(o.view(w.shape) for o, w in zip(out, weights))
 
     @staticmethod
-    def backward(ctx, grad):
-        weight, u, v, sigmas = ctx.saved_tensors
-        matrix = weight.reshape(u.numel(), v.numel())
+    def backward(ctx, *grads):
+        *tensors, sigmas = ctx.saved_tensors
+        weights, us, vs, matrices = _unpack(len(ctx.coeffs), tensors)
+        grads = [g.reshape(m.shape) for g, m in zip(grads, matrices)]
         if torch.is_grad_enabled():
-            sigma = torch.dot(u, torch.mv(matrix, v))
-            if ctx.detach_sigma:
-                sigma = sigma.detach()
-            out = matrix / torch.max(sigma.new_ones(1), sigma / ctx.coeff)
-            (grad_weight,) = torch.autograd.grad(out, matrix, grad.reshape(matrix.shape), create_graph=True)
+            out = []
+            for matrix, u, v, grad, coeff, detach in zip(matrices, us, vs, grads, ctx.coeffs, ctx.detach_sigma):
+                sigma = torch.dot(u, torch.mv(matrix, v))
+                sigma = sigma.detach() if detach else sigma
+                normalized = matrix / torch.max(sigma.new_ones(1), sigma / coeff)
+                out.append(torch.autograd.grad(normalized, matrix, grad, create_graph=True)[0])
         else:
-            (grad_weight,) = dense_ops.lipschitz_normalize_backward(
-                [grad.reshape(matrix.shape)], [matrix], [u], [v], sigmas, [ctx.coeff], [ctx.detach_sigma])
-        return grad_weight.view(weight.shape), None, None, None, None, None
+            out = dense_ops.lipschitz_normalize_backward(grads, matrices, us, vs, sigmas, ctx.coeffs, ctx.detach_sigma)
+        return (None, None, None, *(g.view(w.shape) for g, w in zip(out, weights)), *([None] * (2 * len(us))))
 
 
 def _activation(module: nn.Module):
@@ -224,10 +251,11 @@ def _activation(module: nn.Module):
 
 
 def _linear(module: nn.Module):
-    """(conv, stride, padding, weight_of, normalization_of) of a supported linear map, else None."""
-    registered, normalization_of = _lookup(_LINEAR_TYPES, module), None
+    """(conv, stride, padding, weight_of, normalization_of, normalization_ready) of a supported linear map,
+    else None."""
+    registered, normalization_of, ready = _lookup(_LINEAR_TYPES, module), None, None
     if registered is not None:
-        conv, weight_of, normalization_of = registered
+        conv, weight_of, normalization_of, ready = registered
     elif type(module) is nn.Linear:
         conv, weight_of = False, _module_weight
     elif type(module) is nn.Conv2d:
@@ -238,8 +266,8 @@ def _linear(module: nn.Module):
     else:
         return None
     if not conv:
-        return False, (1, 1), (1, 1), weight_of, normalization_of
-    return True, tuple(module.stride), tuple(module.padding), weight_of, normalization_of
+        return False, (1, 1), (1, 1), weight_of, normalization_of, ready
+    return True, tuple(module.stride), tuple(module.padding), weight_of, normalization_of, ready
 
 
 def _children(nnet: nn.Module) -> list[nn.Module] | None:
@@ -320,13 +348,21 @@ class LinearizedBranch:
     def __call__(self, x: Tensor) -> tuple[Tensor, LinearizedVJP]:
         h = x
         cache = _Cache()
-        for step in self.steps:
+        ahead = self._normalized_ahead()
+        for i, step in enumerate(self.steps):
             a, slope = step.activate(h)
-            weight = step.weight(a)
+            weight = ahead[i] if i in ahead else step.weight(a)
             cache.add(step, h, a, slope, weight)
             h = step.apply(a, weight)
         return h, LinearizedVJP(self, x, cache)
 
+    def _normalized_ahead(self) -> dict[int, Tensor]:
+        """Every normalizing step's weight in one op, when there are two or more and all their layers are
+        ready (``register_linear``'s ``normalization_ready``); else none."""
+        steps = [(i, s) for i, s in enumerate(self.steps) if s.normalizes()]
+        if len(steps) < 2 or not all(s.normalization_ready and s.normalization_ready(s.layer) for _, s in steps):
+            return {}
+        return dict(zip((i for i, _ in steps), _normalized_weights([s.normalization(None) for _, s in steps])))
 
     @property
     def dense(self) -> bool:

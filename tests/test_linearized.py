@@ -193,6 +193,59 @@ def test_fused_weight_normalization_equals_the_layers(name, coeff, detach_sigma,
             torch.testing.assert_close(x, y, **tol, msg=lambda m: f"output {i}: {m}")
 
 
+@pytest.mark.parametrize("kind", ["conv", "mlp"])
+def test_a_ready_branch_normalizes_all_its_layers_in_one_op(kind, device, monkeypatch):
+    """Once every normalized layer can run without its input (a convolution after its first forward), the
+    branch normalizes them all in one op (and differentiates them in one): the same weights, side effects,
+    gradients and second derivatives as the layers' own forward_weight."""
+    from resflow_cuda import dense_ops
+
+    torch.manual_seed(0)
+    if kind == "conv":
+        layers = [InducedNormConv2d(3, 6, 3, 1, 1, n_iterations=3), InducedNormConv2d(6, 6, 1, 1, 0, n_iterations=3),
+                  SpectralNormConv2d(6, 3, 3, 1, 1, n_iterations=2)]
+        x = torch.randn(2, 3, 5, 4)
+    else:
+        layers = [InducedNormLinear(3, 8, n_iterations=3), SpectralNormLinear(8, 8, n_iterations=2),
+                  InducedNormLinear(8, 3, n_iterations=3)]
+        x = torch.randn(4, 3)
+    net = nn.Sequential(layers[0], LipSwish(), layers[1], LipSwish(), layers[2]).double().to(device)
+    x = x.double().to(device)
+    calls = []
+    real = dense_ops.lipschitz_normalize_
+    monkeypatch.setattr(dense_ops, "lipschitz_normalize_", lambda *a: calls.append(len(a[0])) or real(*a))
+    branch = linearize(net)
+    branch(x)  # the first forward: a convolution records its input size, so each layer on its own
+    assert calls == ([1, 1, 1] if kind == "conv" else [3])
+    theirs = copy.deepcopy(net)
+    calls.clear()
+    g, source = branch(x)
+    assert calls == [3]
+    ours = source.cache.weights
+    expected = [theirs[k].forward_weight(a) for k, a in zip((0, 2, 4), source.cache.layer_inputs)]
+    # float64, the same products summed in another order: far below 1e-12 relative (as the test above)
+    tol = dict(atol=1e-12, rtol=1e-12)
+    h = x  # the branch with the expected weights (another forward of theirs would iterate SpectralNorm again)
+    for k, w in zip((0, 2, 4), expected):
+        a, m = (h if k == 0 else theirs[k - 1](h)), theirs[k]
+        h = (nn.functional.conv2d(a, w, m.bias, m.stride, m.padding) if kind == "conv"
+             else nn.functional.linear(a, w, m.bias))
+    torch.testing.assert_close(g, h, **tol)
+    for k, (got, want) in enumerate(zip(ours, expected)):
+        torch.testing.assert_close(got, want, **tol)
+        mine, reference = net[2 * k], theirs[2 * k]
+        torch.testing.assert_close((mine.scale, mine.u, mine.v), (reference.scale, reference.u, reference.v), **tol)
+    rs = [torch.randn_like(w) for w in ours]
+    derivatives = []
+    for weights, model in ((ours, net), (expected, theirs)):
+        params = [model[k].weight for k in (0, 2, 4)]
+        first = torch.autograd.grad(sum((w * r).sum() for w, r in zip(weights, rs)), params, create_graph=True)
+        second = torch.autograd.grad(sum((d * r).sum() for d, r in zip(first, rs)), params)
+        derivatives.append((*first, *second))
+    for i, (a, b) in enumerate(zip(*derivatives)):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"derivative {i}: {m}")
+
+
 def test_normflows_lipschitz_networks_take_the_fast_path(device):
     torch.manual_seed(0)
     mlp = nf.nets.LipschitzMLP([3, 16, 3], init_zeros=False, lipschitz_const=0.9)

@@ -435,4 +435,5 @@ class InducedNormConv2d(_InducedNormsMixin, _LipschitzConv2d):
 
 for _layer, _conv in ((SpectralNormLinear, False), (InducedNormLinear, False), (SpectralNormConv2d, True),
                      (InducedNormConv2d, True)):
-    register_linear(_layer, conv=_conv, normalization=_layer.normalization_inputs)
+    register_linear(_layer, conv=_conv, normalization=_layer.normalization_inputs,
+                    normalization_ready=_layer.normalization_ready)

@@ -107,12 +107,17 @@ class _LipschitzMixin:
         factor = torch.max(sigma.new_ones(1), sigma / self.coeff)
         return weight / factor
 
-    def normalization_inputs(self, input: Tensor) -> tuple:
+    def normalization_inputs(self, input: Tensor | None) -> tuple:
         """(weight, u, v, coeff, detach_sigma, scale) of the weight that ``forward_weight(input)`` returns,
         with its side effects but for the scale buffer: the fast paths (:mod:`resflow_cuda.linearize`,
-        :mod:`resflow_cuda.dense_block`) normalize the weights in one op, which writes the scales."""
+        :mod:`resflow_cuda.dense_block`) normalize the weights in one op, which writes the scales. input
+        may be None once :meth:`normalization_ready`."""
         u, v = self.forward_vectors(input)
         return self.weight, u, v, self.coeff, self.detach_sigma, self.scale
+
+    def normalization_ready(self) -> bool:
+        """Whether :meth:`normalization_inputs` can run without the input (a matrix layer: always)."""
+        return True
 
     def _iteration_settings(self, n_iterations, atol, rtol, default_max):
         n_iterations = self.n_iterations if n_iterations is None else n_iterations
@@ -198,7 +203,11 @@ class _LipschitzConv2d(_LipschitzMixin, nn.Module):
             self._record_input_size(input)
         return self._vectors(self._update_in_forward())
 
-    def normalization_inputs(self, input: Tensor) -> tuple:
+    def normalization_ready(self) -> bool:
+        """Once the layer has recorded its input size (its first forward, or a loaded checkpoint)."""
+        return self._is_initialized()
+
+    def normalization_inputs(self, input: Tensor | None) -> tuple:
         """As the matrix layers' (:meth:`_LipschitzMixin.normalization_inputs`), with u and v as the
         convolution's output and input images (1, C, H, W) (vectors for 1x1 kernels, whose operator is
         the matrix)."""
