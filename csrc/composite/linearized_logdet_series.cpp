@@ -46,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linearized_logdet_series(
   at::Tensor logdet = at::zeros({eps.size(0)}, acc_options);
   at::Tensor neumann = with_neumann ? eps.clone(at::MemoryFormat::Contiguous) : at::empty({0}, eps.options());
   with_surrogate = with_surrogate && with_neumann;
-  at::Tensor surrogate = at::zeros({with_surrogate ? eps.size(0) : 0}, acc_options);
+  at::Tensor surrogate = with_surrogate ? at::zeros({eps.size(0)}, acc_options) : at::empty({0}, acc_options);
   if (eps.numel() == 0) {
     return {logdet, neumann, surrogate};
   }
