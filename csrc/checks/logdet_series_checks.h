@@ -50,7 +50,9 @@ inline void check_logdet_series(const at::Tensor& w, const at::Tensor& eps, cons
                    {{"logdet", -1, &logdet},
                     {"neumann", -1, series_given(neumann) ? &*neumann : nullptr},
                     {"w", -1, series_given(scale) ? &w : nullptr}},
-                   {{"w", -1, series_given(scale) ? nullptr : &w}, {"eps", -1, &eps}, {"scale", -1, series_given(scale) ? &*scale : nullptr}});
+                   {{"w", -1, series_given(scale) ? nullptr : &w},
+                    {"eps", -1, &eps},
+                    {"scale", -1, series_given(scale) ? &*scale : nullptr}});
 }
 
 struct SeriesOperands {

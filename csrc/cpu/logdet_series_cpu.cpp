@@ -1,6 +1,7 @@
 // logdet_series_accumulate_ on the CPU: for every sample b, logdet[b] += logdet_coeff·<w_b, eps_b>
-// and neumann += neumann_coeff·w (with scale: w *= scale first, in place), in one pass over w and eps (the step of the log-det power series
-// of Residual Flows; resflow/series_math.h, kernels in vec/logdet_series_vec.cpp).
+// and neumann += neumann_coeff·w (with scale: w *= scale first, in place), in one pass over w and eps
+// (the step of the log-det power series of Residual Flows; resflow/series_math.h, kernels in
+// vec/logdet_series_vec.cpp).
 // Bindings only: checks and layout (checks/logdet_series_checks.h), dtype dispatch and the parallel
 // loop. Each sample is split into fixed chunks of kElementwiseChunk elements; the chunks of all
 // samples run in parallel and each sample's chunk sums are added in chunk order in double, so the

@@ -1,9 +1,10 @@
 // The fused log-det series step on CUDA (resflow/series_math.h, shared with the CPU kernels):
 // logdet[r] += logdet_coeff·<w_r, eps_r> and neumann += neumann_coeff·w for every sample r of
-// `cols` consecutive elements, with scale: w *= scale first (written back). A block per sample, or a warp per sample for narrow samples
-// (grid-stride over samples): the threads stride over the sample in packs and reduce with
-// block_sum or warp shuffles, so each sum has a fixed order (deterministic, no atomics). Torch-free and emulatable; logdet_series_cuda.cu binds
-// tensors to the launcher and the emulated test extension runs the same launcher on CPU memory.
+// `cols` consecutive elements, with scale: w *= scale first (written back). A block per sample, or a
+// warp per sample for narrow samples (grid-stride over samples): the threads stride over the sample in
+// packs and reduce with block_sum or warp shuffles, so each sum has a fixed order (deterministic, no
+// atomics). Torch-free and emulatable; logdet_series_cuda.cu binds tensors to the launcher and the
+// emulated test extension runs the same launcher on CPU memory.
 #pragma once
 
 #include <cstdint>
