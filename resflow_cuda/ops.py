@@ -165,7 +165,7 @@ def _save_inputs(ctx, inputs, output):
 def _save_inputs_unmaterialized(ctx, inputs, output):
     # an output without upstream gradient arrives as None, not as a tensor of zeros
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(*inputs)
+    _save_inputs(ctx, inputs, output)
 
 
 def _lipswish_autograd(ctx, grad):

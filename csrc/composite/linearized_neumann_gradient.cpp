@@ -147,7 +147,6 @@ linearized_neumann_gradient(const at::Tensor& w_tilde, const at::Tensor& eps, at
     const at::Tensor& tangent = tangents[i];
     const bool lipswish = kinds[i] == ActivationKind::kLipSwish;
     const at::Tensor beta = lipswish ? *deriv_at(betas, i) : at::Tensor();
-    grad_betas[i] = at::empty({0}, eps.options());
     if (lipswish && stacked[i] && stack_kernel_dtype(h)) {
       // One pass over [G_i^T W_i; p_i] with the tangent t_{i-1} (the fused block's kernel, rows of the
       // flattened shape): G = (G_i^T W_i) phi' + p t_{i-1} phi'', r = p phi', beta's partials of both.
@@ -160,22 +159,23 @@ linearized_neumann_gradient(const at::Tensor& w_tilde, const at::Tensor& eps, at
     }
     const at::Tensor p = stacked[i] ? q.narrow(0, batch, batch) : q;
     at::Tensor r, grad;
-    if (lipswish && !stacked[i]) {
+    if (lipswish) {
       // The double backward with grad = t_{i-1} and gg_x = p (it is symmetric in the two): its gradient
-      // of grad is p phi' = r_{i-1}, of h p t_{i-1} phi'', of beta the slope's beta partial.
+      // of grad is p phi' = r_{i-1}, of h p t_{i-1} phi'', of beta the slope's beta partial; below the top
+      // (the half types here) LipSwish's backward adds G_i^T W_i's share.
       std::tie(r, grad, grad_betas[i]) = lipswish_double_backward(tangent, p, at::zeros_like(beta), h, beta);
-    } else if (lipswish) {  // the half types
-      r = p * *d;
-      std::tie(std::ignore, grad, grad_betas[i]) = lipswish_double_backward(p, tangent, at::zeros_like(beta), h, beta);
-      auto [through, beta_from_value] = lipswish_backward(q.narrow(0, 0, batch), h, beta);
-      grad.add_(through);
-      grad_betas[i] = grad_betas[i] + beta_from_value;
+      if (stacked[i]) {
+        auto [through, beta_from_value] = lipswish_backward(q.narrow(0, 0, batch), h, beta);
+        grad.add_(through);
+        grad_betas[i] = grad_betas[i] + beta_from_value;
+      }
     } else {
       r = p * *d;
       grad = p * tangent * second_derivative(kinds[i], h, act_params[2 * i], act_params[2 * i + 1]);
       if (stacked[i]) {
         grad.add_(q.narrow(0, 0, batch) * *d);
       }
+      grad_betas[i] = at::empty({0}, eps.options());
     }
     cot = at::cat({grad, r});
   }
