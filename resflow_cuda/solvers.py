@@ -29,6 +29,26 @@ DIVERGENCE_FACTOR = 1e6
 SOLVE_EVENT = "resflow_cuda.find_root"
 
 
+class _ReadOnAccess:
+    """A dataclass field that may be given as a device scalar: read to a Python float (one host sync) at
+    its first access, so that a solve whose outcome is known on the host does not wait for it."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj: object, owner: type | None = None) -> float:
+        if obj is None:  # the class's own access: no default value (dataclasses' descriptor protocol)
+            raise AttributeError(self.slot[1:])
+        value = getattr(obj, self.slot)
+        if isinstance(value, Tensor):
+            value = float(value)
+            setattr(obj, self.slot, value)
+        return value
+
+    def __set__(self, obj: object, value: float | Tensor) -> None:
+        setattr(obj, self.slot, value)
+
+
 @dataclass
 class RootReport:
     """How one solve ended.
@@ -37,7 +57,8 @@ class RootReport:
     iterations: steps of the method that produced the result (map evaluations after the first).
     converged: the batch criterion, ||G|| < tolerance (Broyden) or every element's squared step
         below its tolerance (fixed point).
-    residual: ||G||_2 over the batch at the result (fixed point: its last step).
+    residual: ||G||_2 over the batch at the result (fixed point: its last step), a float; a converged
+        Broyden solve reads it from the device only when it is first accessed.
     tolerance: ``eps * sqrt(numel)`` (Broyden) or ``eps`` (fixed point, elementwise).
     sample_residuals: ||G_b||_2 per sample at the result, shape (B,).
     sample_converged: per sample, ||G_b|| < eps * sqrt(numel / B) (Broyden: the batch rule at the
@@ -48,7 +69,7 @@ class RootReport:
     method: str
     iterations: int
     converged: bool
-    residual: float
+    residual: float = _ReadOnAccess()
     tolerance: float
     sample_residuals: Tensor
     sample_converged: Tensor
@@ -134,9 +155,16 @@ def broyden(residual_fn: Callable[[Tensor], Tensor], x0: Tensor, max_steps: int,
         us[:, k] = torch.nan_to_num(u, nan=0.0, posinf=0.0, neginf=0.0)
         vts[:, k] = torch.nan_to_num(vt, nan=0.0, posinf=0.0, neginf=0.0)
         update = -_apply_inverse(us[:, :k + 1], vts[:, :k + 1], gx)
-    residual = float(best_res.norm())
-    report = RootReport("broyden", steps, residual < tolerance or batch == 0, residual, tolerance, best_res,
-                        best_res < sample_tolerance, diverged)
+    # One read per step: the last step's total decides the stop. Below the tolerance it also bounds the
+    # result's residual (each sample's best is at most its last), which is then left on the device.
+    residual = best_res.norm()
+    if diverged or (total >= tolerance and batch > 0):
+        residual = float(residual)
+        converged = residual < tolerance
+    else:
+        converged = True
+    report = RootReport("broyden", steps, converged, residual, tolerance, best_res, best_res < sample_tolerance,
+                        diverged)
     return best.view(shape), report
 
 
@@ -163,13 +191,16 @@ def fixed_point(map_fn: Callable[[Tensor], Tensor], x0: Tensor, max_steps: int, 
     steps = 0
     while True:
         ratio = ((x - x_prev) ** 2 / tol).reshape(batch, -1)
-        done, finite = bool(torch.all(ratio < 1)), bool(torch.isfinite(ratio).all())
+        # One read per step: the ratios are >= 0 or NaN, and the largest (NaN if any is) says both whether
+        # every one is below 1 and whether all are finite.
+        worst = float(ratio.max()) if ratio.numel() else 0.0
+        done, finite = worst < 1, math.isfinite(worst)
         if done or steps >= max_steps or not finite:
             break
         x_prev, x = x, map_fn(x)
         steps += 1
     step_norms = (x - x_prev).reshape(batch, -1).norm(dim=1)
-    report = RootReport("fixed_point", steps, done, float(step_norms.norm()), eps, step_norms, (ratio < 1).all(1),
+    report = RootReport("fixed_point", steps, done, step_norms.norm(), eps, step_norms, (ratio < 1).all(1),
                         not finite)
     return x, report
 

@@ -101,6 +101,20 @@ def test_fixed_point_stops_on_non_finite_steps():
     assert torch.isnan(x).all()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_fixed_point_stops_on_one_non_finite_element_among_converged_ones(bad):
+    # Every other element is at its fixed point after the first step (ratio 0): one NaN / Inf must still stop
+    # the iteration as non-finite, not as converged.
+    def map_fn(v):
+        out = torch.full_like(v, 2.0)
+        out[1, 2] = bad
+        return out
+
+    x, report = solvers.fixed_point(map_fn, torch.full((3, 4), 2.0, dtype=F64), 1000, 1e-5)
+    assert report.iterations == 0 and report.diverged and not report.converged
+    assert report.sample_converged.tolist() == [True, False, True]
+
+
 @pytest.mark.parametrize("kwargs, match", [(dict(max_steps=-1), "max_steps"), (dict(eps=float("nan")), "eps"),
                                            (dict(eps=-1.0), "eps")])
 def test_solvers_refuse_bad_arguments(kwargs, match):

@@ -1,6 +1,6 @@
 """Host syncs per training and evaluation step, counted with the profiler (deterministic, unlike
 timings): none for iResBlock stacks and ResidualFlow; for ImplicitBlock only inside its root solves,
-whose convergence tests read the device (the log-det path reads nothing)."""
+whose convergence tests read the device once per step (the log-det path reads nothing)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 from resflow_cuda import models
 from resflow_cuda.estimators import HostCopies, series_plan
 from resflow_cuda.nn import ImplicitBlock, InducedNormConv2d, InducedNormLinear, iResBlock, LipSwish
+from resflow_cuda import solvers
 from resflow_cuda.solvers import SOLVE_EVENT
 
 SYNC = "aten::_local_scalar_dense"
@@ -95,6 +96,23 @@ def test_implicit_block_reads_the_device_only_in_its_root_solves():
     chains = _syncs(_train_step([block], torch.randn(32, 2)))
     assert chains, "the solves test convergence on the host"
     assert all(SOLVE_EVENT in chain for chain in chains), [c[:3] for c in chains if SOLVE_EVENT not in c]
+    # One read per Broyden step and one of the start per solve (forward and the backward's adjoint), nothing
+    # else: a converged solve leaves its report's residual on the device until it is read.
+    forward, backward = block.last_forward_report, block.last_backward_report
+    assert forward.converged and backward.converged and forward.method == backward.method == "broyden"
+    assert len(chains) == (forward.iterations + 1) + (backward.iterations + 1) > 2
+    assert forward.residual == forward.sample_residuals.norm().item() < forward.tolerance
+
+
+def test_the_fixed_point_iteration_reads_the_device_once_per_step():
+    def solve():
+        solve.result = solvers.fixed_point(lambda v: 0.5 * v + 1.0, torch.zeros(4, 3, dtype=torch.float64), 1000,
+                                           1e-12)
+    chains = _syncs(solve)
+    report = solve.result[1]
+    assert report.converged and report.iterations > 5
+    assert len(chains) == report.iterations + 1  # the first map's step, then one per further step
+    assert report.residual == report.sample_residuals.norm().item()
 
 
 def test_host_copies_follow_the_parameters_they_copy():
