@@ -34,12 +34,13 @@ class _ReadOnAccess:
     its first access, so that a solve whose outcome is known on the host does not wait for it."""
 
     def __set_name__(self, owner: type, name: str) -> None:
-        self.slot = "_" + name
+        self.name, self.slot = name, "_" + name
 
     def __get__(self, obj: object, owner: type | None = None) -> float:
         if obj is None:  # the class's own access: no default value (dataclasses' descriptor protocol)
-            raise AttributeError(self.slot[1:])
-        value = getattr(obj, self.slot)
+            raise AttributeError(self.name)
+        # a report pickled before the field was read lazily holds it under its own name
+        value = obj.__dict__[self.slot] if self.slot in obj.__dict__ else obj.__dict__[self.name]
         if isinstance(value, Tensor):
             value = float(value)
             setattr(obj, self.slot, value)
@@ -57,8 +58,9 @@ class RootReport:
     iterations: steps of the method that produced the result (map evaluations after the first).
     converged: the batch criterion, ||G|| < tolerance (Broyden) or every element's squared step
         below its tolerance (fixed point).
-    residual: ||G||_2 over the batch at the result (fixed point: its last step), a float; a converged
-        Broyden solve reads it from the device only when it is first accessed.
+    residual: ||G||_2 over the batch at the result (fixed point: its last step's norm), a float, read
+        from the device when it is first accessed (a converged Broyden solve or a fixed-point iteration
+        leaves it there until then).
     tolerance: ``eps * sqrt(numel)`` (Broyden) or ``eps`` (fixed point, elementwise).
     sample_residuals: ||G_b||_2 per sample at the result, shape (B,).
     sample_converged: per sample, ||G_b|| < eps * sqrt(numel / B) (Broyden: the batch rule at the

@@ -314,6 +314,21 @@ def test_non_convergence_warns_and_reports_per_sample():
     assert not report.converged and report.sample_residuals.shape == (3,)
 
 
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+def test_a_non_finite_input_is_refused_before_any_branch_sees_it(direction):
+    # A branch with state that its forward changes in training (a BatchNorm's running statistics): a refused
+    # input must leave it as it was, not filled with NaN.
+    nets = [torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3)).double() for _ in range(2)]
+    b = ImplicitBlock(*nets).train()
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    bad = torch.randn(4, 3, dtype=F64)
+    bad[2, 1] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        getattr(b, direction)(bad)
+    changed = [k for k, v in b.state_dict().items() if not torch.equal(before[k], v)]
+    assert changed == []
+
+
 def test_bad_input_is_refused():
     with pytest.raises(TypeError, match="nnet_z"):
         ImplicitBlock(mlp(2), "not a module")

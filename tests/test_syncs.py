@@ -96,11 +96,12 @@ def test_implicit_block_reads_the_device_only_in_its_root_solves():
     chains = _syncs(_train_step([block], torch.randn(32, 2)))
     assert chains, "the solves test convergence on the host"
     assert all(SOLVE_EVENT in chain for chain in chains), [c[:3] for c in chains if SOLVE_EVENT not in c]
-    # One read per Broyden step and one of the start per solve (forward and the backward's adjoint), nothing
-    # else: a converged solve leaves its report's residual on the device until it is read.
+    # One read per Broyden step and one of the start per solve (forward and the backward's adjoint), and the
+    # forward's NaN / Inf check of its input; nothing else: a converged solve leaves its report's residual on
+    # the device until it is read.
     forward, backward = block.last_forward_report, block.last_backward_report
     assert forward.converged and backward.converged and forward.method == backward.method == "broyden"
-    assert len(chains) == (forward.iterations + 1) + (backward.iterations + 1) > 2
+    assert len(chains) == 1 + (forward.iterations + 1) + (backward.iterations + 1) > 3
     assert forward.residual == forward.sample_residuals.norm().item() < forward.tolerance
 
 

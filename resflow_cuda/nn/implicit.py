@@ -149,6 +149,13 @@ class ImplicitBlock(nn.Module):
         check_block_input(f"ImplicitBlock.{direction}", "x" if direction == "forward" else "z", given, net_given)
         if given.shape[0] == 0:  # an empty batch: an empty result; nothing to solve, no branch run
             return given.clone()
+        # The solve's own read, before any branch runs on the input: a NaN / Inf cannot be solved, and a
+        # branch's state (a BatchNorm's running statistics, a layer's lazily set buffers) must not see it.
+        with torch.profiler.record_function(SOLVE_EVENT):
+            finite = bool(torch.isfinite(given.detach()).all())
+        if not finite:
+            raise ValueError(f"ImplicitBlock.{direction}: the input contains NaN or Inf; the root finder cannot "
+                             f"converge")
         # The solve in the input's dtype also under autocast: in 16 bits g's rounding (2^-9 |g| for
         # bfloat16) lies above the solver's tolerances (docs/parity.md#mixed-precision).
         with torch.no_grad(), autocast_disabled(given):
@@ -156,14 +163,6 @@ class ImplicitBlock(nn.Module):
             target = given + g_given
             root, report = find_root(lambda s: target - net_sought(s), given, self.threshold, eps,
                                      self.fallback_steps)
-        # A NaN / Inf in the input makes the target, hence the solver's first residual, non-finite: it shows
-        # as an unconverged solve, and only then is the input read (no read of its own in a converged solve).
-        if not report.converged:
-            with torch.profiler.record_function(SOLVE_EVENT):
-                finite = bool(torch.isfinite(given.detach()).all())
-            if not finite:
-                raise ValueError(f"ImplicitBlock.{direction}: the input contains NaN or Inf; the root finder "
-                                 f"cannot converge")
         self._report(direction, report)
         if not torch.is_grad_enabled():
             return (g_given - net_sought(root)) + given
