@@ -88,18 +88,21 @@ def _check(name: str, x0: Tensor, max_steps: int, eps: float) -> None:
         raise ValueError(f"{name}: expected eps to be a finite number >= 0, but got {eps!r}")
 
 
+def _low_rank(us: Tensor, vts: Tensor, x: Tensor) -> Tensor:
+    """U V^T x per sample; ``us`` and ``vts`` hold the columns of U and rows of V^T as (B, k, d), k >= 1."""
+    return torch.bmm(us.transpose(1, 2), torch.bmm(vts, x.unsqueeze(2))).squeeze(2)
+
+
 def _apply_inverse(us: Tensor, vts: Tensor, x: Tensor) -> Tensor:
-    """(-I + U V^T) x per sample; ``us`` and ``vts`` hold the columns of U and rows of V^T as (B, k, d)."""
+    """(-I + U V^T) x per sample, one op besides the products (U V^T x - x, which rounds as -x + U V^T x)."""
     if us.shape[1] == 0:
         return -x
-    return -x + torch.bmm(us.transpose(1, 2), torch.bmm(vts, x.unsqueeze(2))).squeeze(2)
+    return torch.sub(_low_rank(us, vts, x), x)
 
 
 def _apply_inverse_transposed(us: Tensor, vts: Tensor, x: Tensor) -> Tensor:
     """x^T (-I + U V^T) per sample, as a (B, d) tensor."""
-    if us.shape[1] == 0:
-        return -x
-    return -x + torch.bmm(vts.transpose(1, 2), torch.bmm(us, x.unsqueeze(2))).squeeze(2)
+    return _apply_inverse(vts, us, x)
 
 
 def broyden(residual_fn: Callable[[Tensor], Tensor], x0: Tensor, max_steps: int, eps: float) -> tuple[Tensor, RootReport]:
@@ -154,9 +157,9 @@ def broyden(residual_fn: Callable[[Tensor], Tensor], x0: Tensor, max_steps: int,
         k = steps - 1
         vt = _apply_inverse_transposed(us[:, :k], vts[:, :k], dx)
         u = (dx - _apply_inverse(us[:, :k], vts[:, :k], dg)) / (vt * dg).sum(1, keepdim=True)
-        us[:, k] = torch.nan_to_num(u, nan=0.0, posinf=0.0, neginf=0.0)
-        vts[:, k] = torch.nan_to_num(vt, nan=0.0, posinf=0.0, neginf=0.0)
-        update = -_apply_inverse(us[:, :k + 1], vts[:, :k + 1], gx)
+        torch.nan_to_num(u, nan=0.0, posinf=0.0, neginf=0.0, out=us[:, k])
+        torch.nan_to_num(vt, nan=0.0, posinf=0.0, neginf=0.0, out=vts[:, k])
+        update = torch.sub(gx, _low_rank(us[:, :k + 1], vts[:, :k + 1], gx))  # -(-I + U V^T) gx, exactly
     # One read per step: the last step's total decides the stop. Below the tolerance it also bounds the
     # result's residual (each sample's best is at most its last), which is then left on the device.
     residual = best_res.norm()
