@@ -37,6 +37,9 @@ constexpr const char* kKernelSchemas[] = {
     // (in place) first (the last elementwise product of a vector-Jacobian chain).
     "logdet_series_accumulate_(Tensor(c!) w, Tensor eps, Tensor(a!) logdet, Tensor(b!)? neumann, "
     "float logdet_coeff, float neumann_coeff, Tensor? scale=None) -> ()",
+    // The batch moments of a block's log-det estimate (csrc/include/resflow/moments_math.h): mean(x) and
+    // mean(x²) over every element of x, into one-element buffers, in place (the training statistics).
+    "moments_(Tensor x, Tensor(a!) mean, Tensor(b!) mean_square) -> ()",
     // The fused dense block's kernels (csrc/include/resflow/dense_jacobian_math.h): a LipSwish step of a
     // forward-mode Jacobian stack (returns h, a and, with keep, the rows the Neumann backward holds: a's first
     // two blocks and z's second, written apart) and its backward on the primal and eps-tangent rows
@@ -91,7 +94,7 @@ TORCH_LIBRARY(resflow_cuda, m) {
 }
 
 namespace {
-// Ops without a derivative (logdet_series_accumulate_, the fused dense block's): a tensor argument that requires
+// Ops without a derivative (logdet_series_accumulate_, moments_, the fused dense block's): a tensor argument that requires
 // grad under grad mode is refused, instead of the graph being dropped silently.
 void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   if (at::GradMode::is_enabled()) {
@@ -110,6 +113,7 @@ void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch:
 
 TORCH_LIBRARY_IMPL(resflow_cuda, Autograd, m) {
   m.impl("logdet_series_accumulate_", torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
+  m.impl("moments_", torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
   // The fused dense block's ops: the block computes their gradients itself; refused here in C++, so that
   // the block's calls (under no_grad) pay no Python autograd wrapper.
   for (const char* name : {"lipschitz_normalize_", "lipschitz_normalize_backward", "jacobian_lipswish",

@@ -182,19 +182,14 @@ def roulette_plan(samples: np.ndarray, offset: int, survival) -> SeriesPlan:
 def record_statistics(samples: Tensor, firmom: Tensor, secmom: Tensor, plan: SeriesPlan, value: Tensor) -> None:
     """The reference's training statistics of a block, written into its buffers: the roulette's draws
     (``last_n_samples``) and the mean of the log-det value and of its square over the batch
-    (``last_firmom``, ``last_secmom``), as ``torch.mean`` computes them. Where a buffer has the value's
-    dtype and device the mean is written into it directly, without a temporary and a copy."""
+    (``last_firmom``, ``last_secmom``), both means from one pass of ``ops.moments_`` (the squares
+    rounded to the value's dtype, as ``value ** 2``; the sums in float64)."""
     drawn = plan.samples.tolist()
     if len(drawn) == 1:
         samples.fill_(drawn[0])
     else:
         samples.copy_(torch.as_tensor(drawn))  # copy_ converts to the buffer's dtype and device
-    detached = value.detach().reshape(-1)
-    for buffer, data in ((firmom, detached), (secmom, detached ** 2)):
-        if buffer.shape == (1,) and buffer.dtype == data.dtype and buffer.device == data.device:
-            torch.mean(data, 0, keepdim=True, out=buffer)
-        else:
-            buffer.copy_(torch.mean(data))
+    ops.moments_(value.detach(), firmom, secmom)
 
 
 def truncated_plan(n_terms: int) -> SeriesPlan:

@@ -357,6 +357,14 @@ def logdet_series_accumulate_(w: Tensor, eps: Tensor, logdet: Tensor, neumann: T
         neumann.copy_(neumann.to(acc) + neumann_coeff * wide)
 
 
+def moments_(x: Tensor, mean: Tensor, mean_square: Tensor) -> None:
+    """The reference's statistics ``mean(value)`` and ``mean(value ** 2)``: each square rounded to x's
+    dtype, the means taken in float64 over every element, rounded to x's dtype, stored in the buffers."""
+    flat = x.reshape(-1)
+    mean.fill_(flat.double().mean().to(x.dtype).item())
+    mean_square.fill_((flat ** 2).double().mean().to(x.dtype).item())
+
+
 # ---------------------------------------------------------------------------------------------
 # The fused dense block (resflow_cuda.dense_block): its kernels and composite ops, by autograd
 # ---------------------------------------------------------------------------------------------

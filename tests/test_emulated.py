@@ -434,6 +434,45 @@ def _run_logdet_series(emu):
     emu.logdet_series_accumulate_(w, torch.randn(3, 8), torch.zeros(3), torch.zeros(3, 8), 1.0, 1.0, 2)
 
 
+# The moments kernel (one block of 256 threads) against the CPU op: fewer elements than threads, one
+# pass, several passes with a ragged tail, non-contiguous x (made contiguous by the binding), and none.
+MOMENT_SIZES = [("one", (1,)), ("under-a-block", (37,)), ("passes", (3, 1001)), ("strided", (40, 9)), ("empty", (0,))]
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64], ids=["f32-buffers", "f64-buffers"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=[_SHORT[d] for d in DTYPES])
+@pytest.mark.parametrize("name,shape", MOMENT_SIZES, ids=[c[0] for c in MOMENT_SIZES])
+def test_moments_kernel_matches_the_cpu_op(emu, name, shape, dtype, out_dtype):
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(40), dtype=torch.float64) * 3 + 1).to(dtype)
+    if name == "strided":
+        x = x.t()
+    outs = []
+    for run in (cpu_ops.moments_, emu.moments_):
+        mean, square = torch.zeros(1, dtype=out_dtype), torch.zeros(1, dtype=out_dtype)
+        run(x, mean, square)
+        outs.append(torch.cat([mean, square]))
+    # Both sum in float64, in another order (per thread, then a tree; against the CPU's one run): apart by at
+    # most ~n 2^-53 sum|x| / |sum x| (n <= 3003, sum|x| / |sum x| ~ 3 here: 1e-12 relative), far below the
+    # rounding to x's dtype that follows, which then gives the same value or, next to a rounding boundary,
+    # its neighbour: one ulp of x's dtype (float64 x: the 1e-12 itself).
+    rtol = 1e-12 if dtype == torch.float64 else torch.finfo(dtype).eps
+    tol = dict(atol=0.0, rtol=rtol)
+    assert_close(outs[1], outs[0], equal_nan=True, **tol)
+    assert outs[0].isnan().all() == (x.numel() == 0)
+
+
+def test_moments_emulated_refuses_what_the_op_refuses(emu):
+    x = torch.randn(6)
+    with pytest.raises(RuntimeError, match="expected mean to have one element"):
+        emu.moments_(x, torch.zeros(2), torch.zeros(1))
+    with pytest.raises(RuntimeError, match="expected mean not to share memory with x"):
+        emu.moments_(x, x[:1], torch.zeros(1))
+
+
+def _run_moments(emu):
+    emu.moments_(torch.randn(300), torch.zeros(1), torch.zeros(1))
+
+
 # ----------------------------------------------------------------------------------------------
 # The fused dense block's kernels (csrc/cuda/dense_jacobian_kernels.cuh) against the CPU ops
 # ----------------------------------------------------------------------------------------------
@@ -562,6 +601,7 @@ REGISTRY = {
     "lipswish_double_backward_kernel": _run_lipswish_double_backward,
     "finish_sum_kernel": _run_lipswish_backward,
     "logdet_series_kernel": _run_logdet_series,
+    "moments_kernel": _run_moments,
     "jacobian_lipswish_kernel": _run_jacobian_lipswish,
     "jacobian_lipswish_backward_kernel": _run_jacobian_lipswish_backward,
     "jacobian_series_kernel": _run_jacobian_series,

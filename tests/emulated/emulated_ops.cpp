@@ -18,6 +18,7 @@
 #include "cuda/dense_jacobian_binding.h"
 #include "cuda/lipswish_binding.h"
 #include "cuda/logdet_series_binding.h"
+#include "cuda/moments_binding.h"
 #include "cuda/power_iteration_binding.h"
 #include "probe_kernels.cuh"
 
@@ -118,6 +119,10 @@ void logdet_series_accumulate_(const at::Tensor& w, const at::Tensor& eps, const
                                const std::optional<at::Tensor>& neumann, double logdet_coeff, double neumann_coeff,
                                int64_t sms, const std::optional<at::Tensor>& scale) {
   cu::logdet_series_accumulate_on(backend(sms), w, eps, logdet, neumann, logdet_coeff, neumann_coeff, scale);
+}
+
+void moments_(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& mean_square) {
+  cu::moments_on(backend(1), x, mean, mean_square);
 }
 
 // The fused dense block's kernels.
@@ -327,6 +332,7 @@ TORCH_LIBRARY(resflow_emulated, m) {
   m.def("series_plan(int rows, int cols, int sm_count, bool aligned, int element_size) -> int[]", &series_plan);
   m.def("logdet_series_accumulate_(Tensor(c!) w, Tensor eps, Tensor(a!) logdet, Tensor(b!)? neumann, "
         "float logdet_coeff, float neumann_coeff, int sm_count, Tensor? scale=None) -> ()");
+  m.def("moments_(Tensor x, Tensor(a!) mean, Tensor(b!) mean_square) -> ()");
   m.def("jacobian_lipswish(Tensor z, Tensor? bias, Tensor beta, int batch, bool keep, int sm_count) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("jacobian_lipswish_backward(Tensor grad, Tensor h, Tensor tangent, Tensor beta, int sm_count) "
@@ -368,6 +374,7 @@ TORCH_LIBRARY_IMPL(resflow_emulated, CPU, m) {
   m.impl("conv_power_iteration", &conv_power_iteration);
   m.impl("power_iteration_update_", &power_iteration_update_);
   m.impl("logdet_series_accumulate_", &logdet_series_accumulate_);
+  m.impl("moments_", &moments_);
   m.impl("jacobian_lipswish", &jacobian_lipswish);
   m.impl("jacobian_lipswish_backward", &jacobian_lipswish_backward);
   m.impl("jacobian_series", &jacobian_series);

@@ -1,0 +1,169 @@
+"""moments_: a block's training statistics (the mean of its log-det estimate and of its square) in one
+op, against the pure-PyTorch reference and against torch.mean, the reference implementation's own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from resflow_cuda import ops, reference
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# one value, a batch, an odd 2-D batch, more than one CPU chunk (2^14 elements) in several chunks
+SHAPES = [(1,), (64,), (7, 3), (40_001,)]
+
+
+def _values(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
+
+
+def _buffers(dtype, device):
+    return torch.zeros(1, dtype=dtype, device=device), torch.zeros(1, dtype=dtype, device=device)
+
+
+def _run(fn, x, out_dtype=torch.float32):
+    mean, square = _buffers(out_dtype, x.device)
+    fn(x, mean, square)
+    return torch.cat([mean, square]).cpu()
+
+
+def _sum_error(x, u):
+    """n u (mean|x|, mean x²): how far two orders of summing x and x² over n terms at unit roundoff u may put
+    the two means apart (the worst case of recursive summation, (n - 1) u sum|term|, over n)."""
+    x = x.detach().double().cpu().reshape(-1)
+    return x.numel() * u * torch.stack([x.abs().mean(), (x ** 2).mean()])
+
+
+def _ulps(dtype, values):
+    """One unit in the last place of ``dtype`` at each of ``values`` (float64 tensors)."""
+    return torch.finfo(dtype).eps * values.abs().double()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64], ids=["f32-buffers", "f64-buffers"])
+def test_matches_reference(shape, dtype, out_dtype, device):
+    x = _values(shape, dtype).to(device)
+    got = _run(ops.moments_, x, out_dtype).double()
+    expected = _run(reference.moments_, x.cpu(), out_dtype).double()
+    # Both sum the same values in float64 (the reference in torch's order): apart by at most ~n 2^-53 mean|term|
+    # (recursive summation's bound; it matters for float64 x, where a mean near 0 cancels), then rounded to x's
+    # dtype, where they agree or, next to a rounding boundary, are neighbours: one ulp of x's dtype.
+    assert ((got - expected).abs() <= _sum_error(x, 2.0**-53) + _ulps(dtype, expected)).all(), (got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
+def test_matches_torch_mean_as_the_reference_block_computes_it(dtype, device):
+    # The reference block: last_firmom = mean(value), last_secmom = mean(value ** 2), in value's dtype. torch.mean
+    # sums in value's dtype (float32 for float16) in its own order; ours in float64: apart by the float sum's
+    # error, at most ~n u sum|x| for n terms (u = 2^-24 float32, 2^-53 float64), plus one ulp of the result.
+    x = _values((1000,), dtype).to(device)
+    got = _run(ops.moments_, x, dtype).double()
+    expected = torch.stack([x.mean(), (x ** 2).mean()]).cpu().double()
+    bound = _sum_error(x, 2.0**-53 if dtype == torch.float64 else 2.0**-24) + _ulps(dtype, expected)
+    assert ((got - expected).abs() <= bound).all(), (got, expected)
+
+
+def test_squares_are_rounded_to_the_values_dtype_as_the_reference_squares():
+    # float16: 300 ** 2 = 90000 overflows to inf in float16, so the reference's mean(value ** 2) is inf; a square
+    # taken in a wider type would give a finite, different number.
+    x = torch.tensor([300.0, 0.0, 0.0, 0.0], dtype=torch.float16)
+    got = _run(ops.moments_, x)
+    assert got[0] == 75.0 and got[1] == float("inf")
+    assert (x ** 2).mean().item() == float("inf")
+
+
+def test_empty_gives_nan_as_torch_mean(device):
+    got = _run(ops.moments_, torch.empty(0, device=device))
+    assert got.isnan().all() and torch.empty(0).mean().isnan()
+
+
+def test_nan_and_inf_propagate(device):
+    x = _values((9,), torch.float32)
+    x[4] = float("nan")
+    assert _run(ops.moments_, x.to(device)).isnan().all()
+    x[4] = float("-inf")
+    got = _run(ops.moments_, x.to(device))
+    assert got[0] == float("-inf") and got[1] == float("inf")
+
+
+def test_layouts(device):
+    x = _values((6, 5), torch.float32).to(device)
+    expected = _run(ops.moments_, x.contiguous())
+    for view in (x.t(), x[:, ::2], x.reshape(-1)[::3]):
+        # the same elements in another order (or a subset, against its own contiguous copy); ours sums in
+        # float64 and rounds once: the same float32 value for every order of so few terms
+        own = _run(ops.moments_, view.contiguous())
+        assert torch.equal(_run(ops.moments_, view), own)
+    assert torch.equal(_run(ops.moments_, x.t()), expected)
+
+
+def test_writes_into_views_of_a_larger_buffer_and_leaves_the_rest(device):
+    x = _values((10,), torch.float32).to(device)
+    buffer = torch.full((4,), 7.0, device=device)
+    ops.moments_(x, buffer[1:2], buffer[3:4])
+    expected = _run(ops.moments_, x)
+    assert torch.equal(buffer.cpu(), torch.tensor([7.0, expected[0], 7.0, expected[1]]))
+
+
+def test_deterministic_across_thread_counts():
+    x = _values((100_003,), torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            results.append(_run(ops.moments_, x))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("args,match", [
+    (lambda x, m, s: (x.long(), m, s), "expected x to have a floating-point dtype"),
+    (lambda x, m, s: (x, m.long(), s), "expected mean to have a floating-point dtype"),
+    (lambda x, m, s: (x, torch.zeros(2), s), r"expected mean to have one element \(a \[1\] buffer\), but got shape "
+                                            r"\[2\]"),
+    (lambda x, m, s: (x, m, torch.zeros(0)), r"expected mean_square to have one element .*but got shape \[0\]"),
+    (lambda x, m, s: (x, m, s.double()), r"expected mean_square to have the dtype of mean \(Float\), but got Double"),
+    (lambda x, m, s: (x, x[:1], s), r"expected mean not to share memory with x \(mean is written in place"),
+    (lambda x, m, s: (x, m, m), r"expected mean_square not to share memory with mean \(both are written"),
+    (lambda x, m, s: (x, m, torch.zeros(()).expand(1)), None),  # a 0-stride one-element view: one element, accepted
+])
+def test_errors_name_the_argument(args, match):
+    x, (mean, square) = _values((5,), torch.float32), _buffers(torch.float32, "cpu")
+    if match is None:
+        ops.moments_(*args(x, mean, square))
+        return
+    with pytest.raises(RuntimeError, match=match):
+        ops.moments_(*args(x, mean, square))
+    assert mean.item() == 0.0 and square.item() == 0.0  # refused before anything is written
+
+
+def test_refuses_tensors_that_require_grad():
+    x = _values((5,), torch.float32).requires_grad_(True)
+    mean, square = _buffers(torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="not differentiable, but its argument x requires grad"):
+        ops.moments_(x, mean, square)
+    with torch.no_grad():
+        ops.moments_(x, mean, square)
+    assert mean.item() == pytest.approx(x.detach().mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("shape,dtype", [((5,), torch.float32), ((3, 4), torch.float64), ((7,), torch.bfloat16)])
+def test_opcheck(shape, dtype):
+    x = _values(shape, dtype)
+    mean, square = _buffers(torch.float32, "cpu")
+    torch.library.opcheck(torch.ops.resflow_cuda.moments_, (x, mean, square))
+
+
+def test_torch_compile():
+    def step(x, mean, square):
+        ops.moments_(x, mean, square)
+        return mean * 2, square + 1
+
+    x = _values((33,), torch.float32)
+    expected = step(x, *_buffers(torch.float32, "cpu"))
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(x, *_buffers(torch.float32, "cpu"))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)  # the same op on the same values
