@@ -138,6 +138,7 @@ class _FusedDenseBlock(torch.autograd.Function):
         ctx.spec, ctx.biases, ctx.betas, ctx.sigmas = spec, biases, betas, sigmas
         ctx.cache = (eps, w_tilde, weights, hs, stacks, activated)
         ctx.save_for_backward(*raw, *us, *vs)
+        ctx.set_materialize_grads(False)  # no zeros made for the estimate's gradient, which is never read
         logdet = logdet.to(eps.dtype)
         if not spec.neumann_coeffs:  # the basic estimator: the value is the estimate
             estimate = logdet.new_empty(0)
@@ -155,6 +156,10 @@ class _FusedDenseBlock(torch.autograd.Function):
         saved = ctx.saved_tensors
         raw, us, vs = list(saved[:k]), list(saved[k:2 * k]), list(saved[2 * k:])
         eps, w_tilde, weights, hs, stacks, activated = ctx.cache
+        if grad_g is None:  # only the log-det reached the loss
+            grad_g = torch.zeros_like(eps)
+        if grad_value is None:  # only g reached the loss
+            grad_value = eps.new_zeros(eps.shape[0])
         if (spec.uniform_upstream and grad_value.numel() > 0
                 and any(p is not None and p.requires_grad for p in (*weights, *ctx.biases, *ctx.betas))):
             require_uniform_upstream(grad_value, grad_value.reshape(-1)[0])

@@ -387,11 +387,16 @@ class MemoryEfficientLogDet(torch.autograd.Function):
         ctx.save_for_backward(grad_x, *params)
         estimate = estimate.detach()
         ctx.mark_non_differentiable(estimate)  # an output: the report of the estimate carries no gradient
+        ctx.set_materialize_grads(False)  # no zeros made for the estimate's gradient, which is never read
         return g.detach(), value.detach(), estimate
 
     @staticmethod
     def backward(ctx, grad_g, grad_value, _grad_estimate):
         grad_x, *params = ctx.saved_tensors
+        if grad_g is None:  # only the log-det reached the loss
+            grad_g = torch.zeros_like(ctx.g)
+        if grad_value is None:  # only g reached the loss
+            grad_value = grad_x.new_zeros(grad_x.shape[0])
         trainable = [p for p in params if p.requires_grad]
         with torch.enable_grad():
             grads = iter(torch.autograd.grad(ctx.g, [ctx.x, *trainable], grad_g, allow_unused=True))

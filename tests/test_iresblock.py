@@ -116,6 +116,28 @@ def test_matches_normflows_on_a_cnn(kwargs, device):
     _assert_same(_step(ref, x, 5), _step(ours, x, 5))
 
 
+def _one_output_step(block, x, seed, output):
+    """The gradients of a loss of one output only (the other gets no gradient at all, not zeros)."""
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    x = x.clone().requires_grad_(True)
+    y, logp = block(x, torch.zeros(x.shape[0], 1, dtype=x.dtype))
+    loss = y.square().sum() if output == "y" else (logp * 2).sum()
+    params = [p for p in block.parameters() if p.requires_grad]
+    return y.detach(), logp.detach(), torch.autograd.grad(loss, [x, *params], allow_unused=True)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("output", ["y", "logp"])
+@pytest.mark.parametrize("net", ["mlp", "cnn"])  # the fused dense block's and the linearized path's Function
+def test_a_loss_of_one_output_matches_normflows(net, output):
+    ref, ours = _pair(_mlp([3, 8, 3]) if net == "mlp" else _cnn([2, 8, 8, 2]), n_dist="poisson", neumann_grad=True,
+                      grad_in_forward=True)
+    x = torch.randn(*((6, 3) if net == "mlp" else (3, 2, 5, 5)), dtype=torch.float64)
+    with _float64_default():
+        _assert_same(_one_output_step(ref, x, 2, output), _one_output_step(ours, x, 2, output))
+
+
 @pytest.mark.parity
 @pytest.mark.parametrize("kwargs,dim", [
     (dict(brute_force=True), 2), (dict(exact_trace=True), 2), (dict(exact_trace=True), 3),
