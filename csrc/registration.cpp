@@ -40,6 +40,9 @@ constexpr const char* kKernelSchemas[] = {
     // The batch moments of a block's log-det estimate (csrc/include/resflow/moments_math.h): mean(x) and
     // mean(x²) over every element of x, into one-element buffers, in place (the training statistics).
     "moments_(Tensor x, Tensor(a!) mean, Tensor(b!) mean_square) -> ()",
+    // a[i] + b[i]·scale for every pair in one call (csrc/include/resflow/add_scaled_math.h): a backward-in-forward
+    // block's parameter gradients, g's share plus the log-det's times the upstream gradient.
+    "foreach_add_scaled(Tensor[] a, Tensor[] b, Tensor scale) -> Tensor[]",
     // The fused dense block's kernels (csrc/include/resflow/dense_jacobian_math.h): a LipSwish step of a
     // forward-mode Jacobian stack (returns h, a and, with keep, the rows the Neumann backward holds: a's first
     // two blocks and z's second, written apart) and its backward on the primal and eps-tangent rows
@@ -94,17 +97,23 @@ TORCH_LIBRARY(resflow_cuda, m) {
 }
 
 namespace {
-// Ops without a derivative (logdet_series_accumulate_, moments_, the fused dense block's): a tensor argument that requires
-// grad under grad mode is refused, instead of the graph being dropped silently.
+// Ops without a derivative (logdet_series_accumulate_, moments_, foreach_add_scaled, the fused dense block's): a
+// tensor argument (or a tensor in a list argument) that requires grad under grad mode is refused, instead of the
+// graph being dropped silently.
 void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   if (at::GradMode::is_enabled()) {
     const auto& args = op.schema().arguments();
     const auto first = stack->size() - args.size();
     for (size_t i = 0; i < args.size(); ++i) {
       const c10::IValue& value = (*stack)[first + i];
-      TORCH_CHECK(!(value.isTensor() && value.toTensor().requires_grad()), op.schema().name(), " is not "
-                  "differentiable, but its argument ", args[i].name(), " requires grad; call it under "
-                  "torch.no_grad() (the log-det estimators do)");
+      bool requires_grad = value.isTensor() && value.toTensor().requires_grad();
+      if (value.isTensorList()) {
+        for (const at::Tensor& t : value.toTensorList().vec()) {
+          requires_grad = requires_grad || (t.defined() && t.requires_grad());
+        }
+      }
+      TORCH_CHECK(!requires_grad, op.schema().name(), " is not differentiable, but its argument ", args[i].name(),
+                  " requires grad; call it under torch.no_grad() (the log-det estimators do)");
     }
   }
   op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
@@ -114,6 +123,7 @@ void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch:
 TORCH_LIBRARY_IMPL(resflow_cuda, Autograd, m) {
   m.impl("logdet_series_accumulate_", torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
   m.impl("moments_", torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
+  m.impl("foreach_add_scaled", torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
   // The fused dense block's ops: the block computes their gradients itself; refused here in C++, so that
   // the block's calls (under no_grad) pay no Python autograd wrapper.
   for (const char* name : {"lipschitz_normalize_", "lipschitz_normalize_backward", "jacobian_lipswish",

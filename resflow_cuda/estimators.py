@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import ops
+from . import ops, step_ops
 
 __all__ = [
     "SeriesPlan", "AutogradVJP", "JacobianVJP", "geometric_survival", "poisson_survival", "draw_terms", "roulette_plan",
@@ -182,14 +182,14 @@ def roulette_plan(samples: np.ndarray, offset: int, survival) -> SeriesPlan:
 def record_statistics(samples: Tensor, firmom: Tensor, secmom: Tensor, plan: SeriesPlan, value: Tensor) -> None:
     """The reference's training statistics of a block, written into its buffers: the roulette's draws
     (``last_n_samples``) and the mean of the log-det value and of its square over the batch
-    (``last_firmom``, ``last_secmom``), both means from one pass of ``ops.moments_`` (the squares
+    (``last_firmom``, ``last_secmom``), both means from one pass of ``step_ops.moments_`` (the squares
     rounded to the value's dtype, as ``value ** 2``; the sums in float64)."""
     drawn = plan.samples.tolist()
     if len(drawn) == 1:
         samples.fill_(drawn[0])
     else:
         samples.copy_(torch.as_tensor(drawn))  # copy_ converts to the buffer's dtype and device
-    ops.moments_(value.detach(), firmom, secmom)
+    step_ops.moments_(value.detach(), firmom, secmom)
 
 
 def truncated_plan(n_terms: int) -> SeriesPlan:
@@ -408,9 +408,22 @@ class MemoryEfficientLogDet(torch.autograd.Function):
         if any(gp is not None for gp in param_grads) and grad_value.numel() > 0:
             first = grad_value.reshape(-1)[0]
             require_uniform_upstream(grad_value, first)
-        out_params = [_add_scaled(dp, gp, first) for gp, dp in zip(param_grads, dg[1:])]
+        out_params = _add_all_scaled(dg[1:], param_grads, first)
         ctx.g = ctx.x = ctx.param_grads = None
         return (None, out_x, *out_params)
+
+
+def _add_all_scaled(dps: list, gps: list, first: Tensor | None) -> list:
+    """dp + gp * first for every parameter: the pairs of first's dtype in one op (``foreach_add_scaled``), any
+    other by :func:`_add_scaled`."""
+    fused = [i for i, (dp, gp) in enumerate(zip(dps, gps)) if first is not None and dp is not None and gp is not None
+             and dp.dtype == gp.dtype == first.dtype and dp.shape == gp.shape]
+    out = [None if i in fused else _add_scaled(dp, gp, first) for i, (dp, gp) in enumerate(zip(dps, gps))]
+    if fused:
+        sums = step_ops.foreach_add_scaled([dps[i] for i in fused], [gps[i] for i in fused], first)
+        for i, total in zip(fused, sums):
+            out[i] = total
+    return out
 
 
 def _add_scaled(dp: Tensor | None, gp: Tensor | None, first: Tensor | None) -> Tensor | None:

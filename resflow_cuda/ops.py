@@ -420,30 +420,6 @@ def _logdet_series_accumulate_fake(w, eps, logdet, neumann, logdet_coeff, neuman
         _check_matches(_SERIES, "scale", scale, "w", w)
 
 
-def moments_(x: Tensor, mean: Tensor, mean_square: Tensor) -> None:
-    """``mean[0] = x.mean()`` and ``mean_square[0] = (x ** 2).mean()`` over every element of x, in one
-    pass (one kernel): a block's training statistics of its log-det estimate.
-
-    Shapes: x any shape, float dtype; mean, mean_square one element each, of one float dtype, on x's
-    device. Each square is rounded to x's dtype (as ``x ** 2``); the sums are taken in float64 in a
-    fixed order (independent of the thread count) and each mean is rounded to x's dtype, then stored
-    in the buffers' dtype. An empty x gives NaN, as ``torch.mean``. Not differentiable.
-    """
-    _OPS.moments_(x, mean, mean_square)
-
-
-_MOMENTS = "resflow_cuda.moments_"
-
-
-@torch.library.register_fake("resflow_cuda::moments_")
-def _moments_fake(x, mean, mean_square):
-    for name, t in (("x", x), ("mean", mean), ("mean_square", mean_square)):
-        _check_float(_MOMENTS, name, t)
-    for name, t in (("mean", mean), ("mean_square", mean_square)):
-        torch._check(t.numel() == 1, lambda: f"{_MOMENTS}: expected {name} to have one element, but got shape "
-                     f"{list(t.shape)}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Autocast (docs/parity.md#mixed-precision): the ops that run ATen matrix products inside (the power
 # iterations, the linearized log-det ops) are opaque to torch.autocast: they run in their inputs'

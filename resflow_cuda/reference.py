@@ -365,6 +365,11 @@ def moments_(x: Tensor, mean: Tensor, mean_square: Tensor) -> None:
     mean_square.fill_((flat ** 2).double().mean().to(x.dtype).item())
 
 
+def foreach_add_scaled(a: list[Tensor], b: list[Tensor], scale: Tensor) -> list[Tensor]:
+    """a[i] + b[i] * scale per pair, as the reference's autograd sums a parameter's two gradient shares."""
+    return [ai + bi * scale.reshape(()) for ai, bi in zip(a, b)]
+
+
 # ---------------------------------------------------------------------------------------------
 # The fused dense block (resflow_cuda.dense_block): its kernels and composite ops, by autograd
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 from torch.testing import assert_close
 
 import resflow_cuda
-from resflow_cuda import dense_ops
+from resflow_cuda import dense_ops, step_ops
 from resflow_cuda import ops as cpu_ops
 
 import emulation
@@ -447,7 +447,7 @@ def test_moments_kernel_matches_the_cpu_op(emu, name, shape, dtype, out_dtype):
     if name == "strided":
         x = x.t()
     outs = []
-    for run in (cpu_ops.moments_, emu.moments_):
+    for run in (step_ops.moments_, emu.moments_):
         mean, square = torch.zeros(1, dtype=out_dtype), torch.zeros(1, dtype=out_dtype)
         run(x, mean, square)
         outs.append(torch.cat([mean, square]))
@@ -467,6 +467,34 @@ def test_moments_emulated_refuses_what_the_op_refuses(emu):
         emu.moments_(x, torch.zeros(2), torch.zeros(1))
     with pytest.raises(RuntimeError, match="expected mean not to share memory with x"):
         emu.moments_(x, x[:1], torch.zeros(1))
+
+
+# foreach_add_scaled's kernel (a block of blocks per pair, up to 24 pairs per launch) against the CPU op:
+# (name, pair sizes, SMs): grid-stride over a pair longer than the grid, 30 pairs (two launches) with empty
+# ones among them, a pair of one element.
+ADD_SCALED_CONFIGS = [("grid-stride", [5000, 3, 1], 1), ("two-launches", [k % 9 for k in range(30)], 2),
+                      ("one", [1], 4)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=[_SHORT[d] for d in DTYPES])
+@pytest.mark.parametrize("name,sizes,sms", ADD_SCALED_CONFIGS, ids=[c[0] for c in ADD_SCALED_CONFIGS])
+def test_add_scaled_kernel_matches_the_cpu_op(emu, name, sizes, sms, dtype):
+    a = [_inputs(n, 0, dtype, 50 + i) for i, n in enumerate(sizes)]
+    b = [_inputs(n, 0, dtype, 90 + i) for i, n in enumerate(sizes)]
+    scale = torch.tensor([0.625], dtype=torch.float64).to(dtype)
+    expected = step_ops.foreach_add_scaled(a, b, scale)
+    got = emu.foreach_add_scaled(a, b, scale, sms)
+    assert [t.shape for t in got] == [t.shape for t in expected]
+    for g, e, bi in zip(got, expected, b):
+        # One multiply-add in the compute type each, fused into one rounding or not (a compiler may contract it):
+        # apart by at most one rounding of the product, then (half types) one of the result to the half type: one
+        # ulp of |b s| plus one of |out|.
+        bound = torch.finfo(dtype).eps * ((bi.double() * 0.625).abs() + e.double().abs())
+        assert ((g.double() - e.double()).abs() <= bound).all()
+
+
+def _run_add_scaled(emu):
+    emu.foreach_add_scaled([torch.randn(300)], [torch.randn(300)], torch.tensor([0.5]), 2)
 
 
 def _run_moments(emu):
@@ -602,6 +630,7 @@ REGISTRY = {
     "finish_sum_kernel": _run_lipswish_backward,
     "logdet_series_kernel": _run_logdet_series,
     "moments_kernel": _run_moments,
+    "add_scaled_kernel": _run_add_scaled,
     "jacobian_lipswish_kernel": _run_jacobian_lipswish,
     "jacobian_lipswish_backward_kernel": _run_jacobian_lipswish_backward,
     "jacobian_series_kernel": _run_jacobian_series,

@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "cuda/add_scaled_binding.h"
 #include "cuda/dense_jacobian_binding.h"
 #include "cuda/lipswish_binding.h"
 #include "cuda/logdet_series_binding.h"
@@ -123,6 +124,11 @@ void logdet_series_accumulate_(const at::Tensor& w, const at::Tensor& eps, const
 
 void moments_(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& mean_square) {
   cu::moments_on(backend(1), x, mean, mean_square);
+}
+
+std::vector<at::Tensor> foreach_add_scaled(at::TensorList a, at::TensorList b, const at::Tensor& scale,
+                                           int64_t sms) {
+  return cu::foreach_add_scaled_on(backend(sms), a, b, scale);
 }
 
 // The fused dense block's kernels.
@@ -333,6 +339,7 @@ TORCH_LIBRARY(resflow_emulated, m) {
   m.def("logdet_series_accumulate_(Tensor(c!) w, Tensor eps, Tensor(a!) logdet, Tensor(b!)? neumann, "
         "float logdet_coeff, float neumann_coeff, int sm_count, Tensor? scale=None) -> ()");
   m.def("moments_(Tensor x, Tensor(a!) mean, Tensor(b!) mean_square) -> ()");
+  m.def("foreach_add_scaled(Tensor[] a, Tensor[] b, Tensor scale, int sm_count) -> Tensor[]");
   m.def("jacobian_lipswish(Tensor z, Tensor? bias, Tensor beta, int batch, bool keep, int sm_count) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("jacobian_lipswish_backward(Tensor grad, Tensor h, Tensor tangent, Tensor beta, int sm_count) "
@@ -375,6 +382,7 @@ TORCH_LIBRARY_IMPL(resflow_emulated, CPU, m) {
   m.impl("power_iteration_update_", &power_iteration_update_);
   m.impl("logdet_series_accumulate_", &logdet_series_accumulate_);
   m.impl("moments_", &moments_);
+  m.impl("foreach_add_scaled", &foreach_add_scaled);
   m.impl("jacobian_lipswish", &jacobian_lipswish);
   m.impl("jacobian_lipswish_backward", &jacobian_lipswish_backward);
   m.impl("jacobian_series", &jacobian_series);
