@@ -61,6 +61,25 @@ def test_actnorm_logdet_is_the_weight_sum_per_position_and_load_resets_the_cache
         layer(torch.randn(2, 3, dtype=torch.float64).to(device))
 
 
+@pytest.mark.parametrize("shape", [(5, 4), (5, 4, 3, 2)], ids=["1d", "2d"])
+def test_actnorm_log_density_takes_a_tensor_or_a_float(shape):
+    layer = (flows.ActNorm1d if len(shape) == 2 else flows.ActNorm2d)(4).double()
+    x = torch.randn(shape, dtype=torch.float64) * 3
+    layer(x)  # data initialisation
+    logpx = torch.randn(shape[0], 1, dtype=torch.float64)
+    # the reference's log-det: the weight expanded over every position and summed per sample
+    view = (1, -1) + (1,) * (len(shape) - 2)
+    logdet = layer.weight.detach().view(view).expand(shape).reshape(shape[0], -1).sum(1, keepdim=True)
+    y, logp = layer(x, logpx)
+    _, logp_float = layer(x, 0.5)
+    # float64 sums of 4 or 24 equal-magnitude terms in another order (and sum * positions): ~1e-15 relative
+    torch.testing.assert_close(logp, logpx - logdet, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logp_float, 0.5 - logdet, rtol=1e-12, atol=1e-12)
+    x_back, logpx_back = layer.inverse(y, logp)
+    torch.testing.assert_close(logpx_back, logpx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x_back, x, rtol=1e-12, atol=1e-12)
+
+
 def test_squeeze_is_the_reference_reshape_permute_and_pixel_shuffle_inverts_it(device):
     x = torch.randn(2, 3, 4, 6, dtype=torch.float64).to(device)
     layer = flows.SqueezeLayer(2)

@@ -21,11 +21,14 @@ from torch import Tensor, nn
 from ..ops import autocast_disabled
 
 
-def _with_logp(y: Tensor, logp: Tensor | None, delta: Tensor | None):
-    """y, or (y, logp + delta) when logp is given (delta None: no change)."""
+def _with_logp(y: Tensor, logp: Tensor | None, delta: Tensor | None, subtract: bool = False):
+    """y, or (y, logp + delta) when logp is given (logp - delta with ``subtract``: one op, where a negated
+    delta would be two; delta None: no change)."""
     if logp is None:
         return y
-    return y, logp if delta is None else logp + delta
+    if delta is None:
+        return y, logp
+    return y, logp - delta if subtract else logp + delta
 
 
 class ActNormNd(nn.Module):
@@ -76,7 +79,7 @@ class ActNormNd(nn.Module):
                 self.initialized.fill_(1)
             self._known_initialized = True
         y = (x + self.bias.view(self._view)) * torch.exp(self.weight.view(self._view))
-        return _with_logp(y, logpx, None if logpx is None else -self._logdet(x))
+        return y if logpx is None else (y, self._add_logdet(logpx, x, -1))
 
     def inverse(self, y: Tensor, logpy: Tensor | None = None):
         self._check(y)
@@ -84,11 +87,15 @@ class ActNormNd(nn.Module):
             raise RuntimeError(f"{type(self).__name__}.inverse: the layer is not initialised; run a forward pass on "
                                "data (or load a state_dict) first")
         x = y * torch.exp(-self.weight.view(self._view)) - self.bias.view(self._view)
-        return _with_logp(x, logpy, None if logpy is None else self._logdet(x))
+        return x if logpy is None else (x, self._add_logdet(logpy, x, 1))
 
-    def _logdet(self, x: Tensor) -> Tensor:
+    def _add_logdet(self, logp: Tensor | float, x: Tensor, sign: int) -> Tensor:
+        """logp + sign * the log-det, sum(weight) times the positions per channel, as (B, 1); for a tensor logp
+        the multiple of the sum in the add itself (its alpha)."""
         positions = x[0, 0].numel()
-        return (self.weight.sum() * positions).expand(x.shape[0], 1)
+        if isinstance(logp, Tensor):
+            return torch.add(logp, self.weight.sum(), alpha=sign * positions)
+        return logp + (self.weight.sum() * (sign * positions)).expand(x.shape[0], 1)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._known_initialized = False
@@ -154,7 +161,7 @@ class LogitTransform(nn.Module):
     def forward(self, x: Tensor, logpx: Tensor | None = None, restore: bool = False):
         s = self.alpha + (1 - 2 * self.alpha) * x
         y = torch.log(s) - torch.log(1 - s)
-        return _with_logp(y, logpx, None if logpx is None else -self._logdet(x))
+        return _with_logp(y, logpx, None if logpx is None else self._logdet(x), subtract=True)
 
     def inverse(self, y: Tensor, logpy: Tensor | None = None):
         x = (torch.sigmoid(y) - self.alpha) / (1 - 2 * self.alpha)
@@ -180,7 +187,7 @@ class Normalize(nn.Module):
         c = len(self.mean)
         y = x.clone()
         y[:, :c] = (x[:, :c] - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
-        return _with_logp(y, logpx, None if logpx is None else -self._logdet(x))
+        return _with_logp(y, logpx, None if logpx is None else self._logdet(x), subtract=True)
 
     def inverse(self, y: Tensor, logpy: Tensor | None = None):
         c = len(self.mean)
@@ -287,7 +294,8 @@ class InvertibleLinear(_InvertibleMatrix):
 
     def forward(self, x: Tensor, logpx: Tensor | None = None):
         with autocast_disabled(x):
-            return _with_logp(F.linear(x, self.weight), logpx, None if logpx is None else -self._logdetgrad)
+            return _with_logp(F.linear(x, self.weight), logpx, None if logpx is None else self._logdetgrad,
+                              subtract=True)
 
     def inverse(self, y: Tensor, logpy: Tensor | None = None):
         with autocast_disabled(y):
@@ -301,8 +309,8 @@ class InvertibleConv2d(_InvertibleMatrix):
     def forward(self, x: Tensor, logpx: Tensor | None = None):
         with autocast_disabled(x):
             y = F.conv2d(x, self.weight.view(self.dim, self.dim, 1, 1))
-            delta = None if logpx is None else -self._logdetgrad * (x.shape[2] * x.shape[3])
-        return _with_logp(y, logpx, delta)
+            delta = None if logpx is None else self._logdetgrad * (x.shape[2] * x.shape[3])
+        return _with_logp(y, logpx, delta, subtract=True)
 
     def inverse(self, y: Tensor, logpy: Tensor | None = None):
         with autocast_disabled(y):
