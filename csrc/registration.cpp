@@ -43,6 +43,11 @@ constexpr const char* kKernelSchemas[] = {
     // a[i] + b[i]·scale for every pair in one call (csrc/include/resflow/add_scaled_math.h): a backward-in-forward
     // block's parameter gradients, g's share plus the log-det's times the upstream gradient.
     "foreach_add_scaled(Tensor[] a, Tensor[] b, Tensor scale) -> Tensor[]",
+    // ActNorm (csrc/include/resflow/actnorm_math.h): y = (x + bias) e^weight per channel and the log-density
+    // logp + sign · positions · Σ weight; its backward: the gradients of x, weight and bias.
+    "actnorm(Tensor x, Tensor weight, Tensor bias, Tensor? logp, int sign) -> (Tensor, Tensor)",
+    "actnorm_backward(Tensor grad_y, Tensor? grad_logp, Tensor x, Tensor weight, Tensor bias, int sign) "
+    "-> (Tensor, Tensor, Tensor)",
     // The fused dense block's kernels (csrc/include/resflow/dense_jacobian_math.h): a LipSwish step of a
     // forward-mode Jacobian stack (returns h, a and, with keep, the rows the Neumann backward holds: a's first
     // two blocks and z's second, written apart) and its backward on the primal and eps-tangent rows
@@ -97,7 +102,8 @@ TORCH_LIBRARY(resflow_cuda, m) {
 }
 
 namespace {
-// Ops without a derivative (logdet_series_accumulate_, moments_, foreach_add_scaled, the fused dense block's): a
+// Ops without a derivative (logdet_series_accumulate_, moments_, foreach_add_scaled, actnorm_backward, the fused
+// dense block's): a
 // tensor argument (or a tensor in a list argument) that requires grad under grad mode is refused, instead of the
 // graph being dropped silently.
 void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
@@ -124,6 +130,7 @@ TORCH_LIBRARY_IMPL(resflow_cuda, Autograd, m) {
   m.impl("logdet_series_accumulate_", torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
   m.impl("moments_", torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
   m.impl("foreach_add_scaled", torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
+  m.impl("actnorm_backward", torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
   // The fused dense block's ops: the block computes their gradients itself; refused here in C++, so that
   // the block's calls (under no_grad) pay no Python autograd wrapper.
   for (const char* name : {"lipschitz_normalize_", "lipschitz_normalize_backward", "jacobian_lipswish",

@@ -370,6 +370,17 @@ def foreach_add_scaled(a: list[Tensor], b: list[Tensor], scale: Tensor) -> list[
     return [ai + bi * scale.reshape(()) for ai, bi in zip(a, b)]
 
 
+def actnorm(x: Tensor, weight: Tensor, bias: Tensor, logp: Tensor | None, sign: int) -> tuple[Tensor, Tensor]:
+    """residual-flows' ActNorm: (x + bias) * exp(weight) per channel, and logp + sign * the log-det, the weight
+    expanded over every position and summed per sample (its ``_logdetgrad``); differentiable by autograd."""
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    y = (x + bias.view(view)) * torch.exp(weight.view(view))
+    if logp is None:
+        return y, x.new_empty(0)
+    logdet = weight.view(view).expand(x.shape).flatten(1).sum(1)
+    return y, logp + sign * logdet.reshape(logp.shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # The fused dense block (resflow_cuda.dense_block): its kernels and composite ops, by autograd
 # ---------------------------------------------------------------------------------------------

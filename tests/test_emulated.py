@@ -18,7 +18,7 @@ import torch
 from torch.testing import assert_close
 
 import resflow_cuda
-from resflow_cuda import dense_ops, step_ops
+from resflow_cuda import dense_ops, flow_ops, step_ops
 from resflow_cuda import ops as cpu_ops
 
 import emulation
@@ -493,6 +493,45 @@ def test_add_scaled_kernel_matches_the_cpu_op(emu, name, sizes, sms, dtype):
         assert ((g.double() - e.double()).abs() <= bound).all()
 
 
+# The ActNorm kernels against the CPU ops: (name, x's shape, SMs). The forward gives a row of S positions
+# min(S, 256) threads, grid-stride over rows when the grid is capped (1 SM: 6 blocks), with the log-density in
+# the same launch; the backward a block per channel. "1d": 2800 rows of one position, 256 per block, 6 blocks:
+# the channel steps by 1536 mod 7 = 3 rows at a time.
+ACTNORM_CONFIGS = [("grid-stride", (16, 3, 8, 8), 1), ("1d", (400, 7), 1), ("one-channel", (3, 1, 5, 7), 4),
+                   ("wide-rows", (2, 3, 20, 20), 2), ("empty-batch", (0, 3, 2, 2), 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=[_SHORT[d] for d in DTYPES])
+@pytest.mark.parametrize("name,shape,sms", ACTNORM_CONFIGS, ids=[c[0] for c in ACTNORM_CONFIGS])
+def test_actnorm_kernels_match_the_cpu_ops(emu, name, shape, sms, dtype):
+    numel = 1
+    for d in shape:
+        numel *= d
+    x = _inputs(numel, 0, dtype, 60).view(shape)
+    weight, bias = _inputs(shape[1], 0, dtype, 61) / 6, _inputs(shape[1], 0, dtype, 62)
+    logp, grad_logp = _inputs(shape[0], 0, dtype, 63).view(-1, 1), _inputs(shape[0], 0, dtype, 64).view(-1, 1)
+    grad_y = _inputs(numel, 0, dtype, 65).view(shape)
+    for sign in (-1, 1):
+        # The same arithmetic per element in the same compute type (float32 for the half types): equal but for
+        # exp's last bit where the host's expf and the kernel's differ, one ulp of dtype
+        for got, expected in zip(emu.actnorm(x, weight, bias, logp, sign, sms),
+                                 flow_ops.actnorm(x, weight, bias, logp, sign)):
+            assert_close(got, expected, rtol=torch.finfo(dtype).eps, atol=0.0)
+        # The per-channel sums in float64 in another order (per thread, then a tree): apart by up to n 2^-53 sum|t|
+        # for n <= 1024 terms t of O(10) (1e-12 absolute), then rounded to dtype: one ulp of dtype, or (float64,
+        # no rounding after the sum) that 1e-12.
+        tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=torch.finfo(dtype).eps, atol=0.0)
+        for got, expected in zip(emu.actnorm_backward(grad_y, grad_logp, x, weight, bias, sign),
+                                 flow_ops.actnorm_backward(grad_y, grad_logp, x, weight, bias, sign)):
+            assert_close(got, expected, **tol)
+
+
+def _run_actnorm(emu):
+    x, w, b = torch.randn(4, 3, 2, 2), torch.randn(3), torch.randn(3)
+    emu.actnorm(x, w, b, torch.randn(4, 1), -1, 2)
+    emu.actnorm_backward(torch.randn(4, 3, 2, 2), torch.randn(4, 1), x, w, b, -1)
+
+
 def _run_add_scaled(emu):
     emu.foreach_add_scaled([torch.randn(300)], [torch.randn(300)], torch.tensor([0.5]), 2)
 
@@ -631,6 +670,8 @@ REGISTRY = {
     "logdet_series_kernel": _run_logdet_series,
     "moments_kernel": _run_moments,
     "add_scaled_kernel": _run_add_scaled,
+    "actnorm_kernel": _run_actnorm,
+    "actnorm_backward_kernel": _run_actnorm,
     "jacobian_lipswish_kernel": _run_jacobian_lipswish,
     "jacobian_lipswish_backward_kernel": _run_jacobian_lipswish_backward,
     "jacobian_series_kernel": _run_jacobian_series,

@@ -80,6 +80,28 @@ def test_actnorm_log_density_takes_a_tensor_or_a_float(shape):
     torch.testing.assert_close(x_back, x, rtol=1e-12, atol=1e-12)
 
 
+def test_actnorm_trains_on_one_op_each_way_as_on_atens_ops():
+    # a contiguous x of the parameters' dtype takes flow_ops.actnorm (one op forward, one backward); a
+    # channels_last x the ATen expression: the same values and gradients to rounding
+    layer = flows.ActNorm2d(3).double()
+    x = torch.randn(5, 3, 4, 4, dtype=torch.float64) * 2 + 1
+    layer(x)
+    results = []
+    for inp in (x, x.to(memory_format=torch.channels_last)):
+        inp = inp.clone().requires_grad_(True)
+        logpx = torch.randn(5, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y, logp = layer(inp, logpx)
+            grads = torch.autograd.grad((y.square().sum() + 3 * logp.sum()), [inp, logpx, *layer.parameters()])
+        names = {e.name for e in prof.events()}
+        results.append((y, logp, *grads))
+        fused = inp.is_contiguous()
+        assert ({"resflow_cuda::actnorm", "resflow_cuda::actnorm_backward"} <= names) == fused
+    for a, b in zip(*results):
+        # float64: exp and per-channel sums of 80 terms in two orders, ~1e-15 relative
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_squeeze_is_the_reference_reshape_permute_and_pixel_shuffle_inverts_it(device):
     x = torch.randn(2, 3, 4, 6, dtype=torch.float64).to(device)
     layer = flows.SqueezeLayer(2)

@@ -21,7 +21,7 @@ MAX_LINES = 500
 LAYERS = [
     ("reference", ["resflow_cuda.reference"]),
     ("extension", ["resflow_cuda.version", "resflow_cuda._C", "resflow_cuda._extension"]),
-    ("ops", ["resflow_cuda.ops", "resflow_cuda.dense_ops", "resflow_cuda.step_ops"]),
+    ("ops", ["resflow_cuda.ops", "resflow_cuda.dense_ops", "resflow_cuda.step_ops", "resflow_cuda.flow_ops"]),
     ("functional / solvers", ["resflow_cuda.functional", "resflow_cuda.solvers"]),
     ("estimators", ["resflow_cuda.estimators"]),
     ("linearize", ["resflow_cuda.linearize", "resflow_cuda.dense_block"]),

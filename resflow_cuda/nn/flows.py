@@ -18,7 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import flow_ops
 from ..ops import autocast_disabled
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # those of flow_ops.actnorm
 
 
 def _with_logp(y: Tensor, logp: Tensor | None, delta: Tensor | None, subtract: bool = False):
@@ -78,8 +81,19 @@ class ActNormNd(nn.Module):
                 self.weight.copy_(-0.5 * torch.log(var))
                 self.initialized.fill_(1)
             self._known_initialized = True
+        if self._fused(x, logpx):
+            y, logpy = flow_ops.actnorm(x, self.weight, self.bias, logpx, -1)
+            return y if logpx is None else (y, logpy)
         y = (x + self.bias.view(self._view)) * torch.exp(self.weight.view(self._view))
         return y if logpx is None else (y, self._add_logdet(logpx, x, -1))
+
+    def _fused(self, x: Tensor, logpx) -> bool:
+        """Whether the forward runs as one op each way (flow_ops.actnorm): x contiguous and of the parameters'
+        dtype and device (not under autocast's mixed dtypes), logpx None or B values of x's dtype."""
+        return (x.is_contiguous() and x.dtype == self.weight.dtype == self.bias.dtype and x.device == self.weight.device
+                and x.dtype in _FLOAT_DTYPES
+                and (logpx is None or (isinstance(logpx, Tensor) and logpx.dtype == x.dtype and logpx.dim() >= 1
+                                       and logpx.shape[0] == x.shape[0] == logpx.numel())))
 
     def inverse(self, y: Tensor, logpy: Tensor | None = None):
         self._check(y)

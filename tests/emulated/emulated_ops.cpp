@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "cuda/actnorm_binding.h"
 #include "cuda/add_scaled_binding.h"
 #include "cuda/dense_jacobian_binding.h"
 #include "cuda/lipswish_binding.h"
@@ -129,6 +130,18 @@ void moments_(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& mea
 std::vector<at::Tensor> foreach_add_scaled(at::TensorList a, at::TensorList b, const at::Tensor& scale,
                                            int64_t sms) {
   return cu::foreach_add_scaled_on(backend(sms), a, b, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor> actnorm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                           const std::optional<at::Tensor>& logp, int64_t sign, int64_t sms) {
+  return cu::actnorm_on(backend(sms), x, weight, bias, logp, sign);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> actnorm_backward(const at::Tensor& grad_y,
+                                                                const std::optional<at::Tensor>& grad_logp,
+                                                                const at::Tensor& x, const at::Tensor& weight,
+                                                                const at::Tensor& bias, int64_t sign) {
+  return cu::actnorm_backward_on(backend(1), grad_y, grad_logp, x, weight, bias, sign);
 }
 
 // The fused dense block's kernels.
@@ -340,6 +353,9 @@ TORCH_LIBRARY(resflow_emulated, m) {
         "float logdet_coeff, float neumann_coeff, int sm_count, Tensor? scale=None) -> ()");
   m.def("moments_(Tensor x, Tensor(a!) mean, Tensor(b!) mean_square) -> ()");
   m.def("foreach_add_scaled(Tensor[] a, Tensor[] b, Tensor scale, int sm_count) -> Tensor[]");
+  m.def("actnorm(Tensor x, Tensor weight, Tensor bias, Tensor? logp, int sign, int sm_count) -> (Tensor, Tensor)");
+  m.def("actnorm_backward(Tensor grad_y, Tensor? grad_logp, Tensor x, Tensor weight, Tensor bias, int sign) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("jacobian_lipswish(Tensor z, Tensor? bias, Tensor beta, int batch, bool keep, int sm_count) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("jacobian_lipswish_backward(Tensor grad, Tensor h, Tensor tangent, Tensor beta, int sm_count) "
@@ -383,6 +399,8 @@ TORCH_LIBRARY_IMPL(resflow_emulated, CPU, m) {
   m.impl("logdet_series_accumulate_", &logdet_series_accumulate_);
   m.impl("moments_", &moments_);
   m.impl("foreach_add_scaled", &foreach_add_scaled);
+  m.impl("actnorm", &actnorm);
+  m.impl("actnorm_backward", &actnorm_backward);
   m.impl("jacobian_lipswish", &jacobian_lipswish);
   m.impl("jacobian_lipswish_backward", &jacobian_lipswish_backward);
   m.impl("jacobian_series", &jacobian_series);
