@@ -415,9 +415,11 @@ class MemoryEfficientLogDet(torch.autograd.Function):
 
 def _add_all_scaled(dps: list, gps: list, first: Tensor | None) -> list:
     """dp + gp * first for every parameter: the pairs of first's dtype in one op (``foreach_add_scaled``), any
-    other by :func:`_add_scaled`."""
-    fused = [i for i, (dp, gp) in enumerate(zip(dps, gps)) if first is not None and dp is not None and gp is not None
-             and dp.dtype == gp.dtype == first.dtype and dp.shape == gp.shape]
+    other by :func:`_add_scaled`; under ``create_graph`` (grad mode on in backward) all by :func:`_add_scaled`,
+    whose ``addcmul`` is differentiable again."""
+    fused = [] if first is None or torch.is_grad_enabled() else [
+        i for i, (dp, gp) in enumerate(zip(dps, gps))
+        if dp is not None and gp is not None and dp.dtype == gp.dtype == first.dtype and dp.shape == gp.shape]
     out = [None if i in fused else _add_scaled(dp, gp, first) for i, (dp, gp) in enumerate(zip(dps, gps))]
     if fused:
         sums = step_ops.foreach_add_scaled([dps[i] for i in fused], [gps[i] for i in fused], first)

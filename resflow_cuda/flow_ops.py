@@ -48,6 +48,8 @@ def _check_actnorm(op: str, x, weight, bias, logp, logp_name: str, sign: int) ->
                      lambda: f"{op}: expected {name} to have shape [{x.shape[1]}], but got {list(t.shape)}")
     if logp is not None:
         _check_float(op, logp_name, logp)
+        torch._check(logp.dtype == x.dtype and logp.device == x.device, lambda: f"{op}: expected {logp_name} to have "
+                     f"the dtype and device of x, but got {logp.dtype} on {logp.device}")
         torch._check(logp.dim() >= 1 and logp.shape[0] == x.shape[0] and logp.numel() == x.shape[0],
                      lambda: f"{op}: expected {logp_name} to have one value per sample of x, but got "
                      f"{list(logp.shape)}")

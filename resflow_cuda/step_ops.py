@@ -39,6 +39,10 @@ def _moments_fake(x, mean, mean_square):
     for name, t in (("mean", mean), ("mean_square", mean_square)):
         torch._check(t.numel() == 1, lambda: f"{_MOMENTS}: expected {name} to have one element, but got shape "
                      f"{list(t.shape)}")
+        torch._check(t.device == x.device, lambda: f"{_MOMENTS}: expected {name} to be on the device of x "
+                     f"({x.device}), but got {t.device}")
+    torch._check(mean_square.dtype == mean.dtype, lambda: f"{_MOMENTS}: expected mean_square to have the dtype of "
+                 f"mean ({mean.dtype}), but got {mean_square.dtype}")
 
 
 def foreach_add_scaled(a: list[Tensor], b: list[Tensor], scale: Tensor) -> list[Tensor]:

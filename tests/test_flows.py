@@ -102,6 +102,38 @@ def test_actnorm_trains_on_one_op_each_way_as_on_atens_ops():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_actnorm_under_forward_mode_ad_and_torch_func_takes_atens_ops():
+    # the fused op has a backward formula only: a dual level or a torch.func transform takes the ATen expression
+    import torch.autograd.forward_ad as fwAD
+
+    layer = flows.ActNorm2d(3).double()
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    layer(x)
+    tangent = torch.randn_like(x)
+    with fwAD.dual_level():
+        y = layer(fwAD.make_dual(x, tangent))
+        jvp = fwAD.unpack_dual(y).tangent
+    torch.testing.assert_close(jvp, tangent * torch.exp(layer.weight.detach()).view(1, -1, 1, 1), rtol=0, atol=0)
+    jac = torch.func.jacrev(layer)(x[:1])
+    assert jac.shape == (1, 3, 2, 2, 1, 3, 2, 2)
+    torch.testing.assert_close(jac.reshape(12, 12).diagonal(), torch.exp(layer.weight.detach()).repeat_interleave(4),
+                               rtol=0, atol=0)  # a diagonal map: exp(weight) per channel, exactly
+
+
+@pytest.mark.parametrize("logpx", ["0-dim", "(1, 1)", "float16", "(B,)"])
+def test_actnorm_log_density_broadcasts_and_promotes_as_the_expression(logpx):
+    # any logpx but a (B, 1) tensor of the result's dtype keeps the old expression's broadcasting and promotion
+    layer = flows.ActNorm2d(3)
+    x = torch.randn(4, 3, 2, 2)
+    layer(x)
+    value = {"0-dim": torch.tensor(0.5), "(1, 1)": torch.full((1, 1), 0.5),
+             "float16": torch.full((4, 1), 0.5, dtype=torch.float16), "(B,)": torch.full((4,), 0.5)}[logpx]
+    expected = value - (layer.weight.detach().sum() * 4).expand(4, 1)
+    _, logp = layer(x, value)
+    assert logp.shape == expected.shape and logp.dtype == expected.dtype
+    torch.testing.assert_close(logp.detach(), expected, rtol=1e-6, atol=1e-6)  # float32 sums of 3 weights
+
+
 def test_squeeze_is_the_reference_reshape_permute_and_pixel_shuffle_inverts_it(device):
     x = torch.randn(2, 3, 4, 6, dtype=torch.float64).to(device)
     layer = flows.SqueezeLayer(2)

@@ -127,6 +127,27 @@ def _one_output_step(block, x, seed, output):
     return y.detach(), logp.detach(), torch.autograd.grad(loss, [x, *params], allow_unused=True)
 
 
+def test_create_graph_through_a_backward_in_forward_block_gives_its_gradients():
+    # create_graph=True (grad mode on in backward): the parameter gradients' sums run on addcmul there (the fused
+    # sum refuses tensors that require grad) and agree with the autograd path's (fast_path=False). As in the
+    # reference's backward-in-forward, g's share is taken without a graph, so no second derivative is asked for.
+    _, fast = _pair(_cnn([2, 8, 8, 2]), n_dist="poisson", neumann_grad=True, grad_in_forward=True)
+    slow = copy.deepcopy(fast)
+    slow.fast_path = False
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    results = []
+    for block in (fast, slow):
+        np.random.seed(4)
+        torch.manual_seed(4)
+        x_in = x.clone().requires_grad_(True)
+        y, logp = block(x_in, torch.zeros(3, 1, dtype=torch.float64))
+        params = list(block.nnet.parameters())
+        logp_scaled = logp * torch.ones((), dtype=torch.float64, requires_grad=True)  # an upstream that needs grad
+        results.append(torch.autograd.grad(logp_scaled.sum() + y.square().sum(), [x_in, *params], create_graph=True))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)  # float64, as _assert_same
+
+
 @pytest.mark.parity
 @pytest.mark.parametrize("output", ["y", "logp"])
 @pytest.mark.parametrize("net", ["mlp", "cnn"])  # the fused dense block's and the linearized path's Function

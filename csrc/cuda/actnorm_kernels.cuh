@@ -3,7 +3,9 @@
 // grid-stride over rows), and in the same launch, for the first B threads, the log-density logp + sign · S · Σ w. Backward: one block per
 // channel walks that channel's B·S elements, writes grad_x = g e^w and reduces Σ g and Σ g y in double with
 // block_sum (a fixed order: deterministic, no atomics); every block also sums grad_logp (B values).
-// Torch-free and emulatable; actnorm_binding.h binds tensors to the launchers.
+// A channel's B·S values take one block: meant for ActNorm's layers up to the size the layers send here
+// (nn/flows.py: _ACTNORM_CUDA_MAX per channel). Torch-free and emulatable; actnorm_binding.h binds tensors to the
+// launchers.
 #pragma once
 
 #include <cstdint>
@@ -67,8 +69,19 @@ __global__ void __launch_bounds__(kElementwiseThreads)
   const acc_t scale = math::actnorm_scale(static_cast<acc_t>(weight[c]));
   const acc_t shift = static_cast<acc_t>(bias[c]);
   double sum_g = 0.0, sum_gy = 0.0, sum_logp = 0.0;
-  for (int64_t j = threadIdx.x; j < batch * positions; j += kElementwiseThreads) {
-    const int64_t k = ((j / positions) * channels + c) * positions + j % positions;
+  // The thread's elements j = threadIdx.x + 256 i of the channel's B·S, as (sample, position) pairs that step
+  // by additions: no index is divided per element.
+  const int64_t s_step = positions > 0 ? kElementwiseThreads % positions : 0;
+  const int64_t b_step = positions > 0 ? kElementwiseThreads / positions : 0;
+  int64_t b = positions > 0 ? threadIdx.x / positions : batch;
+  int64_t s = positions > 0 ? threadIdx.x % positions : 0;
+  for (; b < batch; b += b_step) {
+    const int64_t k = (b * channels + c) * positions + s;
+    s += s_step;
+    if (s >= positions) {
+      s -= positions;
+      b += 1;
+    }
     const acc_t g = static_cast<acc_t>(grad_y[k]);
     grad_x[k] = static_cast<scalar_t>(g * scale);
     sum_g += static_cast<double>(g);

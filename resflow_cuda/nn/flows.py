@@ -15,6 +15,7 @@ import inspect
 import math
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -22,6 +23,17 @@ from .. import flow_ops
 from ..ops import autocast_disabled
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # those of flow_ops.actnorm
+# flow_ops.actnorm's CUDA backward reduces each channel in one thread block: larger layers keep ATen's ops,
+# whose reductions spread over the whole GPU.
+_ACTNORM_CUDA_MAX = 1 << 16
+
+
+def _in_transform(*tensors) -> bool:
+    """Whether forward-mode AD (a dual level) or a torch.func transform (a wrapped tensor) is active: the
+    custom ops have backward formulas only, so the layers take ATen's ops there."""
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return forward_ad._current_level >= 0 or (wrapped is not None and any(
+        isinstance(t, Tensor) and wrapped(t) for t in tensors))
 
 
 def _with_logp(y: Tensor, logp: Tensor | None, delta: Tensor | None, subtract: bool = False):
@@ -89,11 +101,16 @@ class ActNormNd(nn.Module):
 
     def _fused(self, x: Tensor, logpx) -> bool:
         """Whether the forward runs as one op each way (flow_ops.actnorm): x contiguous and of the parameters'
-        dtype and device (not under autocast's mixed dtypes), logpx None or B values of x's dtype."""
+        dtype and device (not under autocast's mixed dtypes), logpx None or a (B, 1) tensor of that dtype (the
+        shape and dtype the ATen expression gives), no forward-mode AD or torch.func transform (the op has a
+        backward formula only), and on CUDA at most _ACTNORM_CUDA_MAX values per channel (its backward reduces
+        each channel in one thread block)."""
         return (x.is_contiguous() and x.dtype == self.weight.dtype == self.bias.dtype and x.device == self.weight.device
                 and x.dtype in _FLOAT_DTYPES
-                and (logpx is None or (isinstance(logpx, Tensor) and logpx.dtype == x.dtype and logpx.dim() >= 1
-                                       and logpx.shape[0] == x.shape[0] == logpx.numel())))
+                and (logpx is None or (isinstance(logpx, Tensor) and logpx.dtype == x.dtype
+                                       and logpx.shape == (x.shape[0], 1)))
+                and not (x.is_cuda and x.numel() > _ACTNORM_CUDA_MAX * max(1, x.shape[1]))
+                and not _in_transform(x, self.weight, self.bias, logpx))
 
     def inverse(self, y: Tensor, logpy: Tensor | None = None):
         self._check(y)
@@ -104,10 +121,12 @@ class ActNormNd(nn.Module):
         return x if logpy is None else (x, self._add_logdet(logpy, x, 1))
 
     def _add_logdet(self, logp: Tensor | float, x: Tensor, sign: int) -> Tensor:
-        """logp + sign * the log-det, sum(weight) times the positions per channel, as (B, 1); for a tensor logp
-        the multiple of the sum in the add itself (its alpha)."""
+        """logp + sign * the log-det, sum(weight) times the positions per channel, as (B, 1); for a (B, 1) logp
+        of the result's dtype the multiple of the sum in the add itself (its alpha), else broadcast and promoted
+        as logp + a (B, 1) tensor."""
         positions = x[0, 0].numel()
-        if isinstance(logp, Tensor):
+        if (isinstance(logp, Tensor) and logp.shape == (x.shape[0], 1)
+                and logp.dtype == torch.promote_types(logp.dtype, self.weight.dtype)):
             return torch.add(logp, self.weight.sum(), alpha=sign * positions)
         return logp + (self.weight.sum() * (sign * positions)).expand(x.shape[0], 1)
 
