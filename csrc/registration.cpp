@@ -103,9 +103,8 @@ TORCH_LIBRARY(resflow_cuda, m) {
 
 namespace {
 // Ops without a derivative (logdet_series_accumulate_, moments_, foreach_add_scaled, actnorm_backward, the fused
-// dense block's): a
-// tensor argument (or a tensor in a list argument) that requires grad under grad mode is refused, instead of the
-// graph being dropped silently.
+// dense block's): a tensor argument (or a tensor in a list argument) that requires grad under grad mode is
+// refused, instead of the graph being dropped silently.
 void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   if (at::GradMode::is_enabled()) {
     const auto& args = op.schema().arguments();
