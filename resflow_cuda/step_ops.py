@@ -46,8 +46,9 @@ def _moments_fake(x, mean, mean_square):
 
 
 def foreach_add_scaled(a: list[Tensor], b: list[Tensor], scale: Tensor) -> list[Tensor]:
-    """``[a[i] + b[i] * scale for every i]`` in one call (one CUDA launch per 24 pairs), each element computed
-    in float32 / float64 and rounded once, as ``torch.addcmul(a[i], b[i], scale)``.
+    """``[a[i] + b[i] * scale for every i]`` in one call (one CUDA launch per 24 pairs), each element a
+    multiply and an add in float32 / float64 (fused into one rounding where the compiler fuses them: CUDA, FMA
+    targets), rounded to the pair's dtype.
 
     Shapes: a[i], b[i] of one shape, float dtype and device each pair; scale one element of every pair's dtype,
     on their device (read there: no host sync). Returns new contiguous tensors.

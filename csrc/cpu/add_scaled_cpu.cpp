@@ -1,6 +1,6 @@
 // foreach_add_scaled on the CPU: out[i] = a[i] + b[i]·scale for every pair (resflow/add_scaled_math.h),
-// in the compute type (float for the half types), each element rounded once; one call for all pairs
-// (every pair shares scale's dtype).
+// a multiply and an add in the compute type (float for the half types), rounded to the pair's dtype; one
+// call for all pairs (every pair shares scale's dtype).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

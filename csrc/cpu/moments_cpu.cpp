@@ -1,14 +1,10 @@
 // moments_ on the CPU: mean[0] = mean(x) and mean_square[0] = mean(x²) over every element of x
-// (resflow/moments_math.h), in one pass. x is read in fixed chunks of kElementwiseChunk elements
-// (in parallel when there are several); each chunk's two sums are taken in double and the chunks'
-// added in chunk order, so the result does not depend on the number of threads.
+// (resflow/moments_math.h), in one pass: parallel_chunk_sum's fixed chunks, each chunk's two sums in
+// double, added in chunk order, so the result does not depend on the number of threads.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
-
-#include <algorithm>
-#include <vector>
 
 #include "checks/moments_checks.h"
 #include "parallel_chunks.h"
@@ -20,37 +16,29 @@ namespace {
 struct Sums {
   double value = 0.0;
   double square = 0.0;
-};
 
-template <typename scalar_t>
-Sums chunk_sums(const scalar_t* x, int64_t begin, int64_t end) {
-  Sums s;
-  for (int64_t i = begin; i < end; ++i) {
-    s.value += static_cast<double>(x[i]);
-    s.square += math::rounded_square(x[i]);
+  Sums& operator+=(const Sums& other) {
+    value += other.value;
+    square += other.square;
+    return *this;
   }
-  return s;
-}
+};
 
 void moments_cpu(const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& mean_square) {
   check_moments(x_in, mean, mean_square);
   TORCH_CHECK(x_in.device().is_cpu(), kMomentsOp, ": expected CPU tensors, but got x on ", x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.numel();
-  const int64_t chunks = (n + kElementwiseChunk - 1) / kElementwiseChunk;
-  std::vector<Sums> partial(chunks);
-  Sums total;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moments_cpu", [&] {
     const scalar_t* data = x.const_data_ptr<scalar_t>();
-    at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-      for (int64_t c = first; c < last; ++c) {
-        partial[c] = chunk_sums(data, c * kElementwiseChunk, std::min(n, (c + 1) * kElementwiseChunk));
+    const Sums total = parallel_chunk_sum<Sums>(n, [&](int64_t begin, int64_t end) {
+      Sums s;
+      for (int64_t i = begin; i < end; ++i) {
+        s.value += static_cast<double>(data[i]);
+        s.square += math::rounded_square(data[i]);
       }
+      return s;
     });
-    for (const Sums& p : partial) {
-      total.value += p.value;
-      total.square += p.square;
-    }
     using x_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mean.scalar_type(), "moments_cpu_out", [&] {
       *mean.mutable_data_ptr<scalar_t>() = math::mean_as<x_t, scalar_t>(total.value, n);

@@ -13,26 +13,27 @@ namespace resflow_cuda::cpu {
 // over two threads and keep each chunk's operands in L2.
 constexpr int64_t kElementwiseChunk = 1 << 14;
 
-// Runs fn(begin, end) -> double over [0, n) chunk by chunk, in parallel, and returns the sum of
-// the results added in chunk order. Chunk boundaries do not depend on the number of threads,
-// so neither does the sum (reductions such as grad_beta are reproducible across machines).
-template <class Fn>
-double parallel_chunk_sum(int64_t n, const Fn& fn, int64_t chunk = kElementwiseChunk) {
+// Runs fn(begin, end) -> Sum over [0, n) chunk by chunk, in parallel, and returns the sum of the
+// results added in chunk order (Sum: double, or a struct of several sums with +=). Chunk boundaries
+// do not depend on the number of threads, so neither does the sum (reductions such as grad_beta are
+// reproducible across machines).
+template <class Sum = double, class Fn>
+Sum parallel_chunk_sum(int64_t n, const Fn& fn, int64_t chunk = kElementwiseChunk) {
   if (n <= 0) {
-    return 0.0;
+    return Sum{};
   }
   const int64_t chunks = (n + chunk - 1) / chunk;
   if (chunks == 1) {
     return fn(int64_t{0}, n);
   }
-  std::vector<double> partial(chunks);
+  std::vector<Sum> partial(chunks);
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       partial[c] = fn(c * chunk, std::min(n, (c + 1) * chunk));
     }
   });
-  double total = 0.0;
-  for (double p : partial) {
+  Sum total{};
+  for (const Sum& p : partial) {
     total += p;
   }
   return total;

@@ -46,14 +46,14 @@ __global__ void __launch_bounds__(kElementwiseThreads)
   }
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  if (logp == nullptr) {
+  if (logp == nullptr || first >= batch) {
     return;
   }
+  acc_t weight_sum = acc_t(0);  // the same order as the CPU op's
+  for (int64_t c = 0; c < channels; ++c) {
+    weight_sum += static_cast<acc_t>(weight[c]);
+  }
   for (int64_t r = first; r < batch; r += stride) {
-    acc_t weight_sum = acc_t(0);
-    for (int64_t c = 0; c < channels; ++c) {
-      weight_sum += static_cast<acc_t>(weight[c]);
-    }
     logp_out[r] = static_cast<scalar_t>(math::actnorm_logp(static_cast<acc_t>(logp[r]), weight_sum, signed_positions));
   }
 }

@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import flow_ops
-from ..ops import autocast_disabled
+from ..ops import _FLOAT_DTYPES, autocast_disabled
 
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # those of flow_ops.actnorm
 # flow_ops.actnorm's CUDA backward reduces each channel in one thread block: larger layers keep ATen's ops,
 # whose reductions spread over the whole GPU.
 _ACTNORM_CUDA_MAX = 1 << 16
